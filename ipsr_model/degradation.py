@@ -1,0 +1,73 @@
+"""Multi-scale low-resolution degradation: the one implementation used by training, evaluation and serving.
+
+A face is bicubic-downscaled to a low resolution *with antialiasing* and bicubic-upscaled back to 128x128, then
+clamped to [-1, 1]. `F.interpolate(mode="bicubic", antialias=True)` uses the same kernel as PIL's
+`Image.BICUBIC` (Keys cubic with a = -0.5, support widened by the scale factor when shrinking), so a tensor
+degraded here matches `img.resize((w, h), Image.BICUBIC)` within rounding; tests check it against PIL. Without
+`antialias` torch uses a = -0.75 and no widening, which aliases badly at 7x6.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The paper's probe resolutions, H x W.
+PAPER_SIZES: tuple[tuple[int, int], ...] = (
+    (7, 6), (11, 8), (14, 12), (16, 12), (16, 14), (16, 16), (18, 16), (21, 15), (32, 32), (112, 96),
+)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'16x12' -> (16, 12): height first, as everywhere in ipsr."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like HxW (e.g. 16x12), got {text!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return height, width
+
+
+def format_size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """PIL-compatible bicubic resize of an NCHW float batch."""
+    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
+def degrade(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Every image down to `size` (H, W) and back to its own size (fixed-size mode, for evaluation)."""
+    low = resize(images, size)
+    return resize(low, tuple(images.shape[-2:])).clamp_(-1.0, 1.0)
+
+
+class MultiScaleDegradation:
+    """Degrades each sample of a batch to a size drawn uniformly from `sizes` (training mode).
+
+    Works on CPU or GPU tensors; pass a `torch.Generator` (on any device) for reproducible draws. One resize
+    pair per distinct size in the batch, so a batch costs at most len(sizes) kernel pairs.
+    """
+
+    def __init__(self, sizes: tuple[tuple[int, int], ...] = PAPER_SIZES):
+        if not sizes:
+            raise ValueError("need at least one degradation size")
+        self.sizes = tuple(tuple(s) for s in sizes)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Indices into `self.sizes`, one per sample, returned on the CPU (they only steer the grouping)."""
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(len(self.sizes), (batch_size,), generator=generator, device=device).cpu()
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (degraded images, size index per sample)."""
+        choice = self.sample(images.shape[0], generator)
+        out = torch.empty_like(images)
+        for index in choice.unique().tolist():
+            rows = (choice == index).nonzero().squeeze(1).to(images.device)
+            out[rows] = degrade(images[rows], self.sizes[index])
+        return out, choice

@@ -1,0 +1,9 @@
+"""Errors a user can fix (bad path, unknown source, tampered file).
+
+The CLI turns these into one line on stderr and exit code 2; anything else is an internal failure and keeps
+its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input or environment, explained in one line."""

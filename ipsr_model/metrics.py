@@ -1,0 +1,66 @@
+"""Identification metrics: cosine similarity, CMC, rank-1, and image quality (PSNR/SSIM)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+def cosine_similarity(probes: torch.Tensor, gallery: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
+    """[P, D] x [G, D] -> [P, G] cosine similarities, computed in probe chunks on the inputs' device."""
+    gallery = F.normalize(gallery.float(), dim=1)
+    chunks = [F.normalize(chunk.float(), dim=1) @ gallery.T for chunk in probes.split(chunk_size)]
+    return torch.cat(chunks) if chunks else probes.new_zeros((0, gallery.shape[0]))
+
+
+def cmc(
+    similarity: torch.Tensor,
+    probe_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    max_rank: int | None = None,
+) -> torch.Tensor:
+    """Cumulative match characteristic: entry k-1 is the fraction of probes whose identity is in the top k.
+
+    Ranks are over identities: a gallery identity scores its best image. Ties count against the probe. Every
+    probe identity must be in the gallery.
+    """
+    if similarity.shape != (len(probe_labels), len(gallery_labels)):
+        raise ValueError(
+            f"{len(probe_labels)} probe labels for {similarity.shape[0]} similarity rows and "
+            f"{len(gallery_labels)} gallery labels for {similarity.shape[1]} columns"
+        )
+    identities, gallery_index = gallery_labels.unique(return_inverse=True)
+    missing = ~torch.isin(probe_labels, identities)
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} probe(s) have no identity in the gallery")
+    index = gallery_index.to(similarity.device).expand_as(similarity)
+    per_identity = similarity.new_full((similarity.shape[0], len(identities)), float("-inf"))
+    per_identity.scatter_reduce_(1, index, similarity, reduce="amax")
+    correct = torch.searchsorted(identities, probe_labels).to(similarity.device)
+    correct_score = per_identity.gather(1, correct[:, None])
+    # Rank 0 = best; every other identity scoring at least as high pushes the probe down.
+    rank = (per_identity >= correct_score).sum(1) - 1
+    max_rank = len(identities) if max_rank is None else min(max_rank, len(identities))
+    ks = torch.arange(max_rank, device=rank.device)
+    return (rank[:, None] <= ks[None, :]).float().mean(0).cpu()
+
+
+def rank1(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_labels: torch.Tensor) -> float:
+    return float(cmc(similarity, probe_labels, gallery_labels, max_rank=1)[0])
+
+
+def leave_one_out_rank1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """Each image is a probe against all the others (its identity needs at least one other image)."""
+    similarity = cosine_similarity(embeddings, embeddings)
+    similarity.fill_diagonal_(float("-inf"))
+    return rank1(similarity, labels, labels)
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB for [-1, 1] images."""
+    return float(peak_signal_noise_ratio(images.float(), reference.float(), data_range=2.0))
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(structural_similarity_index_measure(images.float(), reference.float(), data_range=2.0))

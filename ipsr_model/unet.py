@@ -1,0 +1,91 @@
+"""The IPU-Net generator: a pix2pix-style U-Net for 128x128 faces.
+
+7 down blocks take 128x128 to a 1x1 bottleneck, 7 up blocks bring it back; the output of down block i is
+concatenated into the input of up block n-i+1 (6 skips). Layer choices follow pix2pix's `UnetGenerator`:
+no BatchNorm on the first down block (it sees raw pixels) nor on the bottleneck block (BatchNorm over a 1x1
+map fails for batch size 1 in training), dropout 0.5 on the innermost up blocks, tanh output in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEPTH = 7
+IMAGE_SIZE = 2**DEPTH  # 128: every down block halves the side, the bottleneck is 1x1
+
+
+def _widths(base_channels: int) -> list[int]:
+    """64 -> 64, 128, 256, 512, 512, 512, 512 (pix2pix widths, capped at 8x base)."""
+    return [base_channels * min(2**i, 8) for i in range(DEPTH)]
+
+
+class DownBlock(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, *, batch_norm: bool, bottleneck: bool = False):
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=not batch_norm)
+        ]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        # pix2pix feeds the bottleneck to the decoder through a ReLU; every other encoder output is LeakyReLU.
+        layers.append(nn.ReLU(True) if bottleneck else nn.LeakyReLU(0.2, True))
+        super().__init__(*layers)
+
+
+class UpBlock(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, *, dropout: bool):
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        if dropout:
+            layers.append(nn.Dropout(0.5))
+        layers.append(nn.ReLU(True))
+        super().__init__(*layers)
+
+
+class UNetGenerator(nn.Module):
+    """128x128 RGB in [-1, 1] -> 128x128 RGB in [-1, 1].
+
+    `base_channels=64` is the paper's width; small widths (4-16) are for CPU smoke runs.
+    `dropout_blocks` innermost up blocks use dropout 0.5 (pix2pix: the first three decoder layers).
+    """
+
+    def __init__(self, base_channels: int = 64, in_channels: int = 3, out_channels: int = 3, dropout_blocks: int = 3):
+        super().__init__()
+        if base_channels < 1:
+            raise ValueError(f"base_channels must be >= 1, got {base_channels}")
+        if not 0 <= dropout_blocks < DEPTH:
+            raise ValueError(f"dropout_blocks must be in [0, {DEPTH - 1}], got {dropout_blocks}")
+        self.base_channels = base_channels
+        widths = _widths(base_channels)
+
+        self.down = nn.ModuleList()
+        previous = in_channels
+        for i, width in enumerate(widths):
+            first, last = i == 0, i == DEPTH - 1
+            self.down.append(DownBlock(previous, width, batch_norm=not (first or last), bottleneck=last))
+            previous = width
+
+        # Up block j (j = 0 innermost) outputs the width of down block DEPTH-2-j, whose output is then
+        # concatenated to it; the last up block maps to the image.
+        self.up = nn.ModuleList()
+        for j in range(DEPTH - 1):
+            skip_width = widths[DEPTH - 2 - j]
+            in_width = widths[-1] if j == 0 else 2 * widths[DEPTH - 1 - j]
+            self.up.append(UpBlock(in_width, skip_width, dropout=j < dropout_blocks))
+        self.to_image = nn.Sequential(
+            nn.ConvTranspose2d(2 * widths[0], out_channels, kernel_size=4, stride=2, padding=1), nn.Tanh()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"UNetGenerator expects {IMAGE_SIZE}x{IMAGE_SIZE} inputs, got {tuple(x.shape[-2:])}")
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck is the decoder's input, not a skip
+        for block in self.up:
+            x = torch.cat([block(x), skips.pop()], dim=1)
+        return self.to_image(x)
