@@ -1,0 +1,628 @@
+"""``ipsr preprocess``: identity folders → MTCNN-aligned 128×128 faces, on Ray Data.
+
+Pipeline (one streaming Ray Data job, nothing materialised in the driver except small per-image summaries):
+
+    list (driver, one listing per identity folder, in parallel)  or  --manifest
+      → read bytes           task pool; a thread pool per task hides S3 latency
+      → decode + align       actor pool, one MTCNN per actor: safe decode, letterbox to detect_size² so that
+                             real batches form, batched detect, boxes mapped back, square crop from the original
+      → write shard          task pool; aligned faces → Parquet under DST/_temporary/<run>/
+      → commit (driver)      shards renamed into DST/data/, rejects.parquet, manifest.json, then _SUCCESS last
+
+Every listed input ends up either aligned or in rejects.parquet with one of ``REASONS``:
+
+- ``io_error``: the bytes could not be read (missing object, permission, storage still failing after retries).
+- ``too_large``: the file is larger than ``max_bytes`` or the image declares more than ``max_pixels`` pixels;
+  decided from the listing size / image header, before anything is decoded (decompression bombs land here).
+- ``unsupported_format``: the content does not start with a JPEG/PNG/PGM/PPM/WebP/BMP signature — another image
+  format (TIFF, GIF, …) or no image at all (a text file). Decided from the bytes, never from the file name.
+- ``corrupt``: an empty file, or a supported signature whose data does not decode (truncated, damaged).
+- ``no_face``: decoded fine, but MTCNN found no face.
+
+Output (committed when ``_SUCCESS`` exists; readers must ignore a prefix without it):
+
+    DST/data/part-NNNNN.parquet   image (PNG bytes, 128×128 RGB), identity, label, split, source, det_prob,
+                                  box [x1, y1, x2, y2], landmarks [x, y] × 5 — coordinates in original pixels
+    DST/rejects.parquet           source, identity, reason, detail
+    DST/manifest.json             counts (seen = aligned + rejected), shard list, labels, config, versions, timings
+    DST/_SUCCESS
+
+Face choice: the largest detection (what the paper's MTCNN setup keeps by default), cropped as a square around
+its box with ``margin`` output pixels of context. Labels are dense over the *listed* identities in sorted order
+(``manifest.json["labels"][label]`` is the name), so an identity whose images were all rejected keeps its
+number; the split is a hash of the identity name, so it never changes between runs or machines.
+
+Faces are stored as PNG: the dataset is the high-resolution *target* of super-resolution training, and JPEG's
+8×8 block artefacts would be learned as "detail" (and would survive the bicubic degradation differently from
+real detail). PNG at compression level 1 costs ~0.6 ms per face and ~16 KB (JPEG q95: ~6 KB); training decodes
+either in well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from ipsr_model.errors import UserError
+from ipsr_platform.config import SPLITS, PreprocessConfig
+from ipsr_platform.storage import Storage, StorageError, join, normalize
+
+FACE_SIZE = 128
+REASONS = ("no_face", "corrupt", "too_large", "unsupported_format", "io_error")
+PNG_LEVEL = 1
+MAX_BLOCK_ROWS = 1024  # rows per input block: the unit of work of a read task and of an actor call
+
+# Pillow's names for the accepted formats (PPM covers PGM/PBM; JPEG also opens the multi-picture MPO variant
+# many cameras write).
+_FORMATS = ("JPEG", "PNG", "PPM", "WEBP", "BMP")
+
+# Written last; its presence is what makes a dataset committed.
+SUCCESS = "_SUCCESS"
+TEMPORARY = "_temporary"
+_OWNED = {SUCCESS, TEMPORARY, "data", "rejects.parquet", "manifest.json"}
+
+INPUT_SCHEMA = pa.schema([("source", pa.string()), ("identity", pa.string()), ("size", pa.int64())])
+FACE_COLUMNS = ["image", "identity", "label", "split", "source", "det_prob", "box", "landmarks"]
+ALIGNED_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("identity", pa.string()),
+        ("label", pa.int32()),
+        ("split", pa.string()),
+        ("image", pa.binary()),  # PNG, 128×128 RGB
+        ("det_prob", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
+        ("landmarks", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners: x, y pairs, original pixels
+        ("reason", pa.string()),  # null when aligned
+        ("detail", pa.string()),
+        ("done_at", pa.float64()),  # wall clock when its batch finished: throughput without start-up (not stored)
+    ]
+)
+REJECT_COLUMNS = ["source", "identity", "reason", "detail"]
+
+
+# --- decoding ---------------------------------------------------------------------------------------------------
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _signature(data: bytes) -> str | None:
+    """The supported format the bytes start with, else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456":
+        return "PPM"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
+
+
+def _describe(data: bytes) -> str:
+    known = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF", b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF"}
+    for magic, name in known.items():
+        if data.startswith(magic):
+            return f"{name} content"
+    return "not an image"
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes → RGB image, or ``Rejected``. The declared size is checked before any pixel is decoded."""
+    if not data:
+        raise Rejected("corrupt", "empty file")
+    if _signature(data) is None:
+        raise Rejected("unsupported_format", f"{_describe(data)}; accepted: JPEG, PNG, PGM/PPM, WebP, BMP")
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice its limit; for us anything past max_pixels is a reject.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=_FORMATS)  # reads the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise Rejected("too_large", str(err)) from None
+        except Exception as err:  # noqa: BLE001 - a damaged header surfaces as many exception types
+            raise Rejected("corrupt", f"unreadable header: {err}") from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise Rejected("too_large", f"declared {h}x{w} (HxW) = {w * h} pixels > max_pixels {max_pixels}")
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+            return _to_rgb(img)
+        except Exception as err:  # noqa: BLE001 - truncated/damaged data: OSError, SyntaxError, ValueError, ...
+            raise Rejected("corrupt", str(err) or type(err).__name__) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PGM/PNG): keep the top 8 bits
+        arr = np.asarray(img, dtype=np.uint32)
+        return Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("P", "PA"):  # palette transparency must go through RGBA to convert cleanly
+        img = img.convert("RGBA")
+    return img.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, 1
+
+
+def letterbox(img: Image.Image, size: int) -> tuple[np.ndarray, float, float]:
+    """Scale the longest side to ``size``, pad bottom/right with black: one shape for every image in a batch.
+
+    Returns the canvas and the x/y scales; dividing canvas coordinates by them gives original coordinates.
+    """
+    w, h = img.size
+    s = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+    small = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)  # reducing_gap: fast on large photos
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[:nh, :nw] = np.asarray(small)
+    return canvas, nw / w, nh / h
+
+
+def crop_face(img: Image.Image, box: np.ndarray, margin: int) -> Image.Image:
+    """Square crop centred on the box, sized so the face spans FACE_SIZE - margin pixels, resized to FACE_SIZE.
+
+    Parts of the square outside the image are black (``Image.crop`` pads) rather than shifting or squashing
+    the face: position and aspect stay the same for every sample.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half = max(x2 - x1, y2 - y1) * FACE_SIZE / (FACE_SIZE - margin) / 2
+    region = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
+    return img.crop(region).resize((FACE_SIZE, FACE_SIZE), Image.BICUBIC)
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+# --- listing ----------------------------------------------------------------------------------------------------
+
+
+def split_of(identity: str, fractions: dict[str, float]) -> str:
+    """Deterministic split by identity: the same name lands in the same split on every run and machine."""
+    u = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") / 2**64
+    val, test = fractions.get("val", 0.0), fractions.get("test", 0.0)
+    return "val" if u < val else "test" if u < val + test else "train"
+
+
+def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]:
+    """(source, identity, size) sorted by identity then source, and the number of ignored top-level files."""
+    src = normalize(cfg.input)
+    if cfg.manifest:
+        table, ignored = _read_manifest(cfg.manifest, src, storage), 0
+    else:
+        if not storage.is_dir(src):
+            raise UserError(f"input folder not found: {src}")
+        top = storage.list(src)
+        folders = [i for i in top if i.type == pafs.FileType.Directory]
+        ignored = sum(i.type == pafs.FileType.File for i in top)
+        # One listing per identity folder, many in flight: a flat recursive S3 listing of millions of keys is
+        # sequential pages of 1,000; per-folder listings parallelise.
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            listings = list(pool.map(lambda d: storage.list(d.path, recursive=True), folders))
+        sources, identities, sizes = [], [], []
+        for folder, entries in zip(folders, listings):
+            for e in entries:
+                if e.type == pafs.FileType.File:
+                    sources.append(e.path)
+                    identities.append(folder.base_name)
+                    sizes.append(e.size if e.size is not None else -1)
+        table = pa.table({"source": sources, "identity": identities, "size": sizes}, schema=INPUT_SCHEMA)
+    if table.num_rows == 0:
+        raise UserError(f"no input files found under {src} (expected SRC/<identity>/<image>)")
+    table = table.sort_by([("identity", "ascending"), ("source", "ascending")])
+    if cfg.limit is not None:
+        table = table.slice(0, cfg.limit)
+    return table, ignored
+
+
+def _read_manifest(manifest: str, src: str, storage: Storage) -> pa.Table:
+    uri = manifest if manifest.startswith("s3://") else normalize(manifest)
+    data = storage.read_bytes(uri)
+    if manifest.endswith(".parquet"):
+        t = pq.read_table(io.BytesIO(data))
+        if "path" not in t.column_names:
+            raise UserError(f"manifest {manifest} needs a 'path' column (optional: 'identity')")
+        paths = [str(p) for p in t.column("path").to_pylist()]
+        names = t.column("identity").to_pylist() if "identity" in t.column_names else [None] * len(paths)
+    else:
+        lines = [ln.strip() for ln in data.decode("utf-8", errors="replace").splitlines()]
+        paths = [ln for ln in lines if ln and not ln.startswith("#")]
+        names = [None] * len(paths)
+    sources = [p if p.startswith(("s3://", "/")) else join(src, p) for p in paths]
+    # Without an identity column the identity is the parent folder's name, as in the folder layout.
+    identities = [n or s.rsplit("/", 2)[-2] for n, s in zip(names, sources)]
+    return pa.table({"source": sources, "identity": identities, "size": [-1] * len(sources)}, schema=INPUT_SCHEMA)
+
+
+# --- Ray stages -------------------------------------------------------------------------------------------------
+
+
+def read_stage(batch: pa.Table, storage: Storage, max_bytes: int, io_threads: int) -> pa.Table:
+    """Adds ``data`` (bytes) and, for inputs that can't be read, ``reason``/``detail``."""
+    sources, sizes = batch.column("source").to_pylist(), batch.column("size").to_pylist()
+
+    def one(i: int) -> tuple[bytes | None, str | None, str | None]:
+        if sizes[i] > max_bytes:
+            return None, "too_large", f"file is {sizes[i]} bytes > max_bytes {max_bytes}"
+        try:
+            data = storage.read_bytes(sources[i])
+        except StorageError as err:
+            return None, "io_error", str(err)
+        if len(data) > max_bytes:
+            return None, "too_large", f"file is {len(data)} bytes > max_bytes {max_bytes}"
+        return data, None, None
+
+    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(sources)))) as pool:
+        results = list(pool.map(one, range(len(sources))))
+    data, reasons, details = zip(*results) if results else ((), (), ())
+    return (
+        batch.append_column("data", pa.array(data, pa.binary()))
+        .append_column("reason", pa.array(reasons, pa.string()))
+        .append_column("detail", pa.array(details, pa.string()))
+    )
+
+
+class Aligner:
+    """Decode + detect + crop. An actor: MTCNN's three nets load once per process, not once per batch."""
+
+    def __init__(self, device: str, detect_size: int, min_face_size: int, margin: int, max_pixels: int,
+                 threads: int):
+        import torch
+        from facenet_pytorch import MTCNN
+
+        torch.set_num_threads(threads)
+        # keep_all + select_largest: detect() returns every face, largest first; we keep the first. Only
+        # detect() is used (crops are ours), so post_process and image_size do not matter.
+        self.mtcnn = MTCNN(min_face_size=min_face_size, select_largest=True, keep_all=True, device=device).eval()
+        # Channels-last weights make every conv output channels-last, and PyTorch's CPU max-pool is 3-10x faster
+        # on that layout than on NCHW (measured: PNet's pool 14 -> 5 ms, RNet's 143 -> 13 ms per batch). Same
+        # arithmetic, same detections; ~1.6x more images/s per actor.
+        self.mtcnn.to(memory_format=torch.channels_last)
+        self.detect_size, self.margin, self.max_pixels = detect_size, margin, max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["source", "identity", "label", "split", "reason", "detail"]).to_pylist()
+        blobs = batch.column("data").to_pylist()
+        out = [dict(r, image=None, det_prob=None, box=None, landmarks=None) for r in rows]
+        images, canvases, scales, todo = [], [], [], []
+        for i, (row, data) in enumerate(zip(rows, blobs)):
+            if row["reason"]:
+                continue  # already rejected while reading
+            try:
+                img = decode(data, self.max_pixels)
+            except Rejected as rej:
+                out[i].update(reason=rej.reason, detail=rej.detail)
+                continue
+            canvas, sx, sy = letterbox(img, self.detect_size)
+            images.append(img), canvases.append(canvas), scales.append((sx, sy)), todo.append(i)
+        if todo:
+            # One call for the whole batch: every canvas has the same shape, so MTCNN runs each pyramid level
+            # once for all images instead of once per image.
+            boxes, probs, points = self.mtcnn.detect(np.stack(canvases), landmarks=True)
+            for i, img, (sx, sy), b, p, lm in zip(todo, images, scales, boxes, probs, points):
+                if b is None or len(b) == 0:
+                    out[i].update(reason="no_face", detail="MTCNN found no face")
+                    continue
+                box = b[0] / np.array([sx, sy, sx, sy])  # largest face, back in original pixels
+                marks = lm[0] / np.array([sx, sy])
+                out[i].update(
+                    image=encode_png(crop_face(img, box, self.margin)),
+                    det_prob=float(p[0]),
+                    box=box.astype(np.float32).tolist(),
+                    landmarks=marks.astype(np.float32).reshape(-1).tolist(),
+                )
+        done_at = time.time()
+        for row in out:
+            row["done_at"] = done_at
+        return pa.Table.from_pylist(out, schema=ALIGNED_SCHEMA)
+
+
+def write_stage(batch: pa.Table, storage: Storage, tmp: str) -> pa.Table:
+    """Aligned faces → one Parquet shard under ``tmp``; returns one small summary row per input (no pixels).
+
+    A retried task writes a second file under a fresh name; only shards named in the returned summaries are
+    committed, so an orphan from a failed attempt is never part of the dataset. A write that still fails after
+    the storage retries comes back as ``fatal`` (Ray would wrap a raised error into a multi-line remote
+    traceback; the driver raises it as one clear StorageError naming the object).
+    """
+    faces = batch.filter(pc.is_null(batch.column("reason"))).select(FACE_COLUMNS)
+    name, fatal = "", None
+    if faces.num_rows:
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        try:
+            storage.call(
+                "write",
+                join(tmp, name),
+                lambda fs, path: pq.write_table(
+                    faces, path, filesystem=fs, row_group_size=1024, use_dictionary=["identity", "split"]
+                ),
+            )
+        except StorageError as err:
+            fatal = str(err)
+    summary = batch.select(["source", "identity", "split", "reason", "detail", "done_at"])
+    shard = pc.if_else(pc.is_null(batch.column("reason")), pa.scalar(name), pa.scalar(None, pa.string()))
+    fatal_col = pa.nulls(batch.num_rows, pa.string()) if fatal is None else pa.repeat(fatal, batch.num_rows)
+    return summary.append_column("shard", shard).append_column("fatal", fatal_col)
+
+
+# --- driver -----------------------------------------------------------------------------------------------------
+
+
+class Tally:
+    """What the driver keeps of the stream: counters, shard sizes and the reject rows — never one row per face,
+    so its memory stays small at millions of images."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.reasons: Counter = Counter()
+        self.splits: Counter = Counter()
+        self.identities: set[str] = set()
+        self.shards: Counter = Counter()  # scratch shard name → rows
+        self.rejects: list[pa.Table] = []
+        self.done_at: list[np.ndarray] = []
+
+    def add(self, part: pa.Table) -> None:
+        ok = pc.is_null(part.column("reason"))
+        aligned, rejected = part.filter(ok), part.filter(pc.invert(ok))
+        self.seen += part.num_rows
+        self.reasons.update(rejected.column("reason").to_pylist())
+        self.splits.update(aligned.column("split").to_pylist())
+        self.identities.update(pc.unique(aligned.column("identity")).to_pylist())
+        self.shards.update(aligned.column("shard").to_pylist())
+        if rejected.num_rows:
+            self.rejects.append(rejected.select(REJECT_COLUMNS))
+        self.done_at.append(part.column("done_at").to_numpy())
+
+    def steady_rate(self) -> float | None:
+        """Images/s between the 10th and 90th percentile of completion times: the rate once the actors are up
+        (start-up and the last stragglers excluded), i.e. what a run of millions of images sees."""
+        t = np.sort(np.concatenate(self.done_at)) if self.done_at else np.empty(0)
+        if len(t) < 10:
+            return None
+        lo, hi = int(0.1 * len(t)), int(0.9 * len(t))
+        return (hi - lo) / (t[hi] - t[lo]) if t[hi] > t[lo] else None
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # join the cluster (dashboard options only apply to a new instance)
+    else:
+        ray.init(include_dashboard=False)  # a local instance on this machine
+
+
+def _prepare_output(storage: Storage, out: str, overwrite: bool) -> None:
+    """Refuse to touch foreign files; clear what an earlier (interrupted or overwritten) run left."""
+    if not storage.exists(out):
+        return
+    if not storage.is_dir(out):
+        raise UserError(f"output {out} exists and is a file")
+    entries = {i.base_name for i in storage.list(out)}
+    foreign = sorted(entries - _OWNED)
+    if foreign:
+        raise UserError(f"output {out} holds files that are not an ipsr dataset ({', '.join(foreign[:3])}); "
+                        "choose an empty or new path")
+    if entries and not entries & {SUCCESS, TEMPORARY, "manifest.json"}:  # e.g. someone's own data/ folder
+        raise UserError(f"output {out} is not empty and holds no ipsr dataset; choose an empty or new path")
+    # _SUCCESS goes first: from this moment the old dataset is visibly not committed.
+    for name in (SUCCESS, "manifest.json", "rejects.parquet", "data", TEMPORARY):
+        storage.delete(join(out, name))
+
+
+def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]:
+    """Run the job; returns the manifest. A committed output is left alone unless ``cfg.overwrite``."""
+    storage = storage or Storage.from_env()
+    out = normalize(cfg.output)
+    t_start = time.perf_counter()
+    if storage.exists(join(out, SUCCESS)) and not cfg.overwrite:
+        print(f"{out} is already committed (_SUCCESS present); nothing to do. Use --overwrite to rebuild it.")
+        return json.loads(storage.read_bytes(join(out, "manifest.json")))
+    _prepare_output(storage, out, cfg.overwrite)
+
+    inputs, ignored = list_inputs(cfg, storage)
+    if ignored:
+        print(f"warning: ignored {ignored} file(s) directly under {normalize(cfg.input)} (not in an identity folder)")
+    names = sorted(set(inputs.column("identity").to_pylist()))
+    label_of = {n: i for i, n in enumerate(names)}
+    idents = inputs.column("identity").to_pylist()
+    inputs = inputs.append_column("label", pa.array([label_of[n] for n in idents], pa.int32()))
+    split_by_name = {n: split_of(n, cfg.split) for n in names}
+    inputs = inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string()))
+    t_listed = time.perf_counter()
+
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    tmp = join(out, TEMPORARY, run_id)
+    storage.write_bytes(join(tmp, "_started"), b"")  # fails fast, naming the object, if DST is not writable
+
+    _ensure_ray()
+    tally = _process(cfg, storage, inputs, tmp)
+    t_processed = time.perf_counter()
+
+    manifest = _commit(cfg, storage, out, tmp, inputs, names, tally, ignored)
+    t_end = time.perf_counter()
+    manifest["timings_s"] = {
+        "list": round(t_listed - t_start, 3),
+        "process": round(t_processed - t_listed, 3),
+        "commit": round(t_end - t_processed, 3),
+        "total": round(t_end - t_start, 3),
+    }
+    steady = tally.steady_rate()
+    manifest["images_per_s"] = {
+        "end_to_end": round(manifest["counts"]["seen"] / max(t_end - t_start, 1e-9), 2),
+        "steady": round(steady, 2) if steady else None,
+    }
+    # The manifest (with its timings) goes before _SUCCESS: whoever sees the marker sees the whole manifest.
+    storage.write_bytes(join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    storage.write_bytes(join(out, SUCCESS), b"")
+    _print_summary(manifest, out)
+    return manifest
+
+
+def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str) -> Tally:
+    import ray
+    import ray.data
+
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 1))
+    actor_args: dict[str, Any] = {}
+    if cfg.device == "cuda":
+        gpus = float(resources.get("GPU", 0))
+        if gpus < 1:
+            raise UserError("--device cuda, but the Ray cluster has no GPU")
+        # MTCNN's nets are small; the per-box Python loops between them are host-bound. Several actors per GPU
+        # keep it busy (the GPU is shared fractionally).
+        n = cfg.num_actors or int(gpus) * 4
+        actor_args = dict(num_gpus=gpus / n if n > gpus else 1, num_cpus=1)
+    else:
+        n = cfg.num_actors or max(1, int(cpus))
+        # One torch thread per actor: on small images, processes scale better than intra-op threads.
+        actor_args = dict(num_cpus=min(1.0, cpus / n))
+
+    # An actor works on one block at a time, so small inputs need small blocks to keep every actor busy; large
+    # inputs get up to MAX_BLOCK_ROWS per block to keep the number of tasks (and the scheduling cost) low.
+    rows = min(MAX_BLOCK_ROWS, max(cfg.batch_size, -(-inputs.num_rows // (4 * n))))
+    blocks = [inputs.slice(i, rows) for i in range(0, inputs.num_rows, rows)]
+    io_pool = ray.data.TaskPoolStrategy(size=max(1, -(-n // 4)))
+    ds = (
+        ray.data.from_arrow(blocks)
+        # Reads and writes wait on storage, not on the CPU: they take no CPU slot, so they run beside the
+        # actors that hold every core (with a CPU request they would wait for a free core that never comes).
+        # Without a slot nothing bounds them, hence a small fixed pool: each new worker process costs seconds
+        # of start-up, and one reader's thread pool keeps several actors fed.
+        .map_batches(read_stage, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=io_pool,
+                     fn_kwargs=dict(storage=storage, max_bytes=cfg.max_bytes, io_threads=cfg.io_threads))
+        .map_batches(
+            Aligner,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=n),
+            fn_constructor_kwargs=dict(device=cfg.device, detect_size=cfg.detect_size,
+                                       min_face_size=cfg.min_face_size, margin=cfg.margin,
+                                       max_pixels=cfg.max_pixels, threads=1),
+            **actor_args,
+        )
+        .map_batches(write_stage, batch_size=cfg.rows_per_shard, batch_format="pyarrow", num_cpus=0, compute=io_pool,
+                     fn_kwargs=dict(storage=storage, tmp=tmp))
+    )
+    tally = Tally()
+    for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        fatal = part.column("fatal").drop_null()
+        if len(fatal):
+            raise StorageError(fatal[0].as_py())  # leaving the loop stops the pipeline; nothing is committed
+        tally.add(part)
+    return tally
+
+
+def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs: pa.Table, names: list[str],
+            tally: Tally, ignored: int) -> dict[str, Any]:
+    if tally.seen != inputs.num_rows:  # the pipeline must neither lose nor duplicate an input
+        raise RuntimeError(f"internal: {inputs.num_rows} inputs listed but {tally.seen} came out of the pipeline")
+    if set(tally.reasons) - set(REASONS):
+        raise RuntimeError(f"internal: unknown reject reason in {dict(tally.reasons)}")
+    aligned = sum(tally.shards.values())
+    counts = {
+        "seen": tally.seen,
+        "aligned": aligned,
+        "rejected": {r: tally.reasons.get(r, 0) for r in REASONS},
+        "splits": {s: tally.splits.get(s, 0) for s in SPLITS},
+        "identities": {"listed": len(names), "aligned": len(tally.identities)},
+        "ignored_top_level_files": ignored,
+    }
+    rejects = (pa.concat_tables(tally.rejects) if tally.rejects else
+               pa.table({c: pa.array([], pa.string()) for c in REJECT_COLUMNS})).sort_by("source")
+
+    # Stable names in a stable order; moves run in parallel (one copy request each on S3).
+    shards = sorted(tally.shards)
+    files = [{"path": f"data/part-{i:05d}.parquet", "rows": tally.shards[s]} for i, s in enumerate(shards)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda sf: storage.move(join(tmp, sf[0]), join(out, sf[1]["path"])), zip(shards, files)))
+    storage.call("write", join(out, "rejects.parquet"), lambda fs, path: pq.write_table(rejects, path, filesystem=fs))
+    storage.delete(join(out, TEMPORARY))  # orphans of retried tasks and the run's scratch
+
+    import PIL
+    import ray
+    import torch
+    from importlib.metadata import version
+
+    return {
+        "format": "ipsr-aligned-faces/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "image": {"size_hw": [FACE_SIZE, FACE_SIZE], "mode": "RGB", "encoding": "png"},
+        "counts": counts,
+        "files": files,
+        "rejects": "rejects.parquet",
+        "labels": names,  # label i is names[i]; dense over the listed identities, sorted
+        "config": cfg.model_dump(),
+        "versions": {
+            "ipsr": version("ipsr"),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "facenet-pytorch": version("facenet-pytorch"),
+            "pillow": PIL.__version__,
+            "pyarrow": pa.__version__,
+        },
+    }
+
+
+def _print_summary(manifest: dict[str, Any], out: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = manifest["counts"]
+    table = Table(title=f"ipsr preprocess → {out}", show_header=False)
+    table.add_row("seen", str(c["seen"]))
+    table.add_row("aligned", str(c["aligned"]))
+    for reason, n in c["rejected"].items():
+        table.add_row(f"rejected: {reason}", str(n))
+    table.add_row("splits", ", ".join(f"{k} {v}" for k, v in c["splits"].items()))
+    table.add_row("identities", f"{c['identities']['aligned']} with faces / {c['identities']['listed']} listed")
+    table.add_row("shards", str(len(manifest["files"])))
+    t = manifest["timings_s"]
+    table.add_row("time", f"list {t['list']} s, process {t['process']} s, total {t['total']} s")
+    rate = manifest["images_per_s"]
+    table.add_row("images/s", f"{rate['end_to_end']} end to end, {rate['steady']} once the actors are up")
+    Console(stderr=True).print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m jobs.preprocess --input SRC --output DST ...``: the same flags as ``ipsr preprocess``."""
+    from ipsr_platform import cli
+
+    sys.argv = ["ipsr", "preprocess", *(sys.argv[1:] if argv is None else argv)]
+    cli.main()
+
+
+if __name__ == "__main__":
+    main()
+
