@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from ipsr_model.errors import UserError
+from ipsr_platform import cluster
 from ipsr_platform.config import SPLITS, PreprocessConfig
 from ipsr_platform.storage import Storage, StorageError, join, normalize
 
@@ -410,17 +411,6 @@ class Tally:
         return (hi - lo) / (t[hi] - t[lo]) if t[hi] > t[lo] else None
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # join the cluster (dashboard options only apply to a new instance)
-    else:
-        ray.init(include_dashboard=False)  # a local instance on this machine
-
-
 def _prepare_output(storage: Storage, out: str, overwrite: bool) -> None:
     """Refuse to touch foreign files; clear what an earlier (interrupted or overwritten) run left."""
     if not storage.exists(out):
@@ -464,7 +454,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     tmp = join(out, TEMPORARY, run_id)
     storage.write_bytes(join(tmp, "_started"), b"")  # fails fast, naming the object, if DST is not writable
 
-    _ensure_ray()
+    cluster.connect()
     tally = _process(cfg, storage, inputs, tmp)
     t_processed = time.perf_counter()
 

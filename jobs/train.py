@@ -43,6 +43,7 @@ from PIL import Image
 from ipsr_model.degradation import MultiScaleDegradation, degrade, parse_size
 from ipsr_model.errors import UserError
 from ipsr_model.losses import IdentityPreservingLoss, LossTerms
+from ipsr_platform import cluster
 from ipsr_platform.config import TrainConfig
 from ipsr_platform.storage import Storage, join, normalize
 from jobs.train_data import decode_batch, decode_faces
@@ -543,8 +544,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if data.n_train == 0:
         raise UserError(f"--data {data.uri}: the train split is empty")
 
-    if not ray.is_initialized():
-        ray.init()
+    cluster.connect()
     cluster_cpus, cluster_gpus = _cluster_cpus_gpus()
     cpus = cpus_per_worker(config, cluster_cpus)
     if cpus * config.num_workers > cluster_cpus:
