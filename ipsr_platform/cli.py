@@ -126,6 +126,87 @@ def train(
     )
 
 
+jobs_app = typer.Typer(help="Jobs on a Ray cluster (Ray Jobs API): list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+AddressOption = Annotated[str, typer.Option(help="Ray dashboard URL of the cluster, e.g. http://HEAD:8265.")]
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="preprocess | train | evaluate, followed by that job's flags.")],
+    address: Annotated[Optional[str], typer.Option(help="Ray dashboard URL; without it the job runs here.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML with the job's options (shipped with the job).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print entrypoint + runtime_env, check access.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
+) -> None:
+    """Run a job on a Ray cluster through the Jobs API (token auth from RAY_AUTH_TOKEN / its token file)."""
+    import json
+    import os
+
+    from ipsr_platform import submit as jobs_api
+
+    submission = jobs_api.build_submission(job, ctx.args, config)
+    if dry_run:
+        shown = {**submission["runtime_env"], "env_vars": jobs_api.redact(submission["runtime_env"]["env_vars"])}
+        typer.echo(f"entrypoint: {submission['entrypoint']}\nruntime_env: {json.dumps(shown, indent=2)}")
+        if address:
+            jobs_api.check_access(jobs_api.client(address), address)
+            typer.echo(f"cluster {address}: reachable and authorised")
+        return
+    if address is None:  # the embedded default: this process, local Ray
+        if config is not None:
+            os.environ[jobs_api.CONFIG_ENV] = config.read_text()
+        app(args=[job, *ctx.args], standalone_mode=False)
+        return
+    job_id = jobs_api.submit(address, submission)
+    typer.echo(f"submitted {job_id} to {address}")
+    if follow:
+        status = jobs_api.follow(address, job_id, typer.echo)
+        typer.echo(f"job {job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOption) -> None:
+    from ipsr_platform.submit import client
+
+    for info in client(address).list_jobs():
+        typer.echo(f"{info.submission_id}\t{info.status}\t{info.entrypoint}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: AddressOption) -> None:
+    from ipsr_platform.submit import client
+
+    typer.echo(str(_job_call(lambda: client(address).get_job_status(job_id), job_id).value))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: AddressOption) -> None:
+    from ipsr_platform.submit import client
+
+    typer.echo(_job_call(lambda: client(address).get_job_logs(job_id), job_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: AddressOption) -> None:
+    from ipsr_platform.submit import client
+
+    stopped = _job_call(lambda: client(address).stop_job(job_id), job_id)
+    typer.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+def _job_call(fn, job_id: str):
+    from ipsr_platform.submit import API_ERRORS
+
+    try:
+        return fn()
+    except API_ERRORS as err:  # the Jobs API answers an unknown id with a RuntimeError (HTTP 404)
+        raise UserError(f"job {job_id}: {str(err).strip().splitlines()[0]}") from None
+
+
 def main() -> None:
     try:
         app()

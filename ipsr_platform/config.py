@@ -94,19 +94,19 @@ class PreprocessConfig(BaseModel):
 
 
 def build_config(model: type[M], *, env_prefix: str, yaml_file: str | Path | None = None, **flags: Any) -> M:
-    """YAML file < environment (``{env_prefix}{FIELD}``) < flags that are not None; errors → ``UserError``."""
+    """YAML file < environment (``{env_prefix}{FIELD}``) < flags that are not None; errors → ``UserError``.
+
+    Without a file, the YAML text in ``$IPSR_CONFIG_YAML`` is used: that is how ``ipsr submit --config`` ships a
+    config file to a cluster job without a shared filesystem.
+    """
     data: dict[str, Any] = {}
     if yaml_file is not None:
         path = Path(yaml_file)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of option: value")
-        data.update(loaded)
+        data.update(_load_yaml(path.read_text(), f"config file {path}"))
+    elif os.environ.get("IPSR_CONFIG_YAML"):
+        data.update(_load_yaml(os.environ["IPSR_CONFIG_YAML"], "the config in $IPSR_CONFIG_YAML"))
     for name in model.model_fields:
         env = os.environ.get(f"{env_prefix}{name.upper()}")
         if env is not None:
@@ -120,6 +120,16 @@ def build_config(model: type[M], *, env_prefix: str, yaml_file: str | Path | Non
             for e in err.errors()
         )
         raise UserError(f"invalid {model.__name__}: {problems}") from None
+
+
+def _load_yaml(text: str, what: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{what} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{what} must hold a mapping of option: value")
+    return loaded
 
 
 def parse_sizes(value: str | list | tuple) -> tuple[str, ...]:

@@ -1,0 +1,184 @@
+"""`ipsr submit` / `ipsr jobs`: the same job modules on a remote Ray cluster, through the Ray Jobs API.
+
+What travels with a job:
+- the entrypoint ``python -m jobs.<job> <job flags>`` (flags only: never a secret);
+- ``runtime_env.working_dir``: this source checkout (without venvs, caches, tests, benchmarks, infra), so the
+  cluster runs exactly the code you have; an installed ipsr (no checkout) sends none and relies on the image;
+- ``runtime_env.env_vars``: the settings jobs read from the environment (MLflow URI and credentials, S3
+  endpoint and credentials) and the ``--config`` YAML text (``IPSR_CONFIG_YAML``). The Jobs API carries them
+  in the request body, so they appear neither on a command line nor in ``ps`` output on the head node.
+
+Auth: with Ray token authentication on the cluster, the token comes from ``$RAY_AUTH_TOKEN``,
+``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (Ray's own order) and is sent as a bearer header.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ipsr_model.errors import UserError
+
+JOBS = ("preprocess", "train", "evaluate")
+
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
+SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
+CONFIG_ENV = "IPSR_CONFIG_YAML"
+
+# Never uploaded: they are large, machine-specific or not needed to run a job.
+EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info", "tests", "bench", "infra", "*.db",
+            "mlruns", "mlartifacts"]  # fmt: skip
+
+# Unreachable address, HTTP errors (Ray raises RuntimeError for them), a missing or refused token.
+API_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, RuntimeError)
+try:
+    from ray.exceptions import AuthenticationError
+
+    API_ERRORS += (AuthenticationError,)
+except ImportError:  # older Ray without token auth
+    pass
+FOLLOW_TIMEOUT_S = float(os.environ.get("IPSR_FOLLOW_TIMEOUT_S", 7 * 24 * 3600))
+
+
+def source_checkout() -> Path | None:
+    """The repository root when ipsr runs from a source checkout, else None (an installed package)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "jobs").is_dir() else None
+
+
+def auth_token() -> str | None:
+    """The Ray auth token, looked up in Ray's order; None when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path_env = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
+    if path_env:
+        path = Path(path_env).expanduser()
+        if not path.is_file():
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path_env}: no such file")
+        return path.read_text().strip() or None
+    default = Path("~/.ray/auth_token").expanduser()
+    return default.read_text().strip() or None if default.is_file() else None
+
+
+def redact(env: dict[str, str]) -> dict[str, str]:
+    return {k: ("***" if any(m in k for m in SECRET_MARKERS) else v) for k, v in env.items()}
+
+
+def build_submission(job: str, args: list[str], config_file: Path | None) -> dict[str, Any]:
+    """Entrypoint + runtime_env for ``job``; the job flags are parsed here first so mistakes fail locally."""
+    import shlex
+
+    import typer.main
+
+    from ipsr_platform import cli
+
+    if job not in JOBS:
+        raise UserError(f"unknown job {job!r}; expected one of {', '.join(JOBS)}")
+    command = typer.main.get_command(cli.app).commands.get(job)
+    if command is None:
+        raise UserError(f"job {job!r} is not available in this version of ipsr")
+    if "--config" in args:
+        raise UserError("pass --config to `ipsr submit` (before the job name), not as a job flag")
+    try:
+        command.make_context(job, list(args))
+    except Exception as err:  # click's usage errors: unknown flag, bad value, missing argument
+        raise UserError(f"ipsr {job}: {getattr(err, 'format_message', lambda: str(err))()}") from None
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if config_file is not None:
+        if not config_file.is_file():
+            raise UserError(f"config file not found: {config_file}")
+        env[CONFIG_ENV] = config_file.read_text()
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    checkout = source_checkout()
+    if checkout is not None:
+        runtime_env |= {"working_dir": str(checkout), "excludes": EXCLUDES}
+    return {"entrypoint": shlex.join(["python", "-m", f"jobs.{job}", *args]), "runtime_env": runtime_env}
+
+
+def client(address: str):
+    """A JobSubmissionClient that sends the auth token; UserError naming the address when it is unreachable
+    or refuses us."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address!r}: expected the dashboard URL, e.g. http://HEAD:8265")
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)  # checks reachability and the token right away
+    except API_ERRORS as err:
+        raise UserError(f"Ray cluster at {address}: {_explain(err, token)}") from None
+
+
+def check_access(job_client, address: str) -> None:
+    """List jobs once: the cheapest call that needs both reachability and a valid token."""
+    try:
+        job_client.list_jobs()
+    except API_ERRORS as err:
+        raise UserError(f"Ray cluster at {address}: {_explain(err, auth_token())}") from None
+
+
+def submit(address: str, submission: dict[str, Any], *, submission_id: str | None = None) -> str:
+    job_client = client(address)
+    check_access(job_client, address)
+    try:
+        return job_client.submit_job(
+            entrypoint=submission["entrypoint"], runtime_env=submission["runtime_env"], submission_id=submission_id
+        )
+    except API_ERRORS as err:
+        raise UserError(f"submission to {address} failed: {_explain(err, auth_token())}") from None
+
+
+def follow(address: str, job_id: str, echo) -> str:
+    """Stream the job's logs until it ends (bounded by IPSR_FOLLOW_TIMEOUT_S); returns the final status."""
+    import asyncio
+
+    from ray.job_submission import JobStatus
+
+    job_client = client(address)
+
+    async def tail() -> None:
+        async for lines in job_client.tail_job_logs(job_id):
+            echo(lines.rstrip("\n"))
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout=FOLLOW_TIMEOUT_S))
+    except TimeoutError:
+        raise UserError(f"job {job_id} still running after {FOLLOW_TIMEOUT_S:.0f}s of --follow; it keeps running") from None
+    # The log stream can end a moment before the status is final.
+    deadline = time.monotonic() + 60
+    status = job_client.get_job_status(job_id)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = job_client.get_job_status(job_id)
+    return str(status.value if isinstance(status, JobStatus) else status)
+
+
+def _explain(err: BaseException, token: str | None) -> str:
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(err, AuthenticationError):
+        hint = "the token was refused" if token else "no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+        return f"{_first_line(err)} ({hint})"
+    return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

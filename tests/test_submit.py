@@ -1,0 +1,161 @@
+"""`ipsr submit` / `ipsr jobs` against a real `ray start --head` cluster with token authentication on 127.0.0.1.
+
+The cluster is a second Ray instance next to the session's in-process one, so every port it opens is chosen
+free and it gets its own temp dir; it is stopped by signalling its process group (never `ray stop`, which
+would also kill the shared test instance).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+IPSR = str(VENV_BIN / "ipsr")
+TOKEN = "ipsr-test-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without a token: the server is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def token_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="ipsr-ray-", dir="/tmp")  # short: Ray's unix socket paths have a limit
+    dashboard = free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": TOKEN,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python -m jobs.<name>`
+    }
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", f"--port={free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=2",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+    ]  # fmt: skip
+    log = open(Path(temp_dir) / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_http(f"{url}/api/version", timeout_s=120)
+        yield url
+    finally:
+        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def run_ipsr(*args: str, token: str | None, home: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(home)  # no ~/.ray/auth_token of the developer's
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    return subprocess.run([IPSR, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def small_faces(att_faces, tmp_path) -> Path:
+    src = tmp_path / "src"
+    for person in ("s1", "s2"):
+        (src / person).mkdir(parents=True)
+        for k in (1, 2):
+            shutil.copy(att_faces / person / f"{k}.pgm", src / person / f"{k}.pgm")
+    return src
+
+
+def test_unauthenticated_requests_are_refused(token_cluster, small_faces, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    with pytest.raises(Exception, match="(?i)401|unauthori|authenticat"):
+        JobSubmissionClient(token_cluster).submit_job(entrypoint="echo hi")
+
+    result = run_ipsr(
+        "submit", "preprocess", "--address", token_cluster, "--input", str(small_faces),
+        "--output", str(tmp_path / "out"), token=None, home=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and token_cluster in lines[0], result.stderr
+
+    wrong = run_ipsr("jobs", "list", "--address", token_cluster, token="not-the-token", home=tmp_path)
+    assert wrong.returncode == 2 and "error: " in wrong.stderr and "Traceback" not in wrong.stderr, wrong
+
+
+def test_dry_run_shows_the_job_without_secrets_and_checks_access(token_cluster, small_faces, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    result = run_ipsr(
+        "submit", "preprocess", "--address", token_cluster, "--dry-run", "--input", str(small_faces),
+        "--output", str(tmp_path / "out"), token=TOKEN, home=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"python -m jobs.preprocess --input {small_faces}" in result.stdout
+    assert "very-secret-value" not in result.stdout and '"AWS_SECRET_ACCESS_KEY": "***"' in result.stdout
+    assert '"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"' in result.stdout
+    assert "reachable and authorised" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_submitted_job_runs_to_completion_with_the_token(token_cluster, small_faces, tmp_path):
+    import json
+
+    out = tmp_path / "aligned"
+    config = tmp_path / "preprocess.yaml"
+    config.write_text("margin: 8\nsplit: val=0.0,test=0.0\n")  # shipped as YAML text, read by the job
+    result = run_ipsr(
+        "submit", "preprocess", "--address", token_cluster, "--config", str(config), "--follow",
+        "--input", str(small_faces), "--output", str(out), "--num-actors", "1", token=TOKEN, home=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "SUCCEEDED" in result.stdout
+    assert (out / "_SUCCESS").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["seen"] == 4 and manifest["counts"]["aligned"] == 4
+    assert manifest["config"]["margin"] == 8
+
+    job_id = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("submitted "))
+    listed = run_ipsr("jobs", "list", "--address", token_cluster, token=TOKEN, home=tmp_path)
+    assert listed.returncode == 0 and f"{job_id}\tSUCCEEDED" in listed.stdout, listed
+    status = run_ipsr("jobs", "status", job_id, "--address", token_cluster, token=TOKEN, home=tmp_path)
+    assert status.stdout.strip() == "SUCCEEDED"
+    missing = run_ipsr("jobs", "logs", "raysubmit_nope", "--address", token_cluster, token=TOKEN, home=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: job raysubmit_nope"), missing
