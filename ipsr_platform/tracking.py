@@ -71,9 +71,14 @@ def client(uri: str | None = None):
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:
     """The id of experiment ``name``, created (with the embedded artifact root) when missing."""
+    from mlflow.exceptions import MlflowException
+
     uri = uri or tracking_uri()
     c = client(uri)
-    experiment = c.get_experiment_by_name(name)
+    try:  # the first call a job makes: say clearly when the server is unreachable or refuses us
+        experiment = c.get_experiment_by_name(name)
+    except MlflowException as err:
+        raise UserError(f"MLflow at {uri}: {_explain(err)}") from None
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             raise UserError(f"MLflow experiment {name!r} is deleted; restore it or pick another --experiment")
@@ -85,6 +90,16 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def _explain(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "401" in text or "403" in text:
+        return (
+            f"{text} — set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth) or "
+            "MLFLOW_TRACKING_TOKEN for this server"
+        )
+    return text
 
 
 def create_run(experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str], uri: str) -> str:
