@@ -126,6 +126,73 @@ def train(
     )
 
 
+
+@app.command()
+def evaluate(
+    data: Annotated[Optional[str], typer.Option(help="Identity folders, an `ipsr preprocess` output, or (scface) DIR with gallery/ + probes/.")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help="ar | scface | lfw | folder (default ar).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, run id or checkpoint path; repeatable.")] = None,
+    sizes: Annotated[Optional[str], typer.Option(help="Probe sizes H×W, e.g. 11x8,16x12 (default per protocol).")] = None,
+    identities: Annotated[Optional[str], typer.Option(help="Only identity folders matching these globs, e.g. 's3[1-9],s40'.")] = None,
+    gallery_pattern: Annotated[Optional[str], typer.Option(help="Glob on file names for the gallery image (default first).")] = None,
+    probe_pattern: Annotated[Optional[str], typer.Option(help="Glob on file names for probe images (default ar: second; lfw/folder: the rest).")] = None,
+    probe_map: Annotated[Optional[str], typer.Option(help="scface: CSV path,identity,group instead of probes/<group>/.")] = None,
+    gallery_group: Annotated[Optional[str], typer.Option(help="scface protocol 2: probe group used as the gallery.")] = None,
+    concat_bicubic: Annotated[Optional[bool], typer.Option("--concat-bicubic/--no-concat-bicubic", help="Model rows embed bicubic ⊕ SR (default: scface only).")] = None,
+    recognizers: Annotated[Optional[str], typer.Option(help="facenet,sface (default both).")] = None,
+    identity_weights: Annotated[Optional[str], typer.Option(help="FaceNet weights source or PATH.")] = None,
+    max_rank: Annotated[Optional[int], typer.Option(help="CMC up to this rank (default 100 or the gallery size).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Faces per forward pass (default 32).")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Folder for table.md, results.csv, cmc.png, samples (default $IPSR_HOME/evaluations/…).")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default ipsr-evaluate).")] = None,
+    register_as: Annotated[Optional[str], typer.Option(help="Registered model name for --promote (default ipsr-unet).")] = None,
+    promote: Annotated[Optional[bool], typer.Option("--promote", help="Move @champion to @candidate if it scores higher.")] = None,
+    promote_recognizer: Annotated[Optional[str], typer.Option(help="Recognizer of the promotion metric (default sface).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML with any option (< IPSR_EVALUATE_* env < flags).")] = None,
+) -> None:
+    """Identification (rank-1, CMC) of HR / bicubic / SR probes with FaceNet and SFace; optional promotion."""
+    from ipsr_platform.config import EvaluateConfig, build_config
+    from jobs.evaluate import print_summary, run as run_evaluate
+
+    cfg = build_config(
+        EvaluateConfig, env_prefix="IPSR_EVALUATE_", yaml_file=config, data=data, protocol=protocol,
+        models=tuple(model) if model else None, sizes=sizes, identities=identities, gallery_pattern=gallery_pattern,
+        probe_pattern=probe_pattern, probe_map=probe_map, gallery_group=gallery_group, concat_bicubic=concat_bicubic,
+        recognizers=recognizers, identity_weights=identity_weights, max_rank=max_rank, batch_size=batch_size,
+        output=output, experiment=experiment, register_as=register_as, promote=promote,
+        promote_recognizer=promote_recognizer,
+    )
+    print_summary(run_evaluate(cfg))
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="models:/NAME@ALIAS (followed) or models:/NAME/VERSION (default models:/ipsr-unet@champion).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default 8000).")] = None,
+    token_file: Annotated[Optional[str], typer.Option(help="File with the bearer token (else $IPSR_SERVE_TOKEN).")] = None,
+    insecure_no_auth: Annotated[Optional[bool], typer.Option("--insecure-no-auth", help="No token: local use only.")] = None,
+    identity_weights: Annotated[Optional[str], typer.Option(help="FaceNet weights source or PATH.")] = None,
+    galleries: Annotated[Optional[str], typer.Option(help="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda")] = None,
+    num_replicas: Annotated[Optional[int], typer.Option(help="Replicas (default 1).")] = None,
+    gpus_per_replica: Annotated[Optional[float], typer.Option(help="GPU share per replica (with --device cuda).")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Probes per SR + embedding batch (default 16; 1 = unbatched).")] = None,
+    max_queued_requests: Annotated[Optional[int], typer.Option(help="Queued requests beyond which clients get 503 (default 64).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML with any option (< IPSR_SERVE_* env < flags).")] = None,
+) -> None:
+    """Serve gallery enrolment + batch identification (Ray Serve, FastAPI); blocks until Ctrl-C."""
+    from ipsr_platform.config import ServeConfig, build_config
+    from serving.app import serve_forever
+
+    cfg = build_config(
+        ServeConfig, env_prefix="IPSR_SERVE_", yaml_file=config, generator=model, host=host, port=port,
+        token_file=token_file, insecure_no_auth=insecure_no_auth, identity_weights=identity_weights,
+        galleries=galleries, device=device, num_replicas=num_replicas, gpus_per_replica=gpus_per_replica,
+        max_batch_size=max_batch_size, max_queued_requests=max_queued_requests,
+    )
+    serve_forever(cfg, echo=typer.echo)
+
 jobs_app = typer.Typer(help="Jobs on a Ray cluster (Ray Jobs API): list, status, logs, stop.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 AddressOption = Annotated[str, typer.Option(help="Ray dashboard URL of the cluster, e.g. http://HEAD:8265.")]
@@ -205,6 +272,51 @@ def _job_call(fn, job_id: str):
         return fn()
     except API_ERRORS as err:  # the Jobs API answers an unknown id with a RuntimeError (HTTP 404)
         raise UserError(f"job {job_id}: {str(err).strip().splitlines()[0]}") from None
+
+
+config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Optional[Path], typer.Option(help="YAML: one job's options, or sections platform/<job>.")] = None,
+    job: Annotated[Optional[list[str]], typer.Argument(help="Only these sections (default: all).")] = None,
+) -> None:
+    """Print what each job would run with: YAML file < IPSR_* environment (flags are per run, not shown)."""
+    import os
+
+    import yaml
+
+    from ipsr_model.weights import ipsr_home
+    from ipsr_platform import tracking
+    from ipsr_platform.config import PLATFORM_ENV, SECTIONS, apply_platform, effective_config, job_configs, read_yaml
+
+    jobs = job_configs()
+    wanted = job or list(SECTIONS)
+    unknown = [name for name in wanted if name not in SECTIONS]
+    if unknown:
+        raise UserError(f"unknown section(s) {unknown}; expected {', '.join(SECTIONS)}")
+    if config is not None:  # the platform section first: the job sections' defaults may read the environment
+        apply_platform(read_yaml(config).get("platform") or {}, str(config))
+    out: list[str] = []
+    if "platform" in wanted:
+        platform = {field: os.environ.get(env) for field, env in PLATFORM_ENV.items()}
+        platform["ray_address"] = platform["ray_address"] or "local (embedded Ray)"
+        platform["mlflow_tracking_uri"] = tracking.tracking_uri()
+        platform["home"] = str(ipsr_home())
+        out.append(yaml.safe_dump({"platform": platform}, sort_keys=False))
+    for name in wanted:
+        if name == "platform":
+            continue
+        if name not in jobs:
+            out.append(f"{name}: null  # not available in this version\n")
+            continue
+        model, prefix = jobs[name]
+        values, problem = effective_config(model, prefix, config)
+        text = yaml.safe_dump({name: values}, sort_keys=False)
+        out.append(text + (f"# {name}: not runnable as is — {problem}\n" if problem else ""))
+    typer.echo("\n".join(out).rstrip())
 
 
 def main() -> None:

@@ -97,29 +97,115 @@ def build_config(model: type[M], *, env_prefix: str, yaml_file: str | Path | Non
     """YAML file < environment (``{env_prefix}{FIELD}``) < flags that are not None; errors → ``UserError``.
 
     Without a file, the YAML text in ``$IPSR_CONFIG_YAML`` is used: that is how ``ipsr submit --config`` ships a
-    config file to a cluster job without a shared filesystem.
+    config file to a cluster job without a shared filesystem. The file is either one job's options (flat) or the
+    whole platform's, in sections (see ``SECTIONS``); then this job reads its own section and ``platform``
+    fills the platform's environment variables that are not set.
     """
+    data = _merged(model, env_prefix, yaml_file, flags)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"invalid {model.__name__}: {_problems(err)}") from None
+
+
+def effective_config(
+    model: type[BaseModel], env_prefix: str, yaml_file: str | Path | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """What a job would run with (YAML < env, defaults filled in) and, when it would not validate, why."""
+    data = _merged(model, env_prefix, yaml_file, {})
+    try:
+        return model.model_validate(data).model_dump(mode="json"), None
+    except ValidationError as err:
+        shown = {
+            name: data.get(name, None if field.is_required() else field.get_default(call_default_factory=True))
+            for name, field in model.model_fields.items()
+        }
+        return shown, _problems(err)
+
+
+# One file for the whole platform: `platform` (where things run) and one section per job.
+SECTIONS = ("platform", "preprocess", "train", "evaluate", "serve")
+
+
+class PlatformConfig(BaseModel):
+    """Where jobs run and track. Each field is also its usual environment variable, which wins over YAML."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ray_address: str | None = Field(None, description="RAY_ADDRESS: a cluster to join; unset = local Ray.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI; unset = SQLite in home.")
+    s3_endpoint_url: str | None = Field(None, description="AWS_ENDPOINT_URL: S3-compatible store (MinIO…).")
+    home: str | None = Field(None, description="IPSR_HOME: weights, embedded MLflow, runs, galleries.")
+
+
+PLATFORM_ENV = {
+    "ray_address": "RAY_ADDRESS",
+    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
+    "s3_endpoint_url": "AWS_ENDPOINT_URL",
+    "home": "IPSR_HOME",
+}
+
+
+def job_configs() -> dict[str, tuple[type[BaseModel], str]]:
+    """section → (config model, env prefix) for every job this version has."""
+    names = {"preprocess": "PreprocessConfig", "train": "TrainConfig", "evaluate": "EvaluateConfig",
+             "serve": "ServeConfig"}  # fmt: skip
+    return {job: (globals()[cls], f"IPSR_{job.upper()}_") for job, cls in names.items() if cls in globals()}
+
+
+def _merged(model: type[BaseModel], env_prefix: str, yaml_file: str | Path | None, flags: dict) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if yaml_file is not None:
-        path = Path(yaml_file)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        data.update(_load_yaml(path.read_text(), f"config file {path}"))
+        data.update(_job_section(read_yaml(yaml_file), env_prefix, str(yaml_file)))
     elif os.environ.get("IPSR_CONFIG_YAML"):
-        data.update(_load_yaml(os.environ["IPSR_CONFIG_YAML"], "the config in $IPSR_CONFIG_YAML"))
+        text = os.environ["IPSR_CONFIG_YAML"]
+        data.update(_job_section(_load_yaml(text, "the config in $IPSR_CONFIG_YAML"), env_prefix, "$IPSR_CONFIG_YAML"))
     for name in model.model_fields:
         env = os.environ.get(f"{env_prefix}{name.upper()}")
         if env is not None:
             data[name] = env
     data.update({k: v for k, v in flags.items() if v is not None})
+    return data
+
+
+def _job_section(loaded: dict[str, Any], env_prefix: str, where: str) -> dict[str, Any]:
+    if not any(key in SECTIONS for key in loaded):
+        return loaded  # one job's options
+    unknown = sorted(set(loaded) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"{where}: unknown sections {unknown}; expected {', '.join(SECTIONS)}")
+    apply_platform(loaded.get("platform") or {}, where)
+    section = loaded.get(env_prefix.removeprefix("IPSR_").rstrip("_").lower()) or {}
+    if not isinstance(section, dict):
+        raise UserError(f"{where}: each section must be a mapping of option: value")
+    return section
+
+
+def apply_platform(values: dict[str, Any], where: str) -> PlatformConfig:
+    """Validate the ``platform`` section and export it to the environment variables that are still unset."""
     try:
-        return model.model_validate(data)
+        platform = PlatformConfig.model_validate(values)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()
-        )
-        raise UserError(f"invalid {model.__name__}: {problems}") from None
+        raise UserError(f"{where}: invalid platform section: {_problems(err)}") from None
+    for field, env in PLATFORM_ENV.items():
+        value = getattr(platform, field)
+        if value is not None and not os.environ.get(env):
+            os.environ[env] = str(value)
+    return platform
+
+
+def _problems(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in err.errors()
+    )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    return _load_yaml(path.read_text(), f"config file {path}")
 
 
 def _load_yaml(text: str, what: str) -> dict[str, Any]:
@@ -205,3 +291,133 @@ class TrainConfig(BaseModel):
         if self.max_steps is not None:
             return None
         return self.epochs if self.epochs is not None else 10
+
+
+# Probe sizes (H×W) of the paper's tables: AR (Table I) and LFW (Table IV).
+AR_SIZES = ("11x8", "16x12", "16x16", "21x15", "32x32")
+LFW_SIZES = ("7x6", "14x12", "16x14", "18x16")
+
+
+class EvaluateConfig(BaseModel):
+    """``ipsr evaluate``: identification (rank-1, CMC) of HR, bicubic and super-resolved probes against an HR gallery,
+    with the training FaceNet and an independent recognizer (SFace); optionally promotes ``candidate`` to
+    ``champion``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str = Field(
+        description="ar/lfw/folder: identity folders DIR/<identity>/<image> or an `ipsr preprocess` output "
+        "(MTCNN-aligned Parquet); scface: DIR with gallery/<identity>/ and probes/<group>/<identity>/."
+    )
+    protocol: Literal["ar", "scface", "lfw", "folder"] = Field("ar", description="Evaluation protocol.")
+    models: tuple[str, ...] = Field(
+        (), description="Generators to compare: models:/name@alias, models:/name/version, an MLflow run id or a "
+        "checkpoint path (state dict .pt or a training checkpoint directory)."
+    )
+    sizes: tuple[str, ...] | None = Field(
+        None, description="Probe sizes H×W (synthetic protocols); default: AR 11x8..32x32, LFW 7x6..18x16."
+    )
+    identities: str | None = Field(
+        None, description="Only identities whose folder name matches one of these comma-separated globs (s3[1-9],s40)."
+    )
+    gallery_pattern: str | None = Field(None, description="Glob on file names picking the gallery image (default first).")
+    probe_pattern: str | None = Field(None, description="Glob on file names picking the probe image(s) (default: "
+                                      "ar the second image, lfw/folder every other image).")
+    probe_map: str | None = Field(None, description="scface: CSV with columns path,identity,group instead of probes/.")
+    gallery_group: str | None = Field(None, description="scface protocol 2: the probe group used as gallery.")
+    concat_bicubic: bool | None = Field(
+        None, description="Model rows embed bicubic ⊕ SR (concatenated) as the paper does for SCface (default: scface "
+        "only)."
+    )
+    recognizers: tuple[Literal["facenet", "sface"], ...] = Field(("facenet", "sface"), description="Recognizers.")
+    identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
+    max_rank: int = Field(100, ge=1, description="CMC up to this rank (or the gallery size).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Faces per forward pass.")
+    grid_faces: int = Field(6, ge=1, le=64, description="Faces in each sample grid.")
+    output: str | None = Field(None, description="Local folder for the tables and plots (default $IPSR_HOME/evaluations/…).")
+    experiment: str = Field("ipsr-evaluate", min_length=1, description="MLflow experiment.")
+    register_as: str = Field("ipsr-unet", min_length=1, description="Registered model name (for --promote).")
+    promote: bool = Field(False, description="Move `champion` to `candidate` if it beats it on the promotion metric.")
+    promote_recognizer: Literal["facenet", "sface"] = Field("sface", description="Recognizer of the promotion metric.")
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> tuple[str, ...] | None:
+        return None if value is None else parse_sizes(value)
+
+    @field_validator("models", "recognizers", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # env / YAML: "a,b"
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        if not self.data.strip():
+            raise ValueError("data must not be empty")
+        if not self.recognizers:
+            raise ValueError("need at least one recognizer")
+        if self.promote and self.promote_recognizer not in self.recognizers:
+            raise ValueError(f"--promote scores with {self.promote_recognizer}, which is not among --recognizers")
+        if self.protocol == "scface" and self.sizes is not None:
+            raise ValueError("scface probes are natural low-resolution images: --sizes does not apply")
+        if self.protocol != "scface" and (self.probe_map or self.gallery_group):
+            raise ValueError("--probe-map and --gallery-group belong to the scface protocol")
+        return self
+
+    @property
+    def probe_sizes(self) -> tuple[str, ...]:
+        if self.sizes is not None:
+            return self.sizes
+        return LFW_SIZES if self.protocol == "lfw" else AR_SIZES
+
+    @property
+    def concat(self) -> bool:
+        return self.protocol == "scface" if self.concat_bicubic is None else self.concat_bicubic
+
+
+class ServeConfig(BaseModel):
+    """``ipsr serve``: Ray Serve batch identification (gallery enrolment, SR + embedding + top-k matching)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Not called `model`: build_config's first parameter has that name. The CLI flag is --model.
+    generator: str = Field(
+        "models:/ipsr-unet@champion", description="U-Net to serve: models:/NAME@ALIAS (followed) or models:/NAME/VERSION."
+    )
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on every interface).")
+    port: int = Field(8000, ge=0, le=65535)
+    token_file: str | None = Field(None, description="File holding the bearer token (else $IPSR_SERVE_TOKEN).")
+    insecure_no_auth: bool = Field(False, description="Serve without a token (local use only).")
+    identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
+    galleries: str | None = Field(None, description="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPU share per replica (with --device cuda).")
+    torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per replica (default: its CPUs).")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Probes per SR + embedding batch (1 = unbatched).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_ongoing_requests: int = Field(32, ge=1, description="Concurrent requests per replica (>= max_batch_size).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests waiting beyond that; more are answered 503.")
+    max_body_bytes: int = Field(32 * 2**20, ge=1, description="Larger request bodies are answered 413.")
+    max_images: int = Field(64, ge=1, description="Images per request.")
+    max_image_bytes: int = Field(8 * 2**20, ge=1)
+    max_image_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected undecoded.")
+    lr_max_side: int = Field(64, ge=1, le=127, description="Probes this small on both sides count as low-resolution.")
+    top_k: int = Field(5, ge=1, le=1000, description="Default matches per probe.")
+    gallery_chunk: int = Field(65536, ge=1, description="Gallery rows per matrix product.")
+    gallery_refresh_s: float = Field(5.0, ge=0, description="How stale another replica's enrolment may look.")
+    model_poll_s: float = Field(30.0, gt=0, description="Seconds between alias look-ups (alias moves hot-swap).")
+    request_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size (else batches never fill)")
+        if not self.generator.startswith("models:/"):
+            raise ValueError(f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {self.generator!r}")
+        if self.device == "cpu" and self.gpus_per_replica:
+            raise ValueError("gpus_per_replica needs --device cuda")
+        return self

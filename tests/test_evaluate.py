@@ -1,0 +1,308 @@
+"""`ipsr evaluate` on real ORL faces with the real FaceNet and SFace, real MLflow (SQLite in a tmp $IPSR_HOME).
+
+Generators are tiny U-Nets (width 8) trained for a few steps in-process with ipsr_model.training on ORL s1–s20,
+and evaluated on s21–s40 where a test needs a trained model; registered models are logged in pt2 format exactly as
+`ipsr train` does. Nothing of ours is mocked.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ipsr_model.errors import UserError
+
+IPSR = str(Path(sys.executable).with_name("ipsr"))
+UNSEEN = "s2[1-9],s3[0-9],s40"  # identities the test generator never saw
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def weights() -> list[Path]:
+    """The FaceNet and SFace weight files in the real cache (fetched once; tests point fresh homes at them)."""
+    from ipsr_model.sface import fetch_sface_weights
+    from ipsr_model.weights import fetch_identity_weights
+
+    files = [fetch_identity_weights("casia-webface-offline"), fetch_sface_weights()]
+    return [p for f in files for p in (f, f.with_name(f.name + ".sha256"))]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, weights) -> Path:
+    """A fresh $IPSR_HOME (embedded MLflow) whose weights cache links to the real files."""
+    home = tmp_path / "home"
+    (home / "weights").mkdir(parents=True)
+    for file in weights:
+        (home / "weights" / file.name).symlink_to(file)
+    monkeypatch.setenv("IPSR_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def trained(att_faces, weights) -> torch.nn.Module:
+    """A width-8 U-Net trained for 40 steps (batch 8) on ORL s1–s20 with the paper's loss."""
+    from ipsr_model.degradation import MultiScaleDegradation
+    from ipsr_model.identity import IdentityNet
+    from ipsr_model.losses import IdentityPreservingLoss
+    from ipsr_model.training import make_optimizer, training_step
+    from ipsr_model.unet import UNetGenerator
+    from ipsr_platform.smoke import load_faces
+
+    torch.manual_seed(0)
+    faces = load_faces([att_faces / f"s{s}" / f"{k}.pgm" for s in range(1, 21) for k in range(1, 11)])
+    generator = UNetGenerator(base_channels=8)
+    loss_fn = IdentityPreservingLoss(IdentityNet(str(weights[0])))
+    optimizer, degradation, rng = make_optimizer(generator, lr=1e-3), MultiScaleDegradation(), torch.Generator().manual_seed(0)
+    for _ in range(40):
+        training_step(generator, loss_fn, optimizer, faces[torch.randint(len(faces), (8,), generator=rng)], degradation, rng)
+    return generator.eval()
+
+
+def register(generator: torch.nn.Module, name: str = "ipsr-unet") -> str:
+    """Log ``generator`` like `ipsr train` does (pt2) and register it @candidate; returns the version."""
+    import mlflow
+
+    from ipsr_platform import tracking
+
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment_id = tracking.ensure_experiment("ipsr-train", uri)
+    example = torch.rand(2, 3, 128, 128) * 2 - 1
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.pytorch.log_model(
+            generator.eval(), name="generator", input_example=example.numpy(), serialization_format="pt2",
+            pip_requirements=["torch"],
+        )  # fmt: skip
+    return tracking.register(info.model_uri, name, uri=uri)
+
+
+def config(**overrides):
+    from ipsr_platform.config import EvaluateConfig
+
+    return EvaluateConfig(**({"data": ""} | overrides))
+
+
+def assert_valid_cmc(curve: torch.Tensor, gallery_size: int) -> None:
+    assert len(curve) == gallery_size
+    assert torch.all(curve[1:] >= curve[:-1]), curve
+    assert ((curve >= 0) & (curve <= 1)).all()
+    assert curve[-1] == 1.0  # everyone is found by rank = gallery size
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_ar_protocol_on_orl(home, att_faces, trained, tmp_path):
+    """All 40 ORL people, AR-style: HR ≥ 0.95 with both recognizers, bicubic = the foundation baseline
+    (ipsr_model.metrics.degraded_rank1, as `ipsr smoke` prints it), a trained model's row, valid CMCs, outputs
+    on disk and in MLflow."""
+    from ipsr_model.identity import IdentityNet
+    from ipsr_model.metrics import degraded_rank1
+    from ipsr_platform import tracking
+    from ipsr_platform.smoke import list_identities, load_faces
+    from jobs.evaluate import run
+
+    checkpoint = tmp_path / "tiny_unet.pt"
+    torch.save(trained.state_dict(), checkpoint)
+    out = tmp_path / "eval"
+    summary = run(config(data=str(att_faces), models=(str(checkpoint),), output=str(out)))
+
+    sizes = ["11x8", "16x12", "16x16", "21x15", "32x32"]
+    assert summary["columns"] == sizes
+    for recognizer in ("facenet", "sface"):
+        table = summary["rank1"][recognizer]
+        assert list(table) == ["hr", "bicubic", "tiny_unet"]
+        assert table["hr"]["mean"] >= 0.95, (recognizer, table["hr"])
+        assert all(0.0 <= v <= 1.0 for v in table["tiny_unet"].values())
+        # Rank-1 falls with the probe size for bicubic: 11x8 is much harder than 32x32.
+        assert table["bicubic"]["11x8"] < table["bicubic"]["32x32"]
+
+    identities = list_identities(att_faces)
+    names = list(identities)
+    labels = torch.arange(len(names))
+    gallery = load_faces([identities[n][0] for n in names])
+    probes = load_faces([identities[n][1] for n in names])
+    from ipsr_model.degradation import parse_size
+
+    foundation = degraded_rank1(IdentityNet("casia-webface-offline"), gallery, labels, probes, labels,
+                                tuple(parse_size(s) for s in sizes))  # fmt: skip
+    for size in sizes:
+        assert summary["rank1"]["facenet"]["bicubic"][size] == pytest.approx(foundation[size], abs=1e-6)
+    assert summary["rank1"]["facenet"]["hr"]["32x32"] == pytest.approx(foundation["HR"], abs=1e-6)
+
+    import json
+
+    cmcs = json.loads((out / "results.json").read_text())["cmc"]
+    assert len(cmcs) == 2 * 3 * len(sizes)
+    for curve in cmcs.values():
+        assert_valid_cmc(torch.tensor(curve), gallery_size=40)
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * 3 * len(sizes) and {r["method"] for r in rows} == {"hr", "bicubic", "tiny_unet"}
+    assert "| bicubic |" in (out / "table.md").read_text()
+    assert Image.open(out / "cmc.png").size[0] > 0 and Image.open(out / "samples_11x8.png").size[0] > 0
+
+    run_data = tracking.client().get_run(summary["mlflow_run_id"])
+    assert run_data.info.status == "FINISHED"
+    assert run_data.data.metrics["rank1/sface/bicubic/11x8"] == pytest.approx(summary["rank1"]["sface"]["bicubic"]["11x8"])
+    artifacts = {a.path for a in tracking.client().list_artifacts(summary["mlflow_run_id"])}
+    assert {"table.md", "results.csv", "cmc.png"} <= artifacts
+
+
+def test_promotion_moves_champion_only_for_a_better_candidate(home, att_faces, trained, tmp_path):
+    """Registry round trip (pt2): first candidate → champion; a better one takes over; a worse one does not."""
+    from ipsr_model.unet import UNetGenerator
+    from ipsr_platform import tracking
+    from jobs.evaluate import run
+
+    torch.manual_seed(1)
+    untrained = UNetGenerator(base_channels=8).eval()  # random weights: garbage faces
+    common = dict(data=str(att_faces), identities=UNSEEN, sizes="16x12,21x15", recognizers=("sface",), promote=True)
+
+    def evaluate(n: int) -> dict:
+        return run(config(**common, output=str(tmp_path / f"eval{n}")))
+
+    assert register(untrained) == "1"
+    first = evaluate(1)
+    assert first["promotion"]["promoted"] and "no champion" in first["promotion"]["why"]
+    assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "1"
+
+    assert register(trained) == "2"
+    better = evaluate(2)
+    scores = better["rank1"]["sface"]
+    print("sface mean rank-1: trained", scores["ipsr-unet-v2"]["mean"], "untrained", scores["ipsr-unet-v1"]["mean"])
+    assert better["promotion"]["promoted"], better["promotion"]
+    champion = tracking.version_for_alias("ipsr-unet", "champion")
+    assert str(champion.version) == "2"
+    assert "candidate v2" in champion.description and "champion v1" in champion.description
+    assert champion.tags["promotion"].startswith("promoted")
+    assert float(champion.tags["eval.ar.sface.mean_rank1"]) == pytest.approx(scores["ipsr-unet-v2"]["mean"], abs=1e-4)
+
+    assert register(untrained) == "3"
+    worse = evaluate(3)
+    assert not worse["promotion"]["promoted"], worse["promotion"]
+    assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "2"
+    assert tracking.client().get_model_version("ipsr-unet", "3").tags["promotion"].startswith("not promoted")
+
+
+def test_scface_and_lfw_layouts(home, att_faces, trained, tmp_path):
+    """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
+    protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""
+    from jobs.evaluate import BICUBIC, Method, build_protocol, evaluate, rank1_table
+    from ipsr_model.sface import SFaceNet
+
+    root = tmp_path / "scface"
+    people = [f"s{s}" for s in range(21, 31)]
+    for person in people:
+        (root / "gallery" / person).mkdir(parents=True)
+        Image.open(att_faces / person / "1.pgm").save(root / "gallery" / person / "mugshot.png")
+        for group, image, size in (("d1", 2, (23, 28)), ("d2", 3, (46, 56))):
+            (root / "probes" / group / person).mkdir(parents=True, exist_ok=True)
+            Image.open(att_faces / person / f"{image}.pgm").resize(size, Image.BICUBIC).save(
+                root / "probes" / group / person / f"{image}.png"
+            )
+    methods = [Method(BICUBIC), Method("tiny", trained, "tiny")]
+    recognizers = {"sface": SFaceNet()}
+
+    cfg = config(data=str(root), protocol="scface")
+    assert cfg.concat  # the paper's SCface setting
+    protocol = build_protocol(cfg)
+    assert [c.name for c in protocol.columns] == ["d1", "d2"] and not protocol.synthetic
+    results, _ = evaluate(protocol, methods, recognizers, concat_bicubic=True)
+    for curve in results.values():
+        assert_valid_cmc(curve, gallery_size=10)
+    table = rank1_table(results, "sface", methods, ["d1", "d2"])
+    assert table[BICUBIC]["d1"] <= table[BICUBIC]["d2"]  # closer camera, bigger faces, easier
+
+    protocol2 = build_protocol(config(data=str(root), protocol="scface", gallery_group="d2"))
+    assert protocol2.gallery_lr and [c.name for c in protocol2.columns] == ["d1"]
+    results2, _ = evaluate(protocol2, methods, recognizers, concat_bicubic=True)
+    for curve in results2.values():
+        assert_valid_cmc(curve, gallery_size=10)
+
+    lfw = build_protocol(config(data=str(att_faces), protocol="lfw", identities="s1,s2,s3"))
+    assert [c.name for c in lfw.columns] == ["7x6", "14x12", "16x14", "18x16"]
+    assert len(lfw.gallery) == 3 and len(lfw.columns[0].labels) == 27  # 9 probes per identity
+
+    # An `ipsr preprocess` output (aligned 128² PNGs in Parquet, committed with _SUCCESS) is read as such.
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    aligned = tmp_path / "aligned"
+    (aligned / "data").mkdir(parents=True)
+    rows = {"image": [], "identity": [], "source": []}
+    for person in ("s1", "s2", "s3"):
+        for k in (10, 2, 1):  # stored out of order: the adapter sorts by source in natural order
+            buf = io.BytesIO()
+            Image.open(att_faces / person / f"{k}.pgm").convert("RGB").resize((128, 128)).save(buf, "PNG")
+            rows["image"].append(buf.getvalue())
+            rows["identity"].append(person)
+            rows["source"].append(f"{person}/{k}.pgm")
+    pq.write_table(pa.table(rows), aligned / "data" / "part-00000.parquet")
+    (aligned / "_SUCCESS").write_text("")
+    ar = build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12"))
+    assert ar.identities == ["s1", "s2", "s3"] and len(ar.columns[0].labels) == 3
+    first = Image.open(att_faces / "s2" / "1.pgm").convert("RGB").resize((128, 128))
+    from ipsr_model.images import to_tensor
+
+    assert torch.allclose(ar.gallery[1], to_tensor(first)[0], atol=1e-6)  # gallery = s2's image 1, not 10
+
+
+def test_user_mistakes_are_one_line_errors(home, tmp_path):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([IPSR, "evaluate", *args], capture_output=True, text=True, timeout=300)
+
+    for args, fragment in (
+        (("--data", str(tmp_path / "nope")), "no such directory"),
+        (("--data", str(tmp_path), "--protocol", "scface", "--sizes", "16x12"), "--sizes does not apply"),
+        (("--data", str(tmp_path), "--model", str(tmp_path / "missing.pt")), "missing.pt"),
+        (("--data", str(tmp_path), "--sizes", "16by12"), "HxW"),
+    ):
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, result.stderr)
+
+    with pytest.raises(UserError, match="no registered model version"):
+        from ipsr_platform.models import load_generator
+
+        load_generator("models:/ipsr-unet@champion")
+
+
+def test_config_precedence(tmp_path, monkeypatch):
+    """YAML < IPSR_EVALUATE_* env < flags, lists from comma strings, per-protocol defaults, clear errors."""
+    from ipsr_platform.config import EvaluateConfig, build_config
+
+    yaml_file = tmp_path / "evaluate.yaml"
+    yaml_file.write_text("data: /faces\nprotocol: lfw\nmodels: [models:/ipsr-unet@champion]\nmax_rank: 20\n")
+    monkeypatch.setenv("IPSR_EVALUATE_MAX_RANK", "10")
+    monkeypatch.setenv("IPSR_EVALUATE_RECOGNIZERS", "sface")
+    cfg = build_config(EvaluateConfig, env_prefix="IPSR_EVALUATE_", yaml_file=yaml_file, models=("a.pt", "b.pt"))
+    assert (cfg.protocol, cfg.max_rank, cfg.recognizers, cfg.models) == ("lfw", 10, ("sface",), ("a.pt", "b.pt"))
+    assert cfg.probe_sizes == ("7x6", "14x12", "16x14", "18x16") and not cfg.concat
+    assert EvaluateConfig(data="x", protocol="scface").concat
+    with pytest.raises(UserError, match="promote"):
+        build_config(EvaluateConfig, env_prefix="IPSR_EVALUATE_", data="x", promote=True, recognizers="facenet",
+                     promote_recognizer="sface")  # fmt: skip
+
+
+def test_model_core_stays_free_of_ray_and_mlflow():
+    code = (
+        "import sys, ipsr_model.sface;"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'));"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
