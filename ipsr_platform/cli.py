@@ -134,6 +134,7 @@ def evaluate(
     model: Annotated[Optional[list[str]], typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, run id or checkpoint path; repeatable.")] = None,
     sizes: Annotated[Optional[str], typer.Option(help="Probe sizes H×W, e.g. 11x8,16x12 (default per protocol).")] = None,
     identities: Annotated[Optional[str], typer.Option(help="Only identity folders matching these globs, e.g. 's3[1-9],s40'.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="train | val | test identities of an `ipsr preprocess` output.")] = None,
     gallery_pattern: Annotated[Optional[str], typer.Option(help="Glob on file names for the gallery image (default first).")] = None,
     probe_pattern: Annotated[Optional[str], typer.Option(help="Glob on file names for probe images (default ar: second; lfw/folder: the rest).")] = None,
     probe_map: Annotated[Optional[str], typer.Option(help="scface: CSV path,identity,group instead of probes/<group>/.")] = None,
@@ -156,7 +157,7 @@ def evaluate(
 
     cfg = build_config(
         EvaluateConfig, env_prefix="IPSR_EVALUATE_", yaml_file=config, data=data, protocol=protocol,
-        models=tuple(model) if model else None, sizes=sizes, identities=identities, gallery_pattern=gallery_pattern,
+        models=tuple(model) if model else None, sizes=sizes, identities=identities, split=split, gallery_pattern=gallery_pattern,
         probe_pattern=probe_pattern, probe_map=probe_map, gallery_group=gallery_group, concat_bicubic=concat_bicubic,
         recognizers=recognizers, identity_weights=identity_weights, max_rank=max_rank, batch_size=batch_size,
         output=output, experiment=experiment, register_as=register_as, promote=promote,

@@ -94,11 +94,14 @@ def _identity_folders(root: Path) -> dict[str, list[_Face]]:
     return out
 
 
-def _aligned_dataset(root: Path) -> dict[str, list[_Face]]:
-    """The Parquet output of ``ipsr preprocess`` (already MTCNN-aligned 128×128 PNGs), all splits."""
+def _aligned_dataset(root: Path, split: str | None = None) -> dict[str, list[_Face]]:
+    """The Parquet output of ``ipsr preprocess`` (already MTCNN-aligned 128×128 PNGs): one split or all."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(root / "data", columns=["image", "identity", "source"]).to_pydict()
+    filters = [("split", "=", split)] if split else None
+    table = pq.read_table(root / "data", columns=["image", "identity", "source"], filters=filters).to_pydict()
+    if split and not table["identity"]:
+        raise UserError(f"--data {root}: the {split!r} split is empty (see manifest.json counts)")
     out: dict[str, list[_Face]] = {}
     for png, identity, source in zip(table["image"], table["identity"], table["source"]):
         out.setdefault(identity, []).append(_Face(source, lambda png=png: Image.open(io.BytesIO(png)).convert("RGB")))
@@ -107,10 +110,13 @@ def _aligned_dataset(root: Path) -> dict[str, list[_Face]]:
     return dict(sorted(out.items()))
 
 
-def read_identities(root: Path) -> dict[str, list[_Face]]:
-    """identity → faces in natural file order, from identity folders or an ``ipsr preprocess`` output."""
+def read_identities(root: Path, split: str | None = None) -> dict[str, list[_Face]]:
+    """identity → faces in natural file order, from identity folders or an ``ipsr preprocess`` output (where
+    ``split`` picks its train/val/test identities)."""
     if (root / "_SUCCESS").is_file() and (root / "data").is_dir():
-        return _aligned_dataset(root)
+        return _aligned_dataset(root, split)
+    if split:
+        raise UserError(f"--split {split} needs an `ipsr preprocess` output as --data; {root} is not one")
     return _identity_folders(root)
 
 
@@ -137,9 +143,10 @@ def synthetic_protocol(
     gallery_pattern: str | None = None,
     probe_pattern: str | None = None,
     one_probe: bool,
+    split: str | None = None,
 ) -> Protocol:
     """AR (``one_probe``), LFW and folder protocols: HR gallery + HR probes, degraded per column at evaluation."""
-    data = _select(read_identities(root), identities)
+    data = _select(read_identities(root, split), identities)
     gallery, probes, gallery_labels, probe_labels, names = [], [], [], [], []
     skipped = 0
     for identity, faces in data.items():

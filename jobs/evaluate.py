@@ -72,6 +72,7 @@ def build_protocol(config: EvaluateConfig) -> Protocol:
     return synthetic_protocol(
         config.protocol, root, config.probe_sizes, identities=config.identities,
         gallery_pattern=config.gallery_pattern, probe_pattern=config.probe_pattern, one_probe=config.protocol == "ar",
+        split=config.split,
     )  # fmt: skip
 
 

@@ -242,17 +242,25 @@ def test_scface_and_lfw_layouts(home, att_faces, trained, tmp_path):
 
     aligned = tmp_path / "aligned"
     (aligned / "data").mkdir(parents=True)
-    rows = {"image": [], "identity": [], "source": []}
-    for person in ("s1", "s2", "s3"):
+    rows = {"image": [], "identity": [], "source": [], "split": []}
+    for person, split in (("s1", "train"), ("s2", "train"), ("s3", "train"), ("s4", "test"), ("s5", "test")):
         for k in (10, 2, 1):  # stored out of order: the adapter sorts by source in natural order
             buf = io.BytesIO()
             Image.open(att_faces / person / f"{k}.pgm").convert("RGB").resize((128, 128)).save(buf, "PNG")
             rows["image"].append(buf.getvalue())
             rows["identity"].append(person)
             rows["source"].append(f"{person}/{k}.pgm")
+            rows["split"].append(split)
     pq.write_table(pa.table(rows), aligned / "data" / "part-00000.parquet")
     (aligned / "_SUCCESS").write_text("")
-    ar = build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12"))
+    assert build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12")).identities == [
+        "s1", "s2", "s3", "s4", "s5"
+    ]  # fmt: skip
+    unseen = build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12", split="test"))
+    assert unseen.identities == ["s4", "s5"]  # --split: only the held-out identities
+    with pytest.raises(UserError, match="'val' split is empty"):
+        build_protocol(config(data=str(aligned), protocol="ar", split="val"))
+    ar = build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12", split="train"))
     assert ar.identities == ["s1", "s2", "s3"] and len(ar.columns[0].labels) == 3
     first = Image.open(att_faces / "s2" / "1.pgm").convert("RGB").resize((128, 128))
     from ipsr_model.images import to_tensor
