@@ -320,6 +320,28 @@ def config_show(
     typer.echo("\n".join(out).rstrip())
 
 
+@app.command()
+def quickstart(
+    data: Annotated[Optional[Path], typer.Option(help="Identity folders DIR/<identity>/<image>; default: download LFW.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Where everything goes (default $IPSR_HOME/quickstart).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images (sorted by identity).")] = None,
+    max_steps: Annotated[int, typer.Option(min=1, help="Training steps (~1.5 s each at the defaults on 2 CPUs).")] = 120,
+    base_channels: Annotated[int, typer.Option(min=1, help="U-Net width (64 = paper; small for CPU).")] = 16,
+    batch_size: Annotated[int, typer.Option(min=2, help="Faces per training step.")] = 16,
+    identity_weights: Annotated[str, typer.Option(help="FaceNet weights source or PATH.")] = "casia-webface-offline",
+    serve: Annotated[bool, typer.Option(help="Finish with the Ray Serve identification demo.")] = True,
+    keep_serving: Annotated[bool, typer.Option(help="Keep the service up after the demo (Ctrl-C stops).")] = False,
+    port: Annotated[int, typer.Option(help="HTTP port of the service.")] = 8000,
+) -> None:
+    """End to end on this machine: preprocess → train → evaluate vs bicubic → register + promote → serve."""
+    from ipsr_platform.quickstart import run_quickstart
+
+    run_quickstart(
+        data=data, output=output, limit=limit, max_steps=max_steps, base_channels=base_channels,
+        batch_size=batch_size, identity_weights=identity_weights, serve=serve, keep_serving=keep_serving, port=port,
+    )
+
+
 def main() -> None:
     try:
         app()

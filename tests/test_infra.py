@@ -144,3 +144,19 @@ def test_mlflow_server_deployment_uses_basic_auth_and_its_service_selects_it():
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_rayservice_serves_exactly_serving_serve_config_yaml():
+    (service,) = kuberay("RayService")
+    config = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
+    (app,) = config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    from ipsr_platform.config import ServeConfig
+
+    ServeConfig.model_validate(app["args"])  # every arg is a real ServeConfig field with a valid value
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["mode"] == "token"
+    ports = {p["containerPort"] for p in containers(cluster["headGroupSpec"]["template"])[0]["ports"]}
+    assert config["http_options"]["port"] in ports
