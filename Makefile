@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: setup
-	$(VENV)/bin/ipsr smoke --data $(DATA)
+	$(VENV)/bin/ipsr quickstart --data $(DATA)
 
 test: setup
 	$(PY) -m pytest -q

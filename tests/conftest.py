@@ -156,3 +156,28 @@ def preprocess_src(tmp_path_factory, att_faces, facenet_test_images, multiface_j
     for name, (data, _) in bad_inputs.items():
         (root / "bad" / name).write_bytes(data)
     return root
+
+
+# --- a fresh $IPSR_HOME that still has the (large, slow to build) weight files ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cached_weights() -> list[Path]:
+    """The FaceNet and SFace weight files in the real cache (fetched once; tests point fresh homes at them)."""
+    from ipsr_model.sface import fetch_sface_weights
+    from ipsr_model.weights import fetch_identity_weights
+
+    files = [fetch_identity_weights("casia-webface-offline"), fetch_sface_weights()]
+    return [p for f in files for p in (f, f.with_name(f.name + ".sha256"))]
+
+
+@pytest.fixture
+def home_with_weights(tmp_path, monkeypatch, cached_weights) -> Path:
+    """A fresh $IPSR_HOME (embedded MLflow) whose weights cache links to the real files."""
+    home = tmp_path / "home"
+    (home / "weights").mkdir(parents=True)
+    for file in cached_weights:
+        (home / "weights" / file.name).symlink_to(file)
+    monkeypatch.setenv("IPSR_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home

@@ -26,29 +26,7 @@ UNSEEN = "s2[1-9],s3[0-9],s40"  # identities the test generator never saw
 
 
 @pytest.fixture(scope="module")
-def weights() -> list[Path]:
-    """The FaceNet and SFace weight files in the real cache (fetched once; tests point fresh homes at them)."""
-    from ipsr_model.sface import fetch_sface_weights
-    from ipsr_model.weights import fetch_identity_weights
-
-    files = [fetch_identity_weights("casia-webface-offline"), fetch_sface_weights()]
-    return [p for f in files for p in (f, f.with_name(f.name + ".sha256"))]
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch, weights) -> Path:
-    """A fresh $IPSR_HOME (embedded MLflow) whose weights cache links to the real files."""
-    home = tmp_path / "home"
-    (home / "weights").mkdir(parents=True)
-    for file in weights:
-        (home / "weights" / file.name).symlink_to(file)
-    monkeypatch.setenv("IPSR_HOME", str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return home
-
-
-@pytest.fixture(scope="module")
-def trained(att_faces, weights) -> torch.nn.Module:
+def trained(att_faces, cached_weights) -> torch.nn.Module:
     """A width-8 U-Net trained for 40 steps (batch 8) on ORL s1–s20 with the paper's loss."""
     from ipsr_model.degradation import MultiScaleDegradation
     from ipsr_model.identity import IdentityNet
@@ -60,7 +38,7 @@ def trained(att_faces, weights) -> torch.nn.Module:
     torch.manual_seed(0)
     faces = load_faces([att_faces / f"s{s}" / f"{k}.pgm" for s in range(1, 21) for k in range(1, 11)])
     generator = UNetGenerator(base_channels=8)
-    loss_fn = IdentityPreservingLoss(IdentityNet(str(weights[0])))
+    loss_fn = IdentityPreservingLoss(IdentityNet(str(cached_weights[0])))
     optimizer, degradation, rng = make_optimizer(generator, lr=1e-3), MultiScaleDegradation(), torch.Generator().manual_seed(0)
     for _ in range(40):
         training_step(generator, loss_fn, optimizer, faces[torch.randint(len(faces), (8,), generator=rng)], degradation, rng)
@@ -102,7 +80,7 @@ def assert_valid_cmc(curve: torch.Tensor, gallery_size: int) -> None:
 
 
 @pytest.mark.slow
-def test_ar_protocol_on_orl(home, att_faces, trained, tmp_path):
+def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     """All 40 ORL people, AR-style: HR ≥ 0.95 with both recognizers, bicubic = the foundation baseline
     (ipsr_model.metrics.degraded_rank1, as `ipsr smoke` prints it), a trained model's row, valid CMCs, outputs
     on disk and in MLflow."""
@@ -159,7 +137,7 @@ def test_ar_protocol_on_orl(home, att_faces, trained, tmp_path):
     assert {"table.md", "results.csv", "cmc.png"} <= artifacts
 
 
-def test_promotion_moves_champion_only_for_a_better_candidate(home, att_faces, trained, tmp_path):
+def test_promotion_moves_champion_only_for_a_better_candidate(home_with_weights, att_faces, trained, tmp_path):
     """Registry round trip (pt2): first candidate → champion; a better one takes over; a worse one does not."""
     from ipsr_model.unet import UNetGenerator
     from ipsr_platform import tracking
@@ -195,7 +173,7 @@ def test_promotion_moves_champion_only_for_a_better_candidate(home, att_faces, t
     assert tracking.client().get_model_version("ipsr-unet", "3").tags["promotion"].startswith("not promoted")
 
 
-def test_scface_and_lfw_layouts(home, att_faces, trained, tmp_path):
+def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path):
     """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
     protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""
     from jobs.evaluate import BICUBIC, Method, build_protocol, evaluate, rank1_table
@@ -268,7 +246,7 @@ def test_scface_and_lfw_layouts(home, att_faces, trained, tmp_path):
     assert torch.allclose(ar.gallery[1], to_tensor(first)[0], atol=1e-6)  # gallery = s2's image 1, not 10
 
 
-def test_user_mistakes_are_one_line_errors(home, tmp_path):
+def test_user_mistakes_are_one_line_errors(home_with_weights, tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([IPSR, "evaluate", *args], capture_output=True, text=True, timeout=300)
 

@@ -1,0 +1,223 @@
+"""`ipsr quickstart`: the whole platform once, on the embedded default (local Ray, SQLite MLflow, local files).
+
+preprocess (MTCNN on Ray Data) → train a small U-Net for a few minutes (Ray Train) → evaluate against bicubic on
+the held-out *test* identities (both recognizers, table + CMC) → register and promote in MLflow → start Ray
+Serve, enrol the test identities' first faces, identify their second faces sent as real 16×12 crops → say where
+everything is.
+
+Models go to their own registry name (`ipsr-quickstart`), so a quickstart never moves a real `ipsr-unet@champion`.
+A rerun reuses the aligned dataset (the preprocess output is committed once per data folder and limit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ipsr_model.errors import UserError
+
+REGISTERED_NAME = "ipsr-quickstart"
+EXPERIMENT = "ipsr-quickstart"
+GALLERY = "quickstart"
+PROBE_SIZE = (16, 12)  # H×W: a surveillance-sized crop, well below what FaceNet needs
+SPLIT = {"val": 0.2, "test": 0.2}
+HTTP_TIMEOUT_S = 120
+
+
+def run_quickstart(
+    *,
+    data: Path | None,
+    output: Path | None,
+    limit: int | None,
+    max_steps: int,
+    base_channels: int,
+    batch_size: int,
+    identity_weights: str,
+    serve: bool,
+    keep_serving: bool,
+    port: int,
+) -> dict[str, Any]:
+    from ipsr_model.weights import ipsr_home
+    from ipsr_platform import datasets, tracking
+
+    console = Console()
+    timings: dict[str, float] = {}
+    out = (output or ipsr_home() / "quickstart").expanduser().resolve()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+    def stage(name: str, text: str) -> float:
+        console.rule(f"[bold]{name}[/] — {text}")
+        return time.perf_counter()
+
+    # 1. data
+    if data is None:
+        console.print(
+            "no --data given: downloading LFW (13,233 faces, 173 MB, sha256-checked) into "
+            f"{ipsr_home() / 'datasets'}; pass --data DIR to use your own identity folders"
+        )
+        data = datasets.lfw()
+    data = data.expanduser().resolve()
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such directory (expected identity folders DIR/<identity>/<image>)")
+
+    # 2. preprocess
+    t = stage("1/5 preprocess", f"MTCNN alignment of {data} on Ray Data")
+    from ipsr_platform.config import PreprocessConfig
+    from jobs.preprocess import run as preprocess
+
+    key = hashlib.sha256(f"{data}|{limit}".encode()).hexdigest()[:10]
+    aligned = out / "aligned" / f"{data.name}-{key}"
+    manifest = preprocess(PreprocessConfig(input=str(data), output=str(aligned), limit=limit, split=SPLIT))
+    timings["preprocess"] = time.perf_counter() - t
+    splits = manifest["counts"]["splits"]
+    console.print(f"aligned dataset: {aligned} (train {splits.get('train', 0)}, val {splits.get('val', 0)}, "
+                  f"test {splits.get('test', 0)} faces)", soft_wrap=True)  # fmt: skip
+
+    # 3. train
+    t = stage("2/5 train", f"U-Net width {base_channels}, {max_steps} steps on Ray Train (CPU)")
+    from ipsr_platform.config import TrainConfig
+    from jobs.train import train
+
+    trained = train(
+        TrainConfig(
+            data=str(aligned), run_name=f"quickstart-{stamp}", max_steps=max_steps, batch_size=batch_size,
+            base_channels=base_channels, num_workers=1, identity_weights=identity_weights,
+            storage=str(out / "runs"), experiment=EXPERIMENT, register_as=REGISTERED_NAME,
+            checkpoint_every=max_steps, log_every=max(1, max_steps // 10),
+        )
+    )  # fmt: skip
+    timings["train"] = time.perf_counter() - t
+    console.print(f"registered {REGISTERED_NAME} version {trained['model_version']} @candidate")
+
+    # 4. evaluate + promote
+    t = stage("3/5 evaluate", "AR-style rank-1 on the unseen test identities: HR, bicubic, the new model")
+    from ipsr_platform.config import EvaluateConfig
+    from jobs.evaluate import print_summary
+    from jobs.evaluate import run as evaluate
+
+    evaluation = evaluate(
+        EvaluateConfig(
+            data=str(aligned), protocol="ar", split="test", identity_weights=identity_weights, promote=True,
+            register_as=REGISTERED_NAME, experiment=EXPERIMENT, output=str(out / f"evaluation-{stamp}"),
+        )
+    )  # fmt: skip
+    print_summary(evaluation)
+    timings["evaluate"] = time.perf_counter() - t
+
+    summary: dict[str, Any] = {
+        "data": str(data), "aligned": str(aligned), "manifest_counts": manifest["counts"], "train": trained,
+        "evaluation": {k: evaluation[k] for k in ("rank1", "output", "mlflow_run_id", "promotion")},
+        "tracking_uri": tracking.tracking_uri(), "timings_s": timings,
+    }  # fmt: skip
+
+    # 5. serve
+    if serve:
+        t = stage("4/5 serve", f"Ray Serve: enrol the test identities, identify {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes")
+        summary["serve"] = _serve_demo(aligned, out, stamp, identity_weights, port, keep_serving, console)
+        timings["serve"] = time.perf_counter() - t
+
+    stage("5/5 done", f"{sum(timings.values()):.0f} s")
+    _where_to_look(console, summary, out)
+    return summary
+
+
+def _test_faces(aligned: Path) -> tuple[list[str], list[bytes], list[bytes]]:
+    """(identities, first face PNG, second face PNG) of every test identity with ≥ 2 faces, in natural order."""
+    import pyarrow.parquet as pq
+
+    from ipsr_platform.smoke import natural_key
+
+    rows = pq.read_table(aligned / "data", columns=["image", "identity", "source"],
+                         filters=[("split", "=", "test")]).to_pylist()  # fmt: skip
+    faces: dict[str, list[tuple[list, bytes]]] = {}
+    for row in rows:
+        faces.setdefault(row["identity"], []).append((natural_key(Path(row["source"])), row["image"]))
+    pairs = {name: sorted(items, key=lambda item: item[0]) for name, items in sorted(faces.items()) if len(items) >= 2}
+    if len(pairs) < 2:
+        raise UserError(f"{aligned}: the test split has {len(pairs)} identities with 2 faces; use more identities")
+    return list(pairs), [items[0][1] for items in pairs.values()], [items[1][1] for items in pairs.values()]
+
+
+def _small_crop(png: bytes) -> bytes:
+    """What a surveillance camera gives: the face at PROBE_SIZE (PIL bicubic, antialiased), as PNG."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as face:
+        small = face.convert("RGB").resize((PROBE_SIZE[1], PROBE_SIZE[0]), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _serve_demo(
+    aligned: Path, out: Path, stamp: str, identity_weights: str, port: int, keep_serving: bool, console: Console
+) -> dict[str, Any]:
+    import os
+
+    import requests
+
+    from ipsr_platform.config import ServeConfig
+    from serving import app as serving
+
+    names, gallery, probes = _test_faces(aligned)
+    token = os.environ.get(serving.TOKEN_ENV) or secrets.token_hex(24)
+    os.environ[serving.TOKEN_ENV] = token
+    cfg = ServeConfig(
+        generator=f"models:/{REGISTERED_NAME}@champion", port=port, identity_weights=identity_weights,
+        galleries=str(out / "galleries"),
+    )  # fmt: skip
+    url = serving.deploy(cfg, echo=console.print)
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        gallery_name = f"{GALLERY}-{stamp}"
+        enrol = requests.post(
+            f"{url}/v1/galleries/{gallery_name}/enroll", params={"aligned": "true"}, headers=headers,
+            files=[("image", (f"{n}.png", png, "image/png")) for n, png in zip(names, gallery)],
+            data=[("identity", n) for n in names], timeout=HTTP_TIMEOUT_S,
+        )  # fmt: skip
+        enrol.raise_for_status()
+        answer = requests.post(
+            f"{url}/v1/galleries/{gallery_name}/identify", params={"top_k": 1}, headers=headers,
+            files=[("image", (f"{n}.png", _small_crop(png), "image/png")) for n, png in zip(names, probes)],
+            timeout=HTTP_TIMEOUT_S,
+        )  # fmt: skip
+        answer.raise_for_status()
+        results = answer.json()["results"]
+        table = Table(title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1")
+        for column in ("probe (truth)", "top-1", "score", ""):
+            table.add_column(column)
+        correct = 0
+        for name, result in zip(names, results):
+            top = result["matches"][0]
+            correct += top["identity"] == name
+            table.add_row(name, top["identity"], f"{top['score']:.3f}", "✓" if top["identity"] == name else "✗")
+        console.print(table)
+        rank1 = correct / len(names)
+        console.print(f"served model version {answer.json().get('model', {}).get('version')}: rank-1 {rank1:.3f} "
+                      f"over {len(names)} probes")  # fmt: skip
+        if keep_serving:
+            console.print(f"serving at {url}/v1 (token in ${serving.TOKEN_ENV}; docs {url}/docs) — Ctrl-C stops")
+            serving.wait_until_stopped()
+        return {"url": url, "gallery": gallery_name, "probes": len(names), "rank1": rank1}
+    finally:
+        serving.undeploy()
+
+
+def _where_to_look(console: Console, summary: dict[str, Any], out: Path) -> None:
+    uri = summary["tracking_uri"]
+    lines = [
+        f"outputs:       {out}",
+        f"evaluation:    {summary['evaluation']['output']}/table.md, cmc.png",
+        f"MLflow:        mlflow ui --backend-store-uri {uri}   (experiment {EXPERIMENT}, model {REGISTERED_NAME})",
+        f"checkpoints:   {out / 'runs'}",
+        "next:          ipsr train --data <preprocess output> --run-name NAME   (ipsr --help)",
+    ]
+    console.print("\n".join(lines), soft_wrap=True)  # paths and commands stay copy-pasteable

@@ -1,0 +1,68 @@
+"""`ipsr quickstart` as the README runs it: a real subprocess, the whole platform on the embedded default."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+IPSR = str(Path(sys.executable).with_name("ipsr"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quickstart_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "IPSR_", "RAY_ADDRESS"))}
+    return env | {"IPSR_HOME": str(home), "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_on_orl(att_faces, home_with_weights, tmp_path):
+    import mlflow
+
+    out = tmp_path / "qs"
+    result = subprocess.run(
+        [IPSR, "quickstart", "--data", str(att_faces), "--output", str(out), "--max-steps", "3",
+         "--base-channels", "4", "--batch-size", "8", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=1200, env=quickstart_env(home_with_weights),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    text = result.stdout
+    for stage in ("1/5 preprocess", "2/5 train", "3/5 evaluate", "4/5 serve", "5/5 done"):
+        assert stage in text, stage
+    assert "registered ipsr-quickstart version 1 @candidate" in text
+    assert "no champion yet" in text  # the first candidate is promoted
+    assert "rank-1 — SFace (independent)" in text and "bicubic" in text
+    assert "served model version 1: rank-1" in text
+    assert "mlflow ui --backend-store-uri sqlite:///" in text
+
+    (evaluation,) = out.glob("evaluation-*")
+    assert (evaluation / "table.md").is_file() and (evaluation / "cmc.png").is_file()
+    (aligned,) = (out / "aligned").iterdir()
+    assert (aligned / "_SUCCESS").is_file()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home_with_weights / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("ipsr-quickstart", "champion").version) == "1"
+
+
+def test_quickstart_offline_without_data_names_the_option(tmp_path):
+    env = quickstart_env(tmp_path / "home") | {"IPSR_LFW_URL": "http://127.0.0.1:9/lfw.tgz"}
+    result = subprocess.run([IPSR, "quickstart"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "error: cannot download http://127.0.0.1:9/lfw.tgz" in result.stderr and "--data DIR" in result.stderr
+
+
+def test_quickstart_missing_data_folder_is_one_line(tmp_path):
+    result = subprocess.run(
+        [IPSR, "quickstart", "--data", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300,
+        env=quickstart_env(tmp_path / "home"),
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: --data"), result.stderr
+    assert "Traceback" not in result.stderr
