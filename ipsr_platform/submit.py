@@ -98,7 +98,8 @@ def build_submission(job: str, args: list[str], config_file: Path | None) -> dic
     try:
         command.make_context(job, list(args))
     except Exception as err:  # click's usage errors: unknown flag, bad value, missing argument
-        raise UserError(f"ipsr {job}: {getattr(err, 'format_message', lambda: str(err))()}") from None
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        raise UserError(f"ipsr {job}: {message}") from None
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if config_file is not None:

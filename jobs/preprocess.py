@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import platform
 import sys
 import time

@@ -505,8 +505,6 @@ def _resume_conflicts(saved: dict, config: TrainConfig) -> list[str]:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training job described by ``config``; returns a summary."""
-    import ray
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -48,7 +48,8 @@ def test_quickstart_end_to_end_on_orl(att_faces, home_with_weights, tmp_path):
     assert (evaluation / "table.md").is_file() and (evaluation / "cmc.png").is_file()
     (aligned,) = (out / "aligned").iterdir()
     assert (aligned / "_SUCCESS").is_file()
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home_with_weights / 'mlflow.db'}")
+    uri = f"sqlite:///{home_with_weights / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # other tests set a global registry URI
     assert str(client.get_model_version_by_alias("ipsr-quickstart", "champion").version) == "1"
 
 

@@ -71,7 +71,7 @@ def token_cluster():
         wait_for_http(f"{url}/api/version", timeout_s=120)
         yield url
     finally:
-        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=grace)
