@@ -17,7 +17,8 @@ def run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("weights", "smoke"):
+    commands = ("weights", "smoke", "preprocess", "train", "evaluate", "serve", "submit", "quickstart", "jobs", "config")
+    for command in commands:
         assert command in result.stdout
 
 
