@@ -9,10 +9,14 @@ Train V2's controller queries the state API through it, so a process that runs p
 from __future__ import annotations
 
 
-def connect() -> None:
-    """Initialise Ray once per process; a no-op when it is already initialised (tests share one instance)."""
+def connect(*, log_to_driver: bool = True) -> None:
+    """Initialise Ray once per process; a no-op when it is already initialised (tests share one instance).
+
+    ``log_to_driver=False`` keeps worker output out of the terminal (it stays in the session's log folder).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    ray.init()  # reads RAY_ADDRESS itself: join that cluster, or start a local instance when it is unset
+    # reads RAY_ADDRESS itself: join that cluster, or start a local instance when it is unset
+    ray.init(log_to_driver=log_to_driver)

@@ -68,6 +68,12 @@ def run_quickstart(
     if not data.is_dir():
         raise UserError(f"--data {data}: no such directory (expected identity folders DIR/<identity>/<image>)")
 
+    # Ray's per-worker log lines would drown the five stages; they stay in the session's log folder.
+    from ipsr_platform import cluster
+
+    cluster.connect(log_to_driver=False)
+    console.print("Ray worker logs: /tmp/ray/session_latest/logs (not echoed here)", soft_wrap=True)
+
     # 2. preprocess
     t = stage("1/5 preprocess", f"MTCNN alignment of {data} on Ray Data")
     from ipsr_platform.config import PreprocessConfig
