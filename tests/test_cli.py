@@ -24,7 +24,8 @@ def test_help_lists_the_commands():
 
 def test_importing_the_model_core_does_not_import_ray_or_mlflow():
     code = (
-        "import sys, ipsr_model, ipsr_model.identity, ipsr_model.training, ipsr_model.metrics, ipsr_model.images;"
+        "import sys, ipsr_model, ipsr_model.identity, ipsr_model.training, ipsr_model.metrics, ipsr_model.images,"
+        " ipsr_model.sface, ipsr_model.weights;"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'));"
         "assert not heavy, heavy"
     )

@@ -282,13 +282,3 @@ def test_config_precedence(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="promote"):
         build_config(EvaluateConfig, env_prefix="IPSR_EVALUATE_", data="x", promote=True, recognizers="facenet",
                      promote_recognizer="sface")  # fmt: skip
-
-
-def test_model_core_stays_free_of_ray_and_mlflow():
-    code = (
-        "import sys, ipsr_model.sface;"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'));"
-        "assert not heavy, heavy"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,15 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, stop_process_group
+
 VENV_BIN = Path(sys.executable).parent
 IPSR = str(VENV_BIN / "ipsr")
 TOKEN = "ipsr-test-token-0123456789abcdef"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_http(url: str, timeout_s: float) -> None:
@@ -71,15 +66,7 @@ def token_cluster():
         wait_for_http(f"{url}/api/version", timeout_s=120)
         yield url
     finally:
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=grace)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

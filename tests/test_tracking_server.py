@@ -4,8 +4,6 @@ instead of the embedded SQLite store."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import free_port, stop_process_group
 from ipsr_model.errors import UserError
 
 VENV_BIN = Path(sys.executable).parent
 ADMIN, PASSWORD = "admin", "ipsr-test-password-1"
 BUCKET = "ipsr-mlflow"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +62,7 @@ def mlflow_server(tmp_path_factory, moto_server):
                 time.sleep(0.5)
         yield url
     finally:
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)  # the server and its workers: one process group
-                proc.wait(timeout=grace)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(proc, grace_s=20)
         log.close()
 
 
