@@ -137,19 +137,18 @@ def run_quickstart(
 
 def _test_faces(aligned: Path) -> tuple[list[str], list[bytes], list[bytes]]:
     """(identities, first face PNG, second face PNG) of every test identity with ≥ 2 faces, in natural order."""
-    import pyarrow.parquet as pq
+    from ipsr_platform.protocols import read_identities
 
-    from ipsr_platform.smoke import natural_key
-
-    rows = pq.read_table(aligned / "data", columns=["image", "identity", "source"],
-                         filters=[("split", "=", "test")]).to_pylist()  # fmt: skip
-    faces: dict[str, list[tuple[list, bytes]]] = {}
-    for row in rows:
-        faces.setdefault(row["identity"], []).append((natural_key(Path(row["source"])), row["image"]))
-    pairs = {name: sorted(items, key=lambda item: item[0]) for name, items in sorted(faces.items()) if len(items) >= 2}
+    pairs = {name: faces for name, faces in read_identities(aligned, split="test").items() if len(faces) >= 2}
     if len(pairs) < 2:
         raise UserError(f"{aligned}: the test split has {len(pairs)} identities with 2 faces; use more identities")
-    return list(pairs), [items[0][1] for items in pairs.values()], [items[1][1] for items in pairs.values()]
+    return list(pairs), [_png(f[0].load()) for f in pairs.values()], [_png(f[1].load()) for f in pairs.values()]
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _small_crop(png: bytes) -> bytes:
@@ -157,10 +156,7 @@ def _small_crop(png: bytes) -> bytes:
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as face:
-        small = face.convert("RGB").resize((PROBE_SIZE[1], PROBE_SIZE[0]), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    small.save(buf, "PNG")
-    return buf.getvalue()
+        return _png(face.convert("RGB").resize((PROBE_SIZE[1], PROBE_SIZE[0]), Image.Resampling.BICUBIC))
 
 
 def _serve_demo(

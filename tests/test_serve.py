@@ -11,7 +11,6 @@ import base64
 import concurrent.futures
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import free_port
 
 requests = pytest.importorskip("requests")
 
@@ -29,12 +30,6 @@ TRAIN_STEPS = 200
 TIMEOUT = 120  # seconds per HTTP call: a CPU batch of 40 probes through FaceNet takes a few seconds
 ROOT = Path(__file__).resolve().parents[1]
 IPSR = str(Path(sys.executable).parent / "ipsr")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(image) -> bytes:
