@@ -4,7 +4,7 @@
     python bench/train.py --gpu            # H100: 1 GPU worker, width 64, bf16, batch 256 (target >= 2,500 img/s)
     python bench/train.py --flops-only     # FLOPs per sample (U-Net, FaceNet, one training step)
 
-Both sources run in the same Ray Train worker, in one process run, with the same ``jobs.train.train_step``
+Both sources run in the same Ray Train worker, in one process run, with the same ``ipsr_model.training.training_step``
 (per-sample multi-scale degradation on the worker's device, U-Net, frozen FaceNet loss, Adam), the same
 uint8 → device → float conversion (``jobs.train.to_images``) and the same DDP-prepared model:
 
@@ -113,7 +113,8 @@ def bench_loop(cfg: dict) -> None:
     from ipsr_model.losses import IdentityPreservingLoss
     from ipsr_model.training import make_optimizer
     from ipsr_model.unet import UNetGenerator
-    from jobs.train import to_images, train_step
+    from ipsr_model.training import training_step
+    from jobs.train import to_images
     from jobs.train_data import decode_faces
 
     context = ray.train.get_context()
@@ -168,7 +169,7 @@ def bench_loop(cfg: dict) -> None:
                     sync()
                     start = time.perf_counter()
                 hr = to_images(next(source), memory_format)
-                train_step(model, loss_fn, optimizer, hr, degradation, rng, autocast)
+                training_step(model, loss_fn, optimizer, hr, degradation, rng, autocast_dtype=autocast)
             sync()
             rates[name].append(world * batch_size * cfg["steps"] / (time.perf_counter() - start))
     # Ray Train V2 hands the driver the metrics of the last *checkpointed* report only.
@@ -192,7 +193,7 @@ def flops_per_sample(base_channels: int) -> dict[str, float]:
     from ipsr_model.losses import IdentityPreservingLoss
     from ipsr_model.training import make_optimizer
     from ipsr_model.unet import UNetGenerator
-    from jobs.train import train_step
+    from ipsr_model.training import training_step
 
     import warnings
 
@@ -211,7 +212,7 @@ def flops_per_sample(base_channels: int) -> dict[str, float]:
         unet = count(lambda: generator.eval()(x))
         facenet = count(lambda: identity_net(x))
     step = count(
-        lambda: train_step(generator, IdentityPreservingLoss(identity_net), make_optimizer(generator), x,
+        lambda: training_step(generator, IdentityPreservingLoss(identity_net), make_optimizer(generator), x,
                            MultiScaleDegradation(), torch.Generator().manual_seed(0))
     )  # fmt: skip
     return {"unet_forward": unet, "facenet_forward": facenet, "train_step": step}

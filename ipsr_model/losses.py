@@ -1,4 +1,10 @@
-"""The IPU-Net objective L = L_embedding + beta * L_pixel (both MSE, beta = 5 in the paper)."""
+"""The IPU-Net objective L = L_embedding + beta * L_pixel (paper Eq. 1-3, beta = 5).
+
+L_embedding is Eq. 2: the batch mean of the per-sample Euclidean distance ||E_SR - E_HR|| between the frozen
+identity net's embeddings; L_pixel is the pixel MSE. The per-element MSE of the embeddings ("mse") divides the
+squared distance by 512, which leaves the identity term ~1 % of the loss: it stays only as an ablation, beside
+1 - cosine and "none" (pixel-only, the paper's ablation).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+EMBEDDING_LOSSES = ("distance", "mse", "cosine", "none")
 
 
 class LossTerms(NamedTuple):
@@ -19,25 +27,78 @@ class LossTerms(NamedTuple):
         return {name: float(value.detach()) for name, value in self._asdict().items()}
 
 
-class IdentityPreservingLoss(nn.Module):
-    """MSE between the identity net's embeddings of SR and HR faces, plus beta times the pixel MSE.
+def embedding_distance(sr: torch.Tensor, hr: torch.Tensor, kind: str) -> torch.Tensor:
+    """L_embedding between two [N, D] embedding batches."""
+    if kind == "distance":
+        # vector_norm's gradient at a zero difference is 0 (a subgradient), not NaN.
+        return torch.linalg.vector_norm(sr - hr, dim=1).mean()
+    if kind == "mse":
+        return F.mse_loss(sr, hr)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(sr, hr, dim=1)).mean()
+    raise ValueError(f"embedding loss must be one of {', '.join(EMBEDDING_LOSSES)}, got {kind!r}")
 
-    Pixels are in ipsr's [-1, 1] range; embeddings are FaceNet's L2-normalised 512-D vectors.
+
+def random_view(jitter: float, *batches: torch.Tensor) -> list[torch.Tensor]:
+    """Each face shifted by up to ``jitter`` of its side, scaled by 1 ± ``jitter`` and flipped at random; face i of
+    every batch gets the same view.
+
+    Fed to the identity net in place of the raw faces, so the generator is rewarded for identity that survives
+    small changes of view, not for pixel patterns that move one network's embedding (an adversarial shortcut).
+    Bilinear resampling keeps it differentiable.
+    """
+    first = batches[0]
+    n = first.shape[0]
+    u = torch.rand(n, 4, device=first.device) * 2 - 1
+    scale = 1.0 + jitter * u[:, 0]
+    theta = torch.zeros(n, 2, 3, device=first.device)
+    theta[:, 0, 0], theta[:, 1, 1] = scale * torch.where(u[:, 1] < 0, -1.0, 1.0), scale
+    theta[:, :, 2] = 2 * jitter * u[:, 2:]  # affine_grid coordinates span [-1, 1]: 2 * jitter = jitter of a side
+    grid = F.affine_grid(theta, list(first.shape), align_corners=False)
+    return [
+        F.grid_sample(b, grid.to(b.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+        for b in batches
+    ]
+
+
+class IdentityPreservingLoss(nn.Module):
+    """L_embedding(identity_net(SR), identity_net(HR)) + beta * MSE(SR, HR).
+
+    Pixels are in ipsr's [-1, 1] range; embeddings are the identity net's L2-normalised vectors. With
+    ``embedding_loss="none"`` the identity net is not run at all (pixel-only ablation). ``jitter`` > 0 embeds a
+    random view (``random_view``) of each SR/HR pair instead of the faces as they are.
     """
 
-    def __init__(self, identity_net: nn.Module, beta: float = 5.0):
+    def __init__(
+        self, identity_net: nn.Module | None, beta: float = 5.0, embedding_loss: str = "distance", jitter: float = 0.0
+    ):
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if not 0 <= jitter < 0.5:
+            raise ValueError(f"identity jitter must be in [0, 0.5), got {jitter}")
+        if embedding_loss not in EMBEDDING_LOSSES:
+            raise ValueError(f"embedding loss must be one of {', '.join(EMBEDDING_LOSSES)}, got {embedding_loss!r}")
+        if identity_net is None and embedding_loss != "none":
+            raise ValueError(f"embedding loss {embedding_loss!r} needs an identity net")
         self.identity_net = identity_net
         self.beta = beta
+        self.embedding_loss = embedding_loss
+        self.jitter = jitter
 
     def forward(
         self, sr: torch.Tensor, hr: torch.Tensor, hr_embedding: torch.Tensor | None = None
     ) -> LossTerms:
-        if hr_embedding is None:
-            with torch.no_grad():
-                hr_embedding = self.identity_net(hr)
-        embedding = F.mse_loss(self.identity_net(sr), hr_embedding)
         pixel = F.mse_loss(sr, hr)
+        if self.embedding_loss == "none":
+            embedding = pixel.new_zeros(())
+        else:
+            if self.jitter and hr_embedding is None:  # one random view per SR/HR pair
+                sr, hr = random_view(self.jitter, sr, hr)
+            elif self.jitter:  # HR embeddings given (precomputed): only SR can be viewed anew
+                (sr,) = random_view(self.jitter, sr)
+            if hr_embedding is None:
+                with torch.no_grad():
+                    hr_embedding = self.identity_net(hr)
+            embedding = embedding_distance(self.identity_net(sr).float(), hr_embedding.float(), self.embedding_loss)
         return LossTerms(embedding + self.beta * pixel, embedding, pixel)

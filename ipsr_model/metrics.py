@@ -1,6 +1,9 @@
-"""Identification metrics: cosine similarity, CMC, rank-1, and image quality (PSNR/SSIM)."""
+"""Identification metrics: cosine similarity, CMC, rank-1, their confidence intervals and paired tests, and image
+quality (PSNR/SSIM)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +20,8 @@ def cosine_similarity(probes: torch.Tensor, gallery: torch.Tensor, chunk_size: i
     return torch.cat(chunks) if chunks else probes.new_zeros((0, gallery.shape[0]))
 
 
-def cmc(
-    similarity: torch.Tensor,
-    probe_labels: torch.Tensor,
-    gallery_labels: torch.Tensor,
-    max_rank: int | None = None,
-) -> torch.Tensor:
-    """Cumulative match characteristic: entry k-1 is the fraction of probes whose identity is in the top k.
+def probe_ranks(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_labels: torch.Tensor) -> torch.Tensor:
+    """[P] rank (0 = best) of each probe's true identity among the gallery identities.
 
     Ranks are over identities: a gallery identity scores its best image. Ties count against the probe. Every
     probe identity must be in the gallery.
@@ -43,10 +41,46 @@ def cmc(
     correct = torch.searchsorted(identities, probe_labels).to(similarity.device)
     correct_score = per_identity.gather(1, correct[:, None])
     # Rank 0 = best; every other identity scoring at least as high pushes the probe down.
-    rank = (per_identity >= correct_score).sum(1) - 1
-    max_rank = len(identities) if max_rank is None else min(max_rank, len(identities))
-    ks = torch.arange(max_rank, device=rank.device)
-    return (rank[:, None] <= ks[None, :]).float().mean(0).cpu()
+    return ((per_identity >= correct_score).sum(1) - 1).cpu()
+
+
+def cmc(
+    similarity: torch.Tensor,
+    probe_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    max_rank: int | None = None,
+) -> torch.Tensor:
+    """Cumulative match characteristic: entry k-1 is the fraction of probes whose identity is in the top k."""
+    rank = probe_ranks(similarity, probe_labels, gallery_labels)
+    n_identities = len(gallery_labels.unique())
+    max_rank = n_identities if max_rank is None else min(max_rank, n_identities)
+    return (rank[:, None] <= torch.arange(max_rank)[None, :]).float().mean(0)
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (z = 1.96) Wilson score interval of a proportion hits / n; stays inside [0, 1] at 0 and n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
+    """Exact two-sided McNemar test of two paired per-probe hit vectors (same probes, same order).
+
+    Returns (probes only ``a`` gets right, probes only ``b`` gets right, p-value): under H0 each discordant
+    probe is equally likely to favour either method, so p = P(Binomial(n, 1/2) at least as far from n/2).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"paired hit vectors differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    only_a, only_b = int((a.bool() & ~b.bool()).sum()), int((~a.bool() & b.bool()).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return only_a, only_b, 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return only_a, only_b, min(1.0, 2.0 * tail)
 
 
 def rank1(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_labels: torch.Tensor) -> float:

@@ -4,6 +4,10 @@
 concatenated into the input of up block n-i+1 (6 skips). Layer choices follow pix2pix's `UnetGenerator`:
 no BatchNorm on the first down block (it sees raw pixels) nor on the bottleneck block (BatchNorm over a 1x1
 map fails for batch size 1 in training), dropout 0.5 on the innermost up blocks, tanh output in [-1, 1].
+
+``residual=True`` adds one operation at the output: SR = clamp(input + U-Net(input), -1, 1), with the last layer
+initialised to zero, so an untrained generator *is* bicubic and training only has to learn the missing detail.
+The network is the paper's either way; the flag travels in the state dict (``_extra_state``).
 """
 
 from __future__ import annotations
@@ -51,13 +55,19 @@ class UNetGenerator(nn.Module):
     `dropout_blocks` innermost up blocks use dropout 0.5 (pix2pix: the first three decoder layers).
     """
 
-    def __init__(self, base_channels: int = 64, in_channels: int = 3, out_channels: int = 3, dropout_blocks: int = 3):
+    def __init__(
+        self, base_channels: int = 64, in_channels: int = 3, out_channels: int = 3, dropout_blocks: int = 3,
+        *, residual: bool = False,
+    ):  # fmt: skip
         super().__init__()
+        if residual and in_channels != out_channels:
+            raise ValueError("a residual output needs in_channels == out_channels")
         if base_channels < 1:
             raise ValueError(f"base_channels must be >= 1, got {base_channels}")
         if not 0 <= dropout_blocks < DEPTH:
             raise ValueError(f"dropout_blocks must be in [0, {DEPTH - 1}], got {dropout_blocks}")
         self.base_channels = base_channels
+        self.residual = residual
         widths = _widths(base_channels)
 
         self.down = nn.ModuleList()
@@ -77,15 +87,28 @@ class UNetGenerator(nn.Module):
         self.to_image = nn.Sequential(
             nn.ConvTranspose2d(2 * widths[0], out_channels, kernel_size=4, stride=2, padding=1), nn.Tanh()
         )
+        if residual:  # start as the identity map on the bicubic input
+            nn.init.zeros_(self.to_image[0].weight)
+            nn.init.zeros_(self.to_image[0].bias)
+
+    def get_extra_state(self) -> dict:
+        return {"residual": self.residual}
+
+    def set_extra_state(self, state: dict) -> None:
+        if bool(state.get("residual", False)) != self.residual:  # RuntimeError, like load_state_dict's own
+            raise RuntimeError(
+                f"state dict is for residual={state.get('residual')}, this UNetGenerator has residual={self.residual}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"UNetGenerator expects {IMAGE_SIZE}x{IMAGE_SIZE} inputs, got {tuple(x.shape[-2:])}")
-        skips = []
+        image, skips = x, []
         for block in self.down:
             x = block(x)
             skips.append(x)
         skips.pop()  # the bottleneck is the decoder's input, not a skip
         for block in self.up:
             x = torch.cat([block(x), skips.pop()], dim=1)
-        return self.to_image(x)
+        out = self.to_image(x)
+        return (image + out).clamp(-1.0, 1.0) if self.residual else out

@@ -248,7 +248,13 @@ class TrainConfig(BaseModel):
     base_channels: int = Field(64, ge=1, le=512, description="U-Net width (64 = paper).")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     beta: float = Field(5.0, ge=0, description="Weight of the pixel MSE: L = L_embedding + beta * L_pixel.")
+    embedding_loss: Literal["distance", "mse", "cosine", "none"] = Field(
+        "distance", description="L_embedding: distance (paper Eq. 2), mse (per element), cosine, none (pixel only)."
+    )
+    residual: bool = Field(True, description="SR = clamp(bicubic + U-Net(bicubic)), last layer zero-initialised.")
     lr: float = Field(2e-4, gt=0, le=1.0)
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant or cosine to 10 %.")
     storage: str | None = Field(None, description="Checkpoints: local path or s3:// (default $IPSR_HOME/runs).")
     experiment: str = Field("ipsr-train", min_length=1, description="MLflow experiment.")
     register_as: str = Field("ipsr-unet", min_length=1, description="Registered model name.")

@@ -9,7 +9,7 @@ Accepted specs
 a path
     A plain ``UNetGenerator`` state dict (``.pt``), a training ``state.pt`` (``{"generator": ...}``) or a
     training checkpoint directory holding one. Loaded with ``weights_only=True``; the width is read off the
-    first convolution.
+    first convolution, the residual flag off the state dict's ``_extra_state``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,10 @@ def _from_path(spec: str) -> LoadedGenerator:
     first = state.get("down.0.0.weight") if isinstance(state, dict) else None
     if not isinstance(first, torch.Tensor):
         raise UserError(f"model {spec!r}: not a UNetGenerator state dict (no down.0.0.weight)")
-    generator = UNetGenerator(base_channels=first.shape[0])
+    extra = state.get("_extra_state")  # UNetGenerator.get_extra_state(); absent before residual outputs existed
+    generator = UNetGenerator(base_channels=first.shape[0], residual=bool(isinstance(extra, dict) and extra.get("residual")))
+    if extra is None:
+        state = {**state, "_extra_state": {"residual": False}}
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:

@@ -117,6 +117,7 @@ def run_quickstart(
     )  # fmt: skip
     print_summary(evaluation)
     timings["evaluate"] = time.perf_counter() - t
+    served = _verdict(console, evaluation["promotion"])
 
     summary: dict[str, Any] = {
         "data": str(data), "aligned": str(aligned), "manifest_counts": manifest["counts"], "train": trained,
@@ -127,12 +128,31 @@ def run_quickstart(
     # 5. serve
     if serve:
         t = stage("4/5 serve", f"Ray Serve: enrol the test identities, identify {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes")
-        summary["serve"] = _serve_demo(aligned, out, stamp, identity_weights, port, keep_serving, console)
+        summary["serve"] = _serve_demo(aligned, out, stamp, identity_weights, port, keep_serving, console, served)
         timings["serve"] = time.perf_counter() - t
 
     stage("5/5 done", f"{sum(timings.values()):.0f} s")
     _where_to_look(console, summary, out)
     return summary
+
+
+def _verdict(console: Console, promotion: dict[str, Any]) -> str:
+    """Say plainly whether the new model beat bicubic; return the alias worth serving (champion when there is
+    one, else the candidate, with a warning that it is no better than bicubic)."""
+    from ipsr_platform import tracking
+
+    if promotion["promoted"]:
+        console.print(f"[bold green]the new model beats bicubic[/] and is now {REGISTERED_NAME}@champion ({promotion['why']})")
+        return tracking.CHAMPION
+    console.print(f"[bold yellow]the new model was not promoted[/]: {promotion['why']}")
+    if tracking.version_or_none(REGISTERED_NAME, tracking.CHAMPION) is not None:
+        console.print(f"serving the existing {REGISTERED_NAME}@champion instead")
+        return tracking.CHAMPION
+    console.print(
+        f"[bold yellow]warning[/]: no champion exists; serving {REGISTERED_NAME}@candidate for the demo only — it "
+        "is not better than plain bicubic upsampling (train longer: --max-steps, or on more faces)"
+    )
+    return tracking.CANDIDATE
 
 
 def _test_faces(aligned: Path) -> tuple[list[str], list[bytes], list[bytes]]:
@@ -160,7 +180,8 @@ def _small_crop(png: bytes) -> bytes:
 
 
 def _serve_demo(
-    aligned: Path, out: Path, stamp: str, identity_weights: str, port: int, keep_serving: bool, console: Console
+    aligned: Path, out: Path, stamp: str, identity_weights: str, port: int, keep_serving: bool, console: Console,
+    alias: str,
 ) -> dict[str, Any]:
     import os
 
@@ -173,7 +194,7 @@ def _serve_demo(
     token = os.environ.get(serving.TOKEN_ENV) or secrets.token_hex(24)
     os.environ[serving.TOKEN_ENV] = token
     cfg = ServeConfig(
-        generator=f"models:/{REGISTERED_NAME}@champion", port=port, identity_weights=identity_weights,
+        generator=f"models:/{REGISTERED_NAME}@{alias}", port=port, identity_weights=identity_weights,
         galleries=str(out / "galleries"),
     )  # fmt: skip
     url = serving.deploy(cfg, echo=console.print)
@@ -208,7 +229,7 @@ def _serve_demo(
         if keep_serving:
             console.print(f"serving at {url}/v1 (token in ${serving.TOKEN_ENV}; docs {url}/docs) — Ctrl-C stops")
             serving.wait_until_stopped()
-        return {"url": url, "gallery": gallery_name, "probes": len(names), "rank1": rank1}
+        return {"url": url, "gallery": gallery_name, "probes": len(names), "rank1": rank1, "alias": alias}
     finally:
         serving.undeploy()
 

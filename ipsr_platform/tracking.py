@@ -162,6 +162,24 @@ def set_alias(name: str, alias: str, version: str, uri: str | None = None) -> No
     client(uri).set_registered_model_alias(name, alias, version)
 
 
+def version_or_none(name: str, alias: str, uri: str | None = None):
+    """The ``ModelVersion`` behind ``name@alias``, None when the model or alias does not exist; any other registry
+    error (unreachable server, refused credentials) is a UserError: "unknown" must never read as "none"."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        missing = err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
+        )
+        if missing:
+            return None
+        raise UserError(
+            f"cannot read {name}@{alias} from the registry at {uri or tracking_uri()}: {str(err).splitlines()[0]}"
+        ) from None
+
+
 def version_for_alias(name: str, alias: str, uri: str | None = None):
     """The ``ModelVersion`` behind ``name@alias``; UserError when there is none."""
     from mlflow.exceptions import MlflowException

@@ -4,15 +4,16 @@ For one protocol (ipsr_platform/protocols.py: AR, SCface, LFW or any identity-fo
 ``hr`` (the upper bound, synthetic protocols only), ``bicubic`` and each generator given — is scored with every
 recognizer: the FaceNet the generator was trained through, and SFace, an independent network, so that a
 generator that merely fools its own loss network shows up as a FaceNet-only gain. Per (recognizer, method,
-column) the CMC up to ``max_rank`` (or the gallery size); rank-1 is its first entry.
+column) the rank of each probe's identity: rank-1 with its 95 % Wilson interval, an exact McNemar test of every
+generator against bicubic on the same probes, and the CMC up to ``max_rank`` (or the gallery size).
 
 Outputs (written to a temporary folder, then renamed into place): ``table.md`` (rows = methods, columns =
 sizes or distance groups, one table per recognizer, like the paper's), ``results.csv`` (long form with rank-1/5/10),
 ``cmc.png`` (a panel per recognizer and column), ``samples_<column>.png`` (HR | bicubic | each model) and
 ``results.json``. Everything is logged to an MLflow run in ``--experiment``; registered versions that were
 evaluated get the run id and their mean rank-1 as tags. ``--promote`` moves ``champion`` to ``candidate`` when
-the candidate's mean rank-1 over the columns with ``--promote-recognizer`` beats the champion's, and writes why
-into the version's description and tags.
+the candidate's mean rank-1 over the columns with ``--promote-recognizer`` beats bicubic's and the champion's,
+and writes why into the version's description and tags.
 
 No Ray here: evaluation sets are small (ORL 40 probes, AR 100 subjects, SCface 130, LFW ~7.5k probes), the work is
 a few thousand forward passes in one process, and streaming the probes in batches keeps memory flat; tasks would
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from ipsr_model.degradation import degrade
 from ipsr_model.errors import UserError
-from ipsr_model.metrics import cmc, cosine_similarity
+from ipsr_model.metrics import cosine_similarity, mcnemar_exact, probe_ranks, wilson_interval
 from ipsr_platform.config import EvaluateConfig
 from ipsr_platform.protocols import Protocol, scface_protocol, synthetic_protocol
 
@@ -97,7 +98,7 @@ def model_specs(config: EvaluateConfig, uri: str) -> list[str]:
     specs = list(config.models)
     if config.promote:
         specs.append(f"models:/{config.register_as}@{tracking.CANDIDATE}")
-        if _version_or_none(config.register_as, tracking.CHAMPION, uri) is not None:
+        if tracking.version_or_none(config.register_as, tracking.CHAMPION, uri) is not None:
             specs.append(f"models:/{config.register_as}@{tracking.CHAMPION}")
     return specs
 
@@ -133,11 +134,11 @@ def evaluate(
     recognizers: dict[str, Embedder],
     *,
     batch_size: int = 32,
-    max_rank: int = 100,
     concat_bicubic: bool = False,
     grid_faces: int = 0,
 ) -> tuple[dict[tuple[str, str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """CMC per (recognizer, method label, column) and, per column, sample images per method (first faces).
+    """Per (recognizer, method label, column) the rank of every probe's true identity (0 = rank-1 hit; the CMC,
+    intervals and paired tests all derive from it) and, per column, sample images per method (first faces).
 
     With ``concat_bicubic`` a generator's probe embedding is [bicubic ; SR] (each L2-normalised) and its gallery
     embedding [HR ; HR] (SCface protocol 2: [bicubic ; SR] of the gallery too), as the paper does for SCface.
@@ -185,33 +186,73 @@ def evaluate(
                 else:
                     embeddings = torch.cat(probes[rec_name, method.label])
                 similarity = cosine_similarity(embeddings, gallery[rec_name, method.label])
-                results[rec_name, method.label, column.name] = cmc(
-                    similarity, column.labels, protocol.gallery_labels, max_rank=max_rank
+                results[rec_name, method.label, column.name] = probe_ranks(
+                    similarity, column.labels, protocol.gallery_labels
                 )
     return results, samples
+
+
+def cmc_curve(ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """Entry k-1: the fraction of probes whose identity is in the top k."""
+    return (ranks[:, None] < torch.arange(1, max_rank + 1)[None, :]).float().mean(0)
 
 
 def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, float]]:
     """method → column → rank-1, plus the mean over the columns."""
     table = {}
     for method in methods:
-        row = {c: float(results[recognizer, method.label, c][0]) for c in columns}
+        row = {c: float((results[recognizer, method.label, c] == 0).float().mean()) for c in columns}
         row["mean"] = sum(row.values()) / len(columns)
         table[method.label] = row
     return table
 
 
+def statistics(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, dict]]:
+    """method → column → {hits, n, ci95 (Wilson), and for generators vs bicubic on the same probes: only_model,
+    only_bicubic, p (exact McNemar)}. The mean over columns gets no interval: its columns share the probes."""
+    stats: dict[str, dict[str, dict]] = {}
+    for method in methods:
+        row = {}
+        for column in columns:
+            hits = results[recognizer, method.label, column] == 0
+            cell = {"hits": int(hits.sum()), "n": len(hits), "ci95": wilson_interval(int(hits.sum()), len(hits))}
+            if method.restore is not None:
+                only_model, only_bicubic, p = mcnemar_exact(hits, results[recognizer, BICUBIC, column] == 0)
+                cell |= {"only_model": only_model, "only_bicubic": only_bicubic, "p_vs_bicubic": p}
+            row[column] = cell
+        stats[method.label] = row
+    return stats
+
+
+def format_cell(rank1: float, cell: dict | None) -> str:
+    """'0.744 ±0.09' (half-width of the 95 % interval); '*' better / '†' worse than bicubic at p < 0.05."""
+    if cell is None:
+        return f"{rank1:.3f}"
+    low, high = cell["ci95"]
+    text = f"{rank1:.3f} ±{(high - low) / 2:.2f}"
+    if cell.get("p_vs_bicubic", 1.0) < 0.05:
+        text += "*" if cell["only_model"] > cell["only_bicubic"] else "†"
+    return text
+
+
+SIGNIFICANCE_NOTE = (
+    "Cells: rank-1 ±half-width of its 95 % Wilson interval over the probes; * = better, † = worse than bicubic "
+    "on the same probes (exact McNemar test, p < 0.05)."
+)
+
+
 # --------------------------------------------------------------------------------------------------- outputs
 
 
-def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, methods: list[Method]) -> str:
+def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, stats: dict, methods: list[Method]) -> str:
     columns = [c.name for c in protocol.columns] + ["mean"]
-    lines = [f"# ipsr evaluate — {protocol.name} on {config.data}", "", protocol.note, ""]
+    lines = [f"# ipsr evaluate — {protocol.name} on {config.data}", "", protocol.note, "", SIGNIFICANCE_NOTE, ""]
     for rec_name, table in tables.items():
         lines += [f"## Rank-1 — {RECOGNIZER_TITLES[rec_name]}", "", "| method | " + " | ".join(columns) + " |",
                   "|---|" + "---:|" * len(columns)]  # fmt: skip
         for label, row in table.items():
-            lines.append(f"| {label} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+            cells = (format_cell(row[c], stats[rec_name][label].get(c)) for c in columns)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     models = [m for m in methods if m.restore is not None]
     if models:
@@ -221,18 +262,25 @@ def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, methods:
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, protocol: Protocol, results: dict, methods: list[Method]) -> None:
+def _write_csv(path: Path, protocol: Protocol, results: dict, stats: dict, methods: list[Method]) -> None:
     spec = {m.label: m.spec for m in methods}
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["protocol", "recognizer", "method", "spec", "column", "rank1", "rank5", "rank10", "probes"])
-        for (rec_name, label, column), curve in results.items():
-            at = [float(curve[min(k, len(curve)) - 1]) for k in (1, 5, 10)]
-            n = next(len(c.labels) for c in protocol.columns if c.name == column)
-            writer.writerow([protocol.name, rec_name, label, spec[label], column, *(f"{v:.4f}" for v in at), n])
+        writer.writerow(["protocol", "recognizer", "method", "spec", "column", "rank1", "rank5", "rank10", "probes",
+                         "rank1_ci95_low", "rank1_ci95_high", "only_model", "only_bicubic", "p_vs_bicubic"])  # fmt: skip
+        for (rec_name, label, column), ranks in results.items():
+            at = [float((ranks < k).float().mean()) for k in (1, 5, 10)]
+            cell = stats[rec_name][label][column]
+            paired = [cell.get(k, "") for k in ("only_model", "only_bicubic")] + [
+                f"{cell['p_vs_bicubic']:.4g}" if "p_vs_bicubic" in cell else ""
+            ]
+            writer.writerow([protocol.name, rec_name, label, spec[label], column, *(f"{v:.4f}" for v in at),
+                             len(ranks), *(f"{v:.4f}" for v in cell["ci95"]), *paired])  # fmt: skip
 
 
-def _plot_cmc(path: Path, protocol: Protocol, results: dict, recognizers: list[str], methods: list[Method]) -> None:
+def _plot_cmc(
+    path: Path, protocol: Protocol, results: dict, recognizers: list[str], methods: list[Method], max_rank: int
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -247,7 +295,7 @@ def _plot_cmc(path: Path, protocol: Protocol, results: dict, recognizers: list[s
         for j, column in enumerate(columns):
             ax = axes[i][j]
             for method in methods:
-                curve = results[rec_name, method.label, column].numpy()
+                curve = cmc_curve(results[rec_name, method.label, column], max_rank).numpy()
                 ax.plot(range(1, len(curve) + 1), curve, label=method.label, linestyle="--" if method.label == HR else "-")
             ax.set_title(f"{rec_name} · {column}", fontsize=9)
             ax.set_ylim(0, 1.02)
@@ -274,16 +322,17 @@ def _save_grid(path: Path, images: list[torch.Tensor]) -> None:
     to_pil(grid[None])[0].save(path)
 
 
-def write_outputs(out: Path, protocol, config, methods, results, samples, tables) -> None:
-    (out / "table.md").write_text(_markdown(protocol, config, tables, methods))
-    _write_csv(out / "results.csv", protocol, results, methods)
-    _plot_cmc(out / "cmc.png", protocol, results, list(tables), methods)
+def write_outputs(out: Path, protocol, config, methods, results, samples, tables, stats) -> None:
+    max_rank = min(config.max_rank, len(protocol.gallery_labels.unique()))
+    (out / "table.md").write_text(_markdown(protocol, config, tables, stats, methods))
+    _write_csv(out / "results.csv", protocol, results, stats, methods)
+    _plot_cmc(out / "cmc.png", protocol, results, list(tables), methods, max_rank)
     for column, images in samples.items():
         _save_grid(out / f"samples_{column}.png", images)
     payload = {
         "protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
-        "methods": {m.label: m.spec for m in methods}, "rank1": tables,
-        "cmc": {f"{r}/{m}/{c}": v.tolist() for (r, m, c), v in results.items()},
+        "methods": {m.label: m.spec for m in methods}, "rank1": tables, "statistics": stats,
+        "cmc": {f"{r}/{m}/{c}": cmc_curve(v, max_rank).tolist() for (r, m, c), v in results.items()},
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 
@@ -298,42 +347,57 @@ def _default_output(protocol: str) -> Path:
 # ------------------------------------------------------------------------------------------------- registry
 
 
-def _version_or_none(name: str, alias: str, uri: str):
-    from ipsr_platform import tracking
+def promotion_decision(
+    candidate: tuple[str, float], bicubic: float, champion: tuple[str, float] | None, metric: str
+) -> tuple[bool, str]:
+    """Whether the candidate ``(name, score)`` may become champion, and why: it must beat bicubic on the same
+    evaluation (a model worse than its own input is never served as the best one) and the current champion
+    ``(name, score)``, if any; ties keep what is there."""
+    (name, score) = candidate
+    if score <= bicubic:
+        return False, f"{metric}: {name} {score:.4f} does not beat bicubic {bicubic:.4f}"
+    if champion is None:
+        return True, f"no champion yet; {metric}: {name} {score:.4f} beats bicubic {bicubic:.4f}"
+    verdict = "beats" if score > champion[1] else "does not beat"
+    return score > champion[1], f"{metric}: {name} {score:.4f} {verdict} {champion[0]} {champion[1]:.4f} (bicubic {bicubic:.4f})"
 
-    try:
-        return tracking.version_for_alias(name, alias, uri)
-    except UserError:
-        return None
 
-
-def promote(config: EvaluateConfig, protocol: Protocol, tables: dict, methods: list[Method], run_id: str, uri: str) -> dict:
-    """Move ``champion`` to ``candidate`` when the candidate's mean rank-1 (promotion recognizer) is higher."""
+def promote(
+    config: EvaluateConfig, protocol: Protocol, tables: dict, methods: list[Method], versions: dict[str, str],
+    run_id: str, uri: str,
+) -> dict:
+    """Move ``champion`` to ``candidate`` when ``promotion_decision`` allows it (``--promote-recognizer``'s mean
+    rank-1). ``versions``: spec → registered version of every model loaded. Fails closed: a registry error, or a
+    champion that moved while this evaluation ran, stops it."""
     from ipsr_platform import tracking
 
     name, rec_name = config.register_as, config.promote_recognizer
-    by_version = {m.model.version: m for m in methods if m.model is not None and m.model.name == name}
-    candidate = tracking.version_for_alias(name, tracking.CANDIDATE, uri)
-    champion = _version_or_none(name, tracking.CHAMPION, uri)
+    label = {m.model.version: m.label for m in methods if m.model is not None and m.model.name == name}
+    # The versions compared are the ones this evaluation loaded (model_specs), not whatever the aliases say now.
+    cand_v = versions[f"models:/{name}@{tracking.CANDIDATE}"]
+    champ_v = versions.get(f"models:/{name}@{tracking.CHAMPION}")
     metric = f"mean rank-1 over {protocol.name} {', '.join(c.name for c in protocol.columns)} with {rec_name}"
-    score = tables[rec_name][by_version[str(candidate.version)].label]["mean"]
-    decision = {"metric": metric, "candidate": str(candidate.version), "candidate_score": score}
-    if champion is None:
-        promoted, why = True, f"no champion yet; {metric} = {score:.4f}"
-    elif str(champion.version) == str(candidate.version):
-        promoted, why = False, f"candidate v{candidate.version} already is the champion"
+    table = tables[rec_name]
+    score, bicubic = table[label[cand_v]]["mean"], table[BICUBIC]["mean"]
+    decision = {"metric": metric, "candidate": cand_v, "candidate_score": score, "bicubic_score": bicubic}
+    if champ_v == cand_v:
+        promoted, why = False, f"candidate v{cand_v} already is the champion"
     else:
-        best = tables[rec_name][by_version[str(champion.version)].label]["mean"]
-        decision |= {"champion": str(champion.version), "champion_score": best}
-        promoted = score > best  # strictly better: a tie keeps the serving model
-        why = f"{metric}: candidate v{candidate.version} {score:.4f} vs champion v{champion.version} {best:.4f}"
+        rival = (f"champion v{champ_v}", table[label[champ_v]]["mean"]) if champ_v else None
+        promoted, why = promotion_decision((f"candidate v{cand_v}", score), bicubic, rival, metric)
+        decision |= {"champion": champ_v, "champion_score": rival[1]} if rival else {}
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    client = tracking.client(uri)
     if promoted:
-        tracking.set_alias(name, tracking.CHAMPION, str(candidate.version), uri)
-        client.update_model_version(name, str(candidate.version), description=f"Promoted to champion {stamp} "
-                                    f"(evaluation run {run_id}): {why}.")  # fmt: skip
-    tracking.tag_version(name, str(candidate.version), {
+        now = tracking.version_or_none(name, tracking.CHAMPION, uri)
+        if (str(now.version) if now is not None else None) != champ_v:
+            raise UserError(
+                f"{name}@{tracking.CHAMPION} moved to v{now.version if now else '-'} while this evaluation compared "
+                f"against v{champ_v or '-'}; not promoting — evaluate again"
+            )
+        tracking.set_alias(name, tracking.CHAMPION, cand_v, uri)
+        tracking.client(uri).update_model_version(name, cand_v, description=f"Promoted to champion {stamp} "
+                                                  f"(evaluation run {run_id}): {why}.")  # fmt: skip
+    tracking.tag_version(name, cand_v, {
         "promotion": ("promoted: " if promoted else "not promoted: ") + why, "promotion_eval_run_id": run_id,
     }, uri)  # fmt: skip
     return decision | {"promoted": promoted, "why": why}
@@ -358,16 +422,17 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     methods = load_methods(protocol, loaded)
     recognizers = build_recognizers(config)
     results, samples = evaluate(
-        protocol, methods, recognizers, batch_size=config.batch_size, max_rank=config.max_rank,
-        concat_bicubic=config.concat, grid_faces=config.grid_faces,
+        protocol, methods, recognizers, batch_size=config.batch_size, concat_bicubic=config.concat,
+        grid_faces=config.grid_faces,
     )  # fmt: skip
     columns = [c.name for c in protocol.columns]
     tables = {r: rank1_table(results, r, methods, columns) for r in recognizers}
+    stats = {r: statistics(results, r, methods, columns) for r in recognizers}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        write_outputs(staging, protocol, config, methods, results, samples, tables)
+        write_outputs(staging, protocol, config, methods, results, samples, tables, stats)
         os.replace(staging, out)  # the folder appears complete or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -396,7 +461,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             if model.version:  # link the version to this evaluation (DESIGN: versions carry an eval summary)
                 summary = {f"eval.{protocol.name}.{r}.mean_rank1": f"{tables[r][label]['mean']:.4f}" for r in tables}
                 tracking.tag_version(model.name, model.version, summary | {f"eval.{protocol.name}.run_id": run_id}, uri)
-        decision = promote(config, protocol, tables, methods, run_id, uri) if config.promote else None
+        versions = {g.spec: g.version for g in loaded}
+        decision = promote(config, protocol, tables, methods, versions, run_id, uri) if config.promote else None
         if decision:
             client.set_tag(run_id, "ipsr.promotion", json.dumps(decision))
     except BaseException:
@@ -404,7 +470,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         raise
     tracking.set_run_status(run_id, "FINISHED", uri)
     return {
-        "protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables,
+        "protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables, "statistics": stats,
         "methods": {m.label: m.spec for m in methods}, "output": str(out), "mlflow_run_id": run_id,
         "promotion": decision, "seconds": time.perf_counter() - started,
     }  # fmt: skip
@@ -421,9 +487,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         view.add_column("method")
         for column in [*summary["columns"], "mean"]:
             view.add_column(column, justify="right")
+        cells = summary["statistics"][rec_name]
         for label, row in table.items():
-            view.add_row(label, *(f"{row[c]:.3f}" for c in [*summary["columns"], "mean"]))
+            view.add_row(label, *(format_cell(row[c], cells[label].get(c)) for c in [*summary["columns"], "mean"]))
         console.print(view)
+    console.print(SIGNIFICANCE_NOTE)
     console.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
     if summary["promotion"]:
         p = summary["promotion"]

@@ -42,7 +42,7 @@ from PIL import Image
 
 from ipsr_model.degradation import MultiScaleDegradation, degrade, parse_size
 from ipsr_model.errors import UserError
-from ipsr_model.losses import IdentityPreservingLoss, LossTerms
+from ipsr_model.losses import IdentityPreservingLoss
 from ipsr_platform import cluster
 from ipsr_platform.config import TrainConfig
 from ipsr_platform.storage import Storage, join, normalize
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 RUN_RECORD = "ipsr_run.json"
 STATE_FILE = "state.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: + the learning-rate scheduler state
 SCORE = "val_rank1"  # mean model rank-1 over the val sizes: the checkpoint score (CheckpointConfig)
 NO_SCORE = -1.0  # step checkpoints carry no validation: they rank below every validated one
 REQUIRED_COLUMNS = ("image", "identity", "label", "split", "source")
@@ -176,36 +176,6 @@ def train_dataset(data: DatasetInfo):
     return ds.map_batches(decode_batch, batch_format="numpy", batch_size=128)
 
 
-# --------------------------------------------------------------------------------------- one training step
-
-
-def train_step(
-    model: torch.nn.Module,
-    loss_fn: IdentityPreservingLoss,
-    optimizer: torch.optim.Optimizer,
-    hr: torch.Tensor,
-    degradation: MultiScaleDegradation,
-    rng: torch.Generator | None,
-    autocast_dtype: torch.dtype | None = None,
-) -> LossTerms:
-    """``ipsr_model.training.training_step`` with an optional autocast region (GPU bf16).
-
-    Degradation stays in float32 (antialiased bicubic has no bf16 kernel on CPU, and the LR input is the
-    experiment's definition); the generator and FaceNet run under autocast, the SR face enters the identity net
-    in float32 (its 160×160 resize is float32 too), and backward runs outside autocast.
-    """
-    model.train()
-    with torch.no_grad():
-        lr, _ = degradation(hr, rng)
-    with torch.autocast(hr.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        sr = model(lr)
-        terms = loss_fn(sr.float(), hr)
-    optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
-    optimizer.step()
-    return terms
-
-
 # ------------------------------------------------------------------------------------------- worker side
 
 
@@ -291,7 +261,7 @@ def _train_loop(loop_config: dict) -> None:
     from ray.air.integrations.mlflow import setup_mlflow
 
     from ipsr_model.identity import IdentityNet
-    from ipsr_model.training import make_optimizer
+    from ipsr_model.training import grad_shares, make_optimizer, make_scheduler, training_step
     from ipsr_model.unet import UNetGenerator
 
     config = TrainConfig.model_validate(loop_config["config"])
@@ -311,8 +281,11 @@ def _train_loop(loop_config: dict) -> None:
             f"worker {rank} loaded identity weights {identity_net.weights_sha256[:12]}…, the driver "
             f"{plan['identity_net_sha256'][:12]}…: the '{config.identity_weights}' cache differs between nodes"
         )
-    generator = UNetGenerator(config.base_channels).to(device, memory_format=memory_format)
-    optimizer = make_optimizer(generator, config.lr)
+    generator = UNetGenerator(config.base_channels, residual=config.residual).to(device, memory_format=memory_format)
+    optimizer = make_optimizer(generator, config.lr, fused=True if cuda else None)
+    scheduler = make_scheduler(
+        optimizer, total_steps=plan["total_steps"], warmup_steps=config.lr_warmup_steps, schedule=config.lr_schedule
+    )
     degrade_rng = torch.Generator(device=device)
 
     step = 0
@@ -323,6 +296,7 @@ def _train_loop(loop_config: dict) -> None:
         generator.load_state_dict(state["generator"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
+        scheduler.load_state_dict(state["scheduler"])
         rngs = state.get("rng") or []
         if len(rngs) == world:
             _set_rng_state(rngs[rank], device, degrade_rng)
@@ -335,7 +309,7 @@ def _train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(generator, move_to_device=False)  # DDP over workers when world > 1
     if config.compile:
         model = torch.compile(model)
-    loss_fn = IdentityPreservingLoss(identity_net, beta=config.beta)
+    loss_fn = IdentityPreservingLoss(identity_net, beta=config.beta, embedding_loss=config.embedding_loss)
     degradation = MultiScaleDegradation()
     steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
 
@@ -370,6 +344,7 @@ def _train_loop(loop_config: dict) -> None:
                     "format": CHECKPOINT_FORMAT,
                     "generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
                     "step": step,
                     "epoch": step // steps_per_epoch,
                     "steps_per_epoch": steps_per_epoch,
@@ -403,7 +378,7 @@ def _train_loop(loop_config: dict) -> None:
             )
         )
         # Loss sums stay on the device between log steps: no host sync per step.
-        window_start, window_steps, window_sums = time.perf_counter(), 0, torch.zeros(3, device=device)
+        window_start, window_steps, window_sums = time.perf_counter(), 0, torch.zeros(5, device=device)
         paused = 0.0  # seconds of validation and checkpointing inside the window: not training throughput
         try:
             for _ in range(todo):
@@ -415,10 +390,14 @@ def _train_loop(loop_config: dict) -> None:
                         f"{epoch + 1}, expected {steps_per_epoch}"
                     ) from None
                 hr = to_images(batch["hr"], memory_format)
-                terms = train_step(model, loss_fn, optimizer, hr, degradation, degrade_rng, autocast_dtype)
+                stats = training_step(
+                    model, loss_fn, optimizer, hr, degradation, degrade_rng, autocast_dtype=autocast_dtype,
+                    scheduler=scheduler,
+                )  # fmt: skip
                 step += 1
                 window_steps += 1
-                window_sums += torch.stack([terms.total, terms.embedding, terms.pixel]).detach().float()
+                shares = grad_shares(stats.grad_embedding, stats.grad_pixel)
+                window_sums += torch.stack([stats.total, stats.embedding, stats.pixel, *shares]).float()
                 epoch_end = step % steps_per_epoch == 0 or step == total_steps
                 if step % config.log_every == 0 or epoch_end:
                     means = _mean_over_workers(window_sums, window_steps)
@@ -429,6 +408,10 @@ def _train_loop(loop_config: dict) -> None:
                                 "loss/total": means[0],
                                 "loss/embedding": means[1],
                                 "loss/pixel": means[2],
+                                # share of the gradient entering the generator that each term contributes
+                                "grad_share/embedding": means[3],
+                                "grad_share/pixel": means[4],
+                                "lr": scheduler.get_last_lr()[0],
                                 "throughput/img_per_s": world * config.batch_size * window_steps / elapsed,
                                 "epoch": step / steps_per_epoch,
                             },
@@ -685,6 +668,8 @@ def _log_and_register(
         tracking.TAG_GIT_COMMIT: tracking.git_commit(),
         "run_name": config.run_name,
         "steps": str(state["step"]),
+        "embedding_loss": config.embedding_loss,
+        "residual": str(config.residual),
         **{k: f"{v:.4f}" for k, v in state["metrics"].items() if k.startswith("val")},
     }
     client = tracking.client(uri)
@@ -697,7 +682,7 @@ def _log_and_register(
         tracking.set_alias(config.register_as, tracking.CANDIDATE, version, uri)
         return version
 
-    generator = UNetGenerator(config.base_channels)
+    generator = UNetGenerator(config.base_channels, residual=config.residual)
     generator.load_state_dict(state["generator"])
     generator.eval()
     # A realistic input: two val faces degraded to the first val size (batch 2 keeps the batch dim dynamic).

@@ -127,7 +127,15 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 * 3 * len(sizes) and {r["method"] for r in rows} == {"hr", "bicubic", "tiny_unet"}
-    assert "| bicubic |" in (out / "table.md").read_text()
+    for row in rows:  # every cell has its interval; every model row its paired test against bicubic
+        assert float(row["rank1_ci95_low"]) <= float(row["rank1"]) <= float(row["rank1_ci95_high"]), row
+        assert (row["p_vs_bicubic"] != "") == (row["method"] == "tiny_unet"), row
+    cell = summary["statistics"]["sface"]["tiny_unet"]["11x8"]
+    bicubic_hits = summary["statistics"]["sface"]["bicubic"]["11x8"]["hits"]
+    assert cell["hits"] - bicubic_hits == cell["only_model"] - cell["only_bicubic"]  # McNemar's discordant pairs
+    assert 0 < cell["p_vs_bicubic"] <= 1 and cell["n"] == 40
+    table = (out / "table.md").read_text()
+    assert "| bicubic |" in table and " ±0." in table and "McNemar" in table
     assert Image.open(out / "cmc.png").size[0] > 0 and Image.open(out / "samples_11x8.png").size[0] > 0
 
     run_data = tracking.client().get_run(summary["mlflow_run_id"])
@@ -137,8 +145,25 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     assert {"table.md", "results.csv", "cmc.png"} <= artifacts
 
 
-def test_promotion_moves_champion_only_for_a_better_candidate(home_with_weights, att_faces, trained, tmp_path):
-    """Registry round trip (pt2): first candidate → champion; a better one takes over; a worse one does not."""
+def test_promotion_decision_needs_bicubic_and_the_champion_beaten():
+    from jobs.evaluate import promotion_decision
+
+    metric = "mean rank-1"
+    assert promotion_decision(("candidate v2", 0.70), 0.70, None, metric) == (
+        False, "mean rank-1: candidate v2 0.7000 does not beat bicubic 0.7000")  # fmt: skip
+    promoted, why = promotion_decision(("candidate v2", 0.71), 0.70, None, metric)
+    assert promoted and "no champion yet" in why and "beats bicubic" in why
+    promoted, why = promotion_decision(("candidate v3", 0.75), 0.70, ("champion v2", 0.75), metric)
+    assert not promoted and "does not beat champion v2 0.7500" in why  # a tie keeps the serving model
+    promoted, why = promotion_decision(("candidate v3", 0.80), 0.70, ("champion v2", 0.75), metric)
+    assert promoted and "beats champion v2" in why
+    # Better than a poor champion is not enough when bicubic is better still.
+    assert not promotion_decision(("candidate v3", 0.60), 0.70, ("champion v2", 0.50), metric)[0]
+
+
+def test_promotion_never_serves_a_model_worse_than_bicubic(home_with_weights, att_faces, trained, tmp_path):
+    """Registry round trip (pt2), real evaluation: a candidate below bicubic is refused whether or not there is a
+    champion, and says why; the champion stays where it was."""
     from ipsr_model.unet import UNetGenerator
     from ipsr_platform import tracking
     from jobs.evaluate import run
@@ -147,36 +172,54 @@ def test_promotion_moves_champion_only_for_a_better_candidate(home_with_weights,
     untrained = UNetGenerator(base_channels=8).eval()  # random weights: garbage faces
     common = dict(data=str(att_faces), identities=UNSEEN, sizes="16x12,21x15", recognizers=("sface",), promote=True)
 
-    def evaluate(n: int) -> dict:
-        return run(config(**common, output=str(tmp_path / f"eval{n}")))
-
     assert register(untrained) == "1"
-    first = evaluate(1)
-    assert first["promotion"]["promoted"] and "no champion" in first["promotion"]["why"]
-    assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "1"
+    first = run(config(**common, output=str(tmp_path / "eval1")))
+    decision = first["promotion"]
+    assert not decision["promoted"] and "does not beat bicubic" in decision["why"], decision
+    assert decision["candidate_score"] < decision["bicubic_score"]
+    assert tracking.version_or_none("ipsr-unet", "champion") is None
+    assert tracking.client().get_model_version("ipsr-unet", "1").tags["promotion"].startswith("not promoted")
 
     assert register(trained) == "2"
-    better = evaluate(2)
-    scores = better["rank1"]["sface"]
-    print("sface mean rank-1: trained", scores["ipsr-unet-v2"]["mean"], "untrained", scores["ipsr-unet-v1"]["mean"])
-    assert better["promotion"]["promoted"], better["promotion"]
-    champion = tracking.version_for_alias("ipsr-unet", "champion")
-    assert str(champion.version) == "2"
-    assert "candidate v2" in champion.description and "champion v1" in champion.description
-    assert champion.tags["promotion"].startswith("promoted")
-    assert float(champion.tags["eval.ar.sface.mean_rank1"]) == pytest.approx(scores["ipsr-unet-v2"]["mean"], abs=1e-4)
-
+    tracking.set_alias("ipsr-unet", "champion", "2")  # an earlier promotion
     assert register(untrained) == "3"
-    worse = evaluate(3)
-    assert not worse["promotion"]["promoted"], worse["promotion"]
+    second = run(config(**common, output=str(tmp_path / "eval2")))
+    decision = second["promotion"]
+    assert not decision["promoted"] and decision["champion"] == "2" and "does not beat bicubic" in decision["why"]
     assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "2"
-    assert tracking.client().get_model_version("ipsr-unet", "3").tags["promotion"].startswith("not promoted")
+
+
+def test_promotion_fails_closed(home_with_weights, att_faces, monkeypatch):
+    """A registry that can't be read is not 'no champion', and a champion that moved during the evaluation
+    stops the alias move."""
+    from ipsr_model.unet import UNetGenerator
+    from ipsr_platform import tracking
+    from ipsr_platform.models import load_generator
+    from jobs.evaluate import BICUBIC, Method, build_protocol, promote
+
+    torch.manual_seed(0)
+    for _ in range(3):
+        register(UNetGenerator(base_channels=4).eval())
+    tracking.set_alias("ipsr-unet", "champion", "1")
+    loaded = [load_generator(f"models:/ipsr-unet@{alias}") for alias in ("candidate", "champion")]
+    methods = [Method(BICUBIC)] + [Method(m.label, m.module, m.spec, m) for m in loaded]
+    tables = {"sface": {BICUBIC: {"mean": 0.5}, "ipsr-unet-v3": {"mean": 0.9}, "ipsr-unet-v1": {"mean": 0.6}}}
+    versions = {m.spec: m.version for m in loaded}
+    protocol = build_protocol(config(data=str(att_faces), identities="s1,s2", sizes="16x12"))
+    tracking.set_alias("ipsr-unet", "champion", "2")  # someone promoted v2 meanwhile
+    with pytest.raises(UserError, match="moved to v2 while this evaluation compared against v1"):
+        promote(config(data="x", promote=True), protocol, tables, methods, versions, "run", tracking.tracking_uri())
+    assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "2"
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(UserError, match="cannot read ipsr-unet@champion from the registry at http://127.0.0.1:9"):
+        tracking.version_or_none("ipsr-unet", "champion", "http://127.0.0.1:9")  # nothing listens on port 9
 
 
 def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path):
     """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
     protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""
-    from jobs.evaluate import BICUBIC, Method, build_protocol, evaluate, rank1_table
+    from jobs.evaluate import BICUBIC, Method, build_protocol, cmc_curve, evaluate, rank1_table
     from ipsr_model.sface import SFaceNet
 
     root = tmp_path / "scface"
@@ -197,16 +240,16 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     protocol = build_protocol(cfg)
     assert [c.name for c in protocol.columns] == ["d1", "d2"] and not protocol.synthetic
     results, _ = evaluate(protocol, methods, recognizers, concat_bicubic=True)
-    for curve in results.values():
-        assert_valid_cmc(curve, gallery_size=10)
+    for ranks in results.values():
+        assert_valid_cmc(cmc_curve(ranks, 10), gallery_size=10)
     table = rank1_table(results, "sface", methods, ["d1", "d2"])
     assert table[BICUBIC]["d1"] <= table[BICUBIC]["d2"]  # closer camera, bigger faces, easier
 
     protocol2 = build_protocol(config(data=str(root), protocol="scface", gallery_group="d2"))
     assert protocol2.gallery_lr and [c.name for c in protocol2.columns] == ["d1"]
     results2, _ = evaluate(protocol2, methods, recognizers, concat_bicubic=True)
-    for curve in results2.values():
-        assert_valid_cmc(curve, gallery_size=10)
+    for ranks in results2.values():
+        assert_valid_cmc(cmc_curve(ranks, 10), gallery_size=10)
 
     lfw = build_protocol(config(data=str(att_faces), protocol="lfw", identities="s1,s2,s3"))
     assert [c.name for c in lfw.columns] == ["7x6", "14x12", "16x14", "18x16"]

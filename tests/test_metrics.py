@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from ipsr_model.metrics import cmc, cosine_similarity, leave_one_out_rank1, psnr, rank1, ssim
+from ipsr_model.metrics import (
+    cmc, cosine_similarity, leave_one_out_rank1, mcnemar_exact, probe_ranks, psnr, rank1, ssim, wilson_interval,
+)
 
 
 def test_cosine_similarity_is_chunk_invariant_and_scale_free():
@@ -61,3 +63,36 @@ def test_psnr_and_ssim():
     assert psnr(clean, clean) == float("inf") or psnr(clean, clean) > 80
     assert 20 < psnr(noisy, clean) < 30
     assert ssim(clean, clean) == pytest.approx(1.0, abs=1e-4) and ssim(noisy, clean) < 0.9
+
+
+def test_probe_ranks_agree_with_the_cmc():
+    similarity = torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.4, 0.5, 0.3]])
+    gallery, probes = torch.tensor([10, 20, 30]), torch.tensor([10, 30, 10])
+    ranks = probe_ranks(similarity, probes, gallery)
+    assert ranks.tolist() == [0, 2, 1]
+    assert torch.allclose(cmc(similarity, probes, gallery), (ranks[:, None] <= torch.arange(3)).float().mean(0))
+
+
+def test_wilson_interval_reference_values():
+    # By hand: centre (p + z²/2n) / (1 + z²/n) = 0.7344, half-width z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n) = 0.0888.
+    low, high = wilson_interval(67, 90)
+    assert low == pytest.approx(0.6456, abs=1e-4) and high == pytest.approx(0.8232, abs=2e-4)
+    assert wilson_interval(0, 90)[0] == 0.0 and 0 < wilson_interval(0, 90)[1] < 0.05
+    assert wilson_interval(90, 90)[1] == pytest.approx(1.0) and wilson_interval(90, 90)[0] > 0.95
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_exact_counts_only_discordant_probes():
+    a = torch.tensor([1, 1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)
+    b = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
+    assert mcnemar_exact(a, b) == (6, 0, pytest.approx(2 / 64))  # 6 discordant, all one way: 2 * 0.5**6
+    assert mcnemar_exact(b, a)[2] == pytest.approx(2 / 64)
+    only_a, only_b, p = mcnemar_exact(torch.tensor([1, 0, 1, 0]), torch.tensor([0, 1, 0, 1]))
+    assert (only_a, only_b, p) == (2, 2, 1.0)
+    assert mcnemar_exact(a, a)[2] == 1.0
+    # 10 vs 2 discordant: p = 2 * P(X <= 2 | n=12) = 2 * 79 / 4096
+    x = torch.tensor([1] * 10 + [0] * 2 + [1] * 5, dtype=torch.bool)
+    y = torch.tensor([0] * 10 + [1] * 2 + [1] * 5, dtype=torch.bool)
+    assert mcnemar_exact(x, y)[2] == pytest.approx(2 * 79 / 4096)
+    with pytest.raises(ValueError, match="shape"):
+        mcnemar_exact(a, b[:3])

@@ -332,7 +332,8 @@ def test_gpu_step_path_bf16_channels_last_runs_on_cpu(facenet_path):
     from ipsr_model.losses import IdentityPreservingLoss
     from ipsr_model.training import make_optimizer
     from ipsr_model.unet import UNetGenerator
-    from jobs.train import to_images, train_step
+    from ipsr_model.training import training_step
+    from jobs.train import to_images
 
     identity_net = IdentityNet(facenet_path).to(memory_format=torch.channels_last)
     generator = UNetGenerator(4).to(memory_format=torch.channels_last)
@@ -340,9 +341,9 @@ def test_gpu_step_path_bf16_channels_last_runs_on_cpu(facenet_path):
     hr = to_images(torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8), torch.channels_last)
     assert hr.is_contiguous(memory_format=torch.channels_last) and -1 <= hr.min() and hr.max() <= 1
     before = [p.detach().clone() for p in generator.parameters()]
-    terms = train_step(
+    terms = training_step(
         generator, IdentityPreservingLoss(identity_net), optimizer, hr, MultiScaleDegradation(),
-        torch.Generator().manual_seed(0), torch.bfloat16,
+        torch.Generator().manual_seed(0), autocast_dtype=torch.bfloat16,
     )  # fmt: skip
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms)
     assert all(p.dtype == torch.float32 for p in generator.parameters())

@@ -81,3 +81,39 @@ def test_bad_input_size_and_width():
 def test_paper_width_parameter_count():
     model = UNetGenerator(base_channels=64)
     assert sum(p.numel() for p in model.parameters()) == 41_829_571
+
+
+def test_residual_output_starts_as_its_input_and_says_so_in_its_state_dict(tmp_path):
+    """SR = clamp(input + U-Net(input)) with a zero last layer: an untrained residual generator *is* bicubic, the
+    paper's network inside is unchanged (same parameters), and the flag travels with the weights."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    residual = UNetGenerator(base_channels=4, residual=True).eval()
+    assert torch.equal(residual(x), x)
+    plain = UNetGenerator(base_channels=4).eval()
+    assert [p.shape for p in plain.parameters()] == [p.shape for p in residual.parameters()]
+    assert not torch.equal(plain(x), x)
+    torch.save(residual.state_dict(), tmp_path / "g.pt")
+    state = torch.load(tmp_path / "g.pt", weights_only=True)
+    assert state["_extra_state"] == {"residual": True}
+    UNetGenerator(base_channels=4, residual=True).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="residual=True"):
+        UNetGenerator(base_channels=4).load_state_dict(state)
+    # Trained away from zero, the residual output stays in range.
+    with torch.no_grad():
+        residual.to_image[0].weight.normal_(0, 1.0)
+    out = residual(x)
+    assert out.min() >= -1 and out.max() <= 1 and not torch.equal(out, x)
+
+
+def test_checkpoint_loader_reads_the_residual_flag(tmp_path):
+    from ipsr_platform.models import load_generator
+
+    torch.manual_seed(0)
+    generator = UNetGenerator(base_channels=4, residual=True).eval()
+    torch.save(generator.state_dict(), tmp_path / "res.pt")
+    loaded = load_generator(str(tmp_path / "res.pt")).module
+    assert loaded.residual and loaded.base_channels == 4
+    legacy = {k: v for k, v in UNetGenerator(base_channels=4).state_dict().items() if k != "_extra_state"}
+    torch.save(legacy, tmp_path / "old.pt")  # written before residual outputs existed
+    assert not load_generator(str(tmp_path / "old.pt")).module.residual
