@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics as stats
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ipsr_model.metrics import mcnemar_exact, wilson_interval
+from ipsr_model.metrics import mcnemar_exact
+from jobs.evaluate import format_cell, format_seed_cell
 
 HERE = Path(__file__).resolve().parent
 SIZES = "7x6,11x8,16x12,16x16,21x15,32x32"
@@ -32,6 +30,9 @@ ARMS = {
     "dist_res_jit": ("Eq. 2 + residual + view jitter (default)", ["--jitter", "0.05"], (0, 1, 2)),
     "none_res": ("pixel only + residual", ["--embedding-loss", "none"], (0, 1, 2)),
     "dist_res": ("Eq. 2 + residual", [], (0,)),
+    "dist_res_jit_wu": (
+        "Eq. 2 + residual + view jitter, 50 warm-up steps", ["--jitter", "0.05", "--warmup-steps", "50"], (0,)
+    ),
     "dist_res_jit_b50": ("Eq. 2 + residual + view jitter, β = 50", ["--jitter", "0.05", "--beta", "50"], (0,)),
     "mse_res": ("per-element MSE + residual", ["--embedding-loss", "mse"], (0,)),
     "dist_nores": ("Eq. 2, plain U-Net (paper)", ["--no-residual"], (0,)),
@@ -66,83 +67,54 @@ def path(args: argparse.Namespace, key: str, seed: int) -> Path:
 
 
 def evaluate_all(args: argparse.Namespace) -> dict:
+    """One `ipsr evaluate` pass (its own functions, no MLflow) over every run, each arm a seed group."""
     from ipsr_platform.config import EvaluateConfig
-    from ipsr_platform.models import load_generator
-    from jobs.evaluate import BICUBIC, build_protocol, build_recognizers, evaluate, load_methods
+    from jobs.evaluate import build_protocol, build_recognizers, evaluate, load_methods, load_models, seed_table, statistics
 
     config = EvaluateConfig(data=str(args.data), protocol="folder", identities=UNSEEN, sizes=SIZES)
     protocol = build_protocol(config)
-    runs = [(key, seed) for key, (_, _, seeds) in ARMS.items() for seed in seeds]
-    loaded = [load_generator(str(path(args, key, seed))) for key, seed in runs]
-    methods = load_methods(protocol, loaded)
+    specs = [f"{key}={path(args, key, seed)}" for key, (_, _, seeds) in ARMS.items() for seed in seeds]
+    methods = load_methods(protocol, load_models(specs))
     ranks, _ = evaluate(protocol, methods, build_recognizers(config))
     columns = [c.name for c in protocol.columns]
-    hits = {k: (v == 0) for k, v in ranks.items()}
     out: dict = {"columns": columns, "probes": len(protocol.columns[0].labels), "recognizers": {}}
     for rec in config.recognizers:
-        rows = {}
-        for label in ("hr", BICUBIC):
-            rows[label] = {c: cell([hits[rec, label, c]]) for c in columns}
-        for key, (title, _, seeds) in ARMS.items():
-            runs_hits = {c: [hits[rec, f"{key}_s{s}", c] for s in seeds] for c in columns}
-            rows[key] = {c: cell(h, hits[rec, BICUBIC, c]) for c, h in runs_hits.items()}
-            rows[key]["title"] = title
-        versus = {
-            c: [mcnemar_exact(hits[rec, f"{DEFAULT}_s{s}", c], hits[rec, f"{PIXEL}_s{s}", c])
-                for s in ARMS[DEFAULT][2] if s in ARMS[PIXEL][2]]
+        cells = statistics(ranks, rec, methods, columns)
+        versus = {  # the default against pixel-only, seed i against seed i, on the same probes
+            c: [mcnemar_exact(ranks[rec, f"{DEFAULT}.{i}", c] == 0, ranks[rec, f"{PIXEL}.{i}", c] == 0)
+                for i in range(1, 1 + min(len(ARMS[DEFAULT][2]), len(ARMS[PIXEL][2])))]
             for c in columns
         }  # fmt: skip
-        out["recognizers"][rec] = {"rows": rows, "default_vs_pixel": versus}
+        out["recognizers"][rec] = {"cells": cells, "groups": seed_table(cells, methods, columns), "default_vs_pixel": versus}
     return out
-
-
-def cell(runs: list[torch.Tensor], bicubic: torch.Tensor | None = None) -> dict:
-    """Rank-1 over seeds (mean, std), the Wilson interval of the pooled hits, McNemar vs bicubic per seed."""
-    rates = [float(h.float().mean()) for h in runs]
-    pooled = torch.cat(runs)
-    result = {
-        "rank1": stats.mean(rates), "std": stats.stdev(rates) if len(rates) > 1 else 0.0, "seeds": rates,
-        "ci95": wilson_interval(int(pooled.sum()), len(pooled)),
-    }  # fmt: skip
-    if bicubic is not None:
-        result["vs_bicubic"] = [mcnemar_exact(h, bicubic) for h in runs]
-    return result
 
 
 def markdown(result: dict) -> str:
     columns = result["columns"]
     lines = [
-        f"Unseen ORL s31–s40, {result['probes']} probes per size. Cell: rank-1 (mean ± std over seeds when several) "
-        "and the 95 % Wilson interval (of all seeds' probes pooled); `*` better / `†` worse than bicubic with exact "
-        "McNemar p < 0.05 in *every* seed; p-values per seed in ablation.json.", "",
+        f"Unseen ORL s31–s40, {result['probes']} probes per size. Cell: rank-1 ±half-width of its 95 % Wilson "
+        "interval for bicubic and one-seed arms; mean ± std over seeds for three-seed arms. `*` better / `†` worse "
+        "than bicubic on the same probes, exact McNemar p < 0.05 (in *every* seed for three-seed arms); all "
+        "p-values in ablation.json.", "",
     ]  # fmt: skip
     for rec, block in result["recognizers"].items():
         lines += [f"**{ {'facenet': 'FaceNet (in the loss)', 'sface': 'SFace (independent)'}[rec] }**", "",
                   "| method | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]  # fmt: skip
-        for key, row in block["rows"].items():
-            title = row.get("title", key)
-            n = len(row[columns[0]]["seeds"])
-            lines.append(f"| {title} | {n} | " + " | ".join(format_cell(row[c]) for c in columns) + " |")
+        for label in ("hr", "bicubic"):
+            cells = block["cells"][label]
+            lines.append(f"| {label} | – | " + " | ".join(format_cell(c["hits"] / c["n"], c) for c in cells.values()) + " |")
+        for key, (title, _, seeds) in ARMS.items():
+            if len(seeds) > 1:
+                row = " | ".join(format_seed_cell(block["groups"][key][c]) for c in columns)
+            else:
+                cells = block["cells"][f"{key}.1"]
+                row = " | ".join(format_cell(cells[c]["hits"] / cells[c]["n"], cells[c]) for c in columns)
+            lines.append(f"| {title} | {len(seeds)} | {row} |")
         lines.append("")
-        comparisons = []
-        for c in columns:
-            tests = block["default_vs_pixel"][c]
-            comparisons.append(f"{c}: " + ", ".join(f"{a}/{b} p={p:.3g}" for a, b, p in tests))
-        lines += [f"Default vs pixel-only, probes only the default / only pixel-only gets right, per seed — "
+        comparisons = [f"{c}: " + ", ".join(f"{a}/{b} p={p:.2g}" for a, b, p in block["default_vs_pixel"][c]) for c in columns]
+        lines += ["Default vs pixel-only (probes only the default / only pixel-only gets right, p), seed by seed — "
                   + "; ".join(comparisons), ""]  # fmt: skip
     return "\n".join(lines)
-
-
-def format_cell(cell: dict) -> str:
-    low, high = cell["ci95"]
-    text = f"{cell['rank1']:.3f}" + (f" ±{cell['std']:.3f}" if len(cell["seeds"]) > 1 else "")
-    text += f" [{low:.2f}, {high:.2f}]"
-    tests = cell.get("vs_bicubic", [])
-    if tests and all(p < 0.05 for _, _, p in tests):
-        better = all(a > b for a, b, _ in tests)
-        worse = all(a < b for a, b, _ in tests)
-        text += "*" if better else "†" if worse else ""
-    return text
 
 
 def main() -> None:

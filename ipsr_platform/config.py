@@ -252,6 +252,9 @@ class TrainConfig(BaseModel):
         "distance", description="L_embedding: distance (paper Eq. 2), mse (per element), cosine, none (pixel only)."
     )
     residual: bool = Field(True, description="SR = clamp(bicubic + U-Net(bicubic)), last layer zero-initialised.")
+    identity_jitter: float = Field(
+        0.05, ge=0, lt=0.5, description="FaceNet sees SR/HR pairs under one random shift/scale/flip of this size."
+    )
     lr: float = Field(2e-4, gt=0, le=1.0)
     lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant or cosine to 10 %.")

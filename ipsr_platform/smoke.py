@@ -83,7 +83,7 @@ def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: i
     started = time.perf_counter()
     bicubic = degraded_rank1(identity_net, gallery, labels, probes, labels, AR_SIZES)
 
-    generator = UNetGenerator(base_channels)
+    generator = UNetGenerator(base_channels, residual=True)  # the ipsr train default
     loss_fn = IdentityPreservingLoss(identity_net)
     optimizer = make_optimizer(generator)
     degradation = MultiScaleDegradation()

@@ -23,9 +23,11 @@ only add start-up cost and copy the models to every worker.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import fmean, stdev
 from typing import Any
 
 import torch
@@ -58,6 +61,18 @@ class Method:
     restore: torch.nn.Module | None = None  # a generator; None for hr and bicubic
     spec: str = ""
     model: Any = None  # ipsr_platform.models.LoadedGenerator for generators
+    group: str | None = None  # models given as GROUP=SPEC are seeds of one configuration (seed_table)
+
+
+_GROUPED = re.compile(r"(?P<group>[A-Za-z0-9_.-]+)=(?P<spec>.+)")
+
+
+def split_group(spec: str) -> tuple[str | None, str]:
+    """'eq2=/runs/a.pt' -> ('eq2', '/runs/a.pt'); a spec without GROUP= (or an existing file named so) -> (None, spec)."""
+    match = _GROUPED.fullmatch(spec.strip())
+    if match is None or Path(spec).expanduser().exists():
+        return None, spec
+    return match["group"], match["spec"]
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -103,14 +118,29 @@ def model_specs(config: EvaluateConfig, uri: str) -> list[str]:
     return specs
 
 
-def load_methods(protocol: Protocol, loaded: list) -> list[Method]:
+def load_models(specs: list[str], uri: str | None = None) -> list[tuple[str | None, Any]]:
+    """(group, LoadedGenerator) per spec; the members of a group are labelled GROUP.1, GROUP.2, … in order."""
+    from ipsr_platform.models import load_generator
+
+    loaded, members = [], {}
+    for spec in specs:
+        group, model_spec = split_group(spec)
+        model = load_generator(model_spec, uri)
+        if group is not None:
+            members[group] = members.get(group, 0) + 1
+            model = dataclasses.replace(model, label=f"{group}.{members[group]}")
+        loaded.append((group, model))
+    return loaded
+
+
+def load_methods(protocol: Protocol, loaded: list[tuple[str | None, Any]]) -> list[Method]:
     """Rows: ``hr`` (synthetic protocols), ``bicubic``, then each loaded generator once."""
     methods = [Method(HR)] if protocol.synthetic else []
     methods.append(Method(BICUBIC))
-    for model in loaded:
+    for group, model in loaded:
         if any(m.label == model.label for m in methods):  # e.g. @candidate and @champion on one version
             continue
-        methods.append(Method(model.label, model.module, model.spec, model))
+        methods.append(Method(model.label, model.module, model.spec, model, group))
     return methods
 
 
@@ -224,6 +254,35 @@ def statistics(results: dict, recognizer: str, methods: list[Method], columns: l
     return stats
 
 
+def seed_table(stats: dict, methods: list[Method], columns: list[str]) -> dict[str, dict[str, dict]]:
+    """group → column → mean ± std of rank-1 over the group's models (seeds), each seed's McNemar test against
+    bicubic, and ``verdict``: better/worse when every seed differs from bicubic at p < 0.05 the same way."""
+    groups: dict[str, list[str]] = {}
+    for method in methods:
+        if method.group is not None:
+            groups.setdefault(method.group, []).append(method.label)
+    table = {}
+    for group, labels in groups.items():
+        row = {}
+        for column in columns:
+            cells = [stats[label][column] for label in labels]
+            rates = [c["hits"] / c["n"] for c in cells]
+            significant = [c["p_vs_bicubic"] < 0.05 for c in cells]
+            direction = {c["only_model"] > c["only_bicubic"] for c in cells}
+            verdict = ("better" if direction == {True} else "worse" if direction == {False} else "") if all(significant) else ""
+            row[column] = {
+                "mean": fmean(rates), "std": stdev(rates) if len(rates) > 1 else 0.0, "seeds": rates,
+                "p_vs_bicubic": [c["p_vs_bicubic"] for c in cells], "verdict": verdict,
+            }  # fmt: skip
+        table[group] = row
+    return table
+
+
+def format_seed_cell(cell: dict) -> str:
+    mark = {"better": "*", "worse": "†"}.get(cell["verdict"], "")
+    return f"{cell['mean']:.3f} ±{cell['std']:.3f}{mark}"
+
+
 def format_cell(rank1: float, cell: dict | None) -> str:
     """'0.744 ±0.09' (half-width of the 95 % interval); '*' better / '†' worse than bicubic at p < 0.05."""
     if cell is None:
@@ -235,6 +294,7 @@ def format_cell(rank1: float, cell: dict | None) -> str:
     return text
 
 
+SEEDS_NOTE = "mean ± std of rank-1 over the group's models; * / † when every seed is better / worse than bicubic (p < 0.05)."
 SIGNIFICANCE_NOTE = (
     "Cells: rank-1 ±half-width of its 95 % Wilson interval over the probes; * = better, † = worse than bicubic "
     "on the same probes (exact McNemar test, p < 0.05)."
@@ -244,7 +304,7 @@ SIGNIFICANCE_NOTE = (
 # --------------------------------------------------------------------------------------------------- outputs
 
 
-def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, stats: dict, methods: list[Method]) -> str:
+def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, stats: dict, seeds: dict, methods: list) -> str:
     columns = [c.name for c in protocol.columns] + ["mean"]
     lines = [f"# ipsr evaluate — {protocol.name} on {config.data}", "", protocol.note, "", SIGNIFICANCE_NOTE, ""]
     for rec_name, table in tables.items():
@@ -254,6 +314,13 @@ def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, stats: d
             cells = (format_cell(row[c], stats[rec_name][label].get(c)) for c in columns)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        if seeds[rec_name]:
+            lines += [f"Seed groups — {RECOGNIZER_TITLES[rec_name]}: {SEEDS_NOTE}", "",
+                      "| group | seeds | " + " | ".join(columns[:-1]) + " |", "|---|---:|" + "---:|" * (len(columns) - 1)]  # fmt: skip
+            for group, row in seeds[rec_name].items():
+                n = len(row[columns[0]]["seeds"])
+                lines.append(f"| {group} | {n} | " + " | ".join(format_seed_cell(row[c]) for c in columns[:-1]) + " |")
+            lines.append("")
     models = [m for m in methods if m.restore is not None]
     if models:
         lines += ["Models: " + "; ".join(f"`{m.label}` = `{m.spec}`" for m in models), ""]
@@ -322,9 +389,9 @@ def _save_grid(path: Path, images: list[torch.Tensor]) -> None:
     to_pil(grid[None])[0].save(path)
 
 
-def write_outputs(out: Path, protocol, config, methods, results, samples, tables, stats) -> None:
+def write_outputs(out: Path, protocol, config, methods, results, samples, tables, stats, seeds) -> None:
     max_rank = min(config.max_rank, len(protocol.gallery_labels.unique()))
-    (out / "table.md").write_text(_markdown(protocol, config, tables, stats, methods))
+    (out / "table.md").write_text(_markdown(protocol, config, tables, stats, seeds, methods))
     _write_csv(out / "results.csv", protocol, results, stats, methods)
     _plot_cmc(out / "cmc.png", protocol, results, list(tables), methods, max_rank)
     for column, images in samples.items():
@@ -332,7 +399,7 @@ def write_outputs(out: Path, protocol, config, methods, results, samples, tables
     payload = {
         "protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
         "methods": {m.label: m.spec for m in methods}, "rank1": tables, "statistics": stats,
-        "cmc": {f"{r}/{m}/{c}": cmc_curve(v, max_rank).tolist() for (r, m, c), v in results.items()},
+        "seed_groups": seeds, "cmc": {f"{r}/{m}/{c}": cmc_curve(v, max_rank).tolist() for (r, m, c), v in results.items()},
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 
@@ -412,12 +479,10 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     uri = tracking.tracking_uri()
-    from ipsr_platform.models import load_generator
-
     out = Path(config.output).expanduser() if config.output else _default_output(config.protocol)
     if out.exists():
         raise UserError(f"--output {out} already exists; pick a new folder")
-    loaded = [load_generator(spec, uri) for spec in model_specs(config, uri)]  # a bad --model fails first
+    loaded = load_models(model_specs(config, uri), uri)  # a bad --model fails first
     protocol = build_protocol(config)
     methods = load_methods(protocol, loaded)
     recognizers = build_recognizers(config)
@@ -428,11 +493,12 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     columns = [c.name for c in protocol.columns]
     tables = {r: rank1_table(results, r, methods, columns) for r in recognizers}
     stats = {r: statistics(results, r, methods, columns) for r in recognizers}
+    seeds = {r: seed_table(stats[r], methods, columns) for r in recognizers}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        write_outputs(staging, protocol, config, methods, results, samples, tables, stats)
+        write_outputs(staging, protocol, config, methods, results, samples, tables, stats, seeds)
         os.replace(staging, out)  # the folder appears complete or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -461,7 +527,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             if model.version:  # link the version to this evaluation (DESIGN: versions carry an eval summary)
                 summary = {f"eval.{protocol.name}.{r}.mean_rank1": f"{tables[r][label]['mean']:.4f}" for r in tables}
                 tracking.tag_version(model.name, model.version, summary | {f"eval.{protocol.name}.run_id": run_id}, uri)
-        versions = {g.spec: g.version for g in loaded}
+        versions = {g.spec: g.version for _, g in loaded}
         decision = promote(config, protocol, tables, methods, versions, run_id, uri) if config.promote else None
         if decision:
             client.set_tag(run_id, "ipsr.promotion", json.dumps(decision))
@@ -471,7 +537,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     tracking.set_run_status(run_id, "FINISHED", uri)
     return {
         "protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables, "statistics": stats,
-        "methods": {m.label: m.spec for m in methods}, "output": str(out), "mlflow_run_id": run_id,
+        "seed_groups": seeds, "methods": {m.label: m.spec for m in methods}, "output": str(out), "mlflow_run_id": run_id,
         "promotion": decision, "seconds": time.perf_counter() - started,
     }  # fmt: skip
 
@@ -491,6 +557,15 @@ def print_summary(summary: dict[str, Any]) -> None:
         for label, row in table.items():
             view.add_row(label, *(format_cell(row[c], cells[label].get(c)) for c in [*summary["columns"], "mean"]))
         console.print(view)
+        if summary["seed_groups"][rec_name]:
+            groups = Table(title=f"seed groups — {RECOGNIZER_TITLES[rec_name]}")
+            for column in ["group", "seeds", *summary["columns"]]:
+                groups.add_column(column, justify="left" if column == "group" else "right")
+            for group, row in summary["seed_groups"][rec_name].items():
+                n = str(len(row[summary["columns"][0]]["seeds"]))
+                groups.add_row(group, n, *(format_seed_cell(row[c]) for c in summary["columns"]))
+            console.print(groups)
+            console.print(SEEDS_NOTE)
     console.print(SIGNIFICANCE_NOTE)
     console.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
     if summary["promotion"]:

@@ -309,7 +309,9 @@ def _train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(generator, move_to_device=False)  # DDP over workers when world > 1
     if config.compile:
         model = torch.compile(model)
-    loss_fn = IdentityPreservingLoss(identity_net, beta=config.beta, embedding_loss=config.embedding_loss)
+    loss_fn = IdentityPreservingLoss(
+        identity_net, beta=config.beta, embedding_loss=config.embedding_loss, jitter=config.identity_jitter
+    )
     degradation = MultiScaleDegradation()
     steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
 
@@ -670,6 +672,7 @@ def _log_and_register(
         "steps": str(state["step"]),
         "embedding_loss": config.embedding_loss,
         "residual": str(config.residual),
+        "identity_jitter": str(config.identity_jitter),
         **{k: f"{v:.4f}" for k, v in state["metrics"].items() if k.startswith("val")},
     }
     client = tracking.client(uri)

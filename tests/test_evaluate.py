@@ -145,6 +145,35 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     assert {"table.md", "results.csv", "cmc.png"} <= artifacts
 
 
+def test_seed_groups_aggregate_mean_std_and_per_seed_tests(tmp_path):
+    """Models given as GROUP=SPEC are seeds: mean ± std of rank-1, each seed's McNemar p, a verdict only when every
+    seed is significant the same way."""
+    from jobs.evaluate import BICUBIC, Method, format_seed_cell, seed_table, split_group, statistics
+
+    assert split_group("eq2=/runs/a.pt") == ("eq2", "/runs/a.pt")
+    assert split_group("models:/ipsr-unet@champion") == (None, "models:/ipsr-unet@champion")
+    odd = tmp_path / "a=b.pt"
+    odd.write_bytes(b"")
+    assert split_group(str(odd)) == (None, str(odd))  # an existing file is a file, whatever its name
+
+    n = 40
+    bicubic = torch.tensor([0] * 10 + [1] * 30)  # rank 0 = hit: 10 of 40
+    seeds = [torch.tensor([0] * 30 + [1] * 10), torch.tensor([0] * 28 + [1] * 12), torch.tensor([0] * 12 + [1] * 28)]
+    ranks = {("sface", BICUBIC, "16x12"): bicubic} | {("sface", f"eq2.{i + 1}", "16x12"): r for i, r in enumerate(seeds)}
+    ranks |= {("sface", "one.1", "16x12"): seeds[0]}
+    dummy = torch.nn.Identity()
+    methods = [Method(BICUBIC)] + [Method(f"eq2.{i}", dummy, "x", None, "eq2") for i in (1, 2, 3)]
+    methods += [Method("one.1", dummy, "x", None, "one")]
+    stats = statistics(ranks, "sface", methods, ["16x12"])
+    table = seed_table(stats, methods, ["16x12"])
+    cell = table["eq2"]["16x12"]
+    assert cell["seeds"] == [30 / n, 28 / n, 12 / n]
+    assert cell["mean"] == pytest.approx(70 / 3 / n) and cell["std"] == pytest.approx(torch.tensor([30.0, 28, 12]).std().item() / n)
+    assert cell["p_vs_bicubic"][0] < 1e-4 and cell["p_vs_bicubic"][2] == 0.5  # seed 3: 2 discordant probes: p = 2 · 1/4
+    assert cell["verdict"] == "" and format_seed_cell(cell).startswith("0.583 ±0.")
+    assert table["one"]["16x12"]["verdict"] == "better" and table["one"]["16x12"]["std"] == 0.0
+
+
 def test_promotion_decision_needs_bicubic_and_the_champion_beaten():
     from jobs.evaluate import promotion_decision
 

@@ -62,7 +62,8 @@ def make_config(data: str, facenet: str, **overrides):
 
     settings = dict(
         data=data, run_name="run", num_workers=2, batch_size=8, base_channels=4, identity_weights=facenet,
-        checkpoint_every=3, log_every=2, keep_checkpoints=1, max_failures=0, grid_faces=2,
+        checkpoint_every=3, log_every=2, keep_checkpoints=1, max_failures=0, grid_faces=2, lr_warmup_steps=6,
+        lr_schedule="cosine",
     ) | overrides  # fmt: skip
     return TrainConfig(**settings)
 
@@ -148,6 +149,13 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
         assert [m.step for m in model] == [STEPS_PER_EPOCH, total] and all(0 <= m.value <= 1 for m in model)
         assert client.get_metric_history(run.info.run_id, f"val/rank1/bicubic/{size}")
     assert client.get_metric_history(run.info.run_id, "val/rank1/HR")[-1].value == 1.0  # FaceNet on HR val faces
+    # Each term's share of the gradient entering the generator: Eq. 2's identity term is alive.
+    shares = {k: [m.value for m in client.get_metric_history(run.info.run_id, f"grad_share/{k}")] for k in ("embedding", "pixel")}
+    assert len(shares["embedding"]) == 8 and all(0.5 < e < 1 for e in shares["embedding"]), shares
+    assert all(abs(e + p - 1) < 1e-4 for e, p in zip(shares["embedding"], shares["pixel"]))
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lrs[:3] == sorted(lrs[:3]) and max(lrs) == pytest.approx(config.lr) and lrs[-1] < config.lr  # warm-up, cosine
+    assert run.data.params["embedding_loss"] == "distance" and run.data.params["residual"] == "True"
     grids = [a.path for a in client.list_artifacts(run.info.run_id, "grids")]
     assert grids == [f"grids/step{STEPS_PER_EPOCH:07d}_epoch001.png", f"grids/step{total:07d}_epoch002.png"]
     grid_file = client.download_artifacts(run.info.run_id, grids[-1], str(home / "dl"))
@@ -161,6 +169,7 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     assert version.tags[tracking.TAG_DATA_MANIFEST] == hashlib.sha256(manifest).hexdigest()
     assert version.tags[tracking.TAG_IDENTITY_NET] == IdentityNet(facenet_path).weights_sha256
     assert len(version.tags[tracking.TAG_GIT_COMMIT]) >= 7
+    assert version.tags["embedding_loss"] == "distance" and version.tags["residual"] == "True"
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pytorch.load_model("models:/ipsr-unet@candidate")
     data = inspect_dataset(config, Storage.from_env())
@@ -174,7 +183,7 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     local.mkdir()
     source_fs, source_path = Storage.from_env().resolve(summary["checkpoint"])
     pafs.copy_files(source_path, str(local), source_filesystem=source_fs)
-    generator = UNetGenerator(4)
+    generator = UNetGenerator(4, residual=True)
     generator.load_state_dict(load_state(local)["generator"])
     with torch.no_grad():
         assert torch.allclose(sr, generator.eval()(low), atol=1e-5)
@@ -348,6 +357,39 @@ def test_gpu_step_path_bf16_channels_last_runs_on_cpu(facenet_path):
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms)
     assert all(p.dtype == torch.float32 for p in generator.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, generator.parameters()))
+
+
+def test_loss_and_schedule_options(monkeypatch):
+    """Eq. 2 distance + residual output by default; every option from flags or IPSR_TRAIN_* env; bad values are
+    one clear error."""
+    from ipsr_model.errors import UserError
+    from ipsr_platform.config import TrainConfig, build_config
+
+    default = TrainConfig(data="d", run_name="r")
+    assert (default.embedding_loss, default.residual, default.lr_warmup_steps, default.lr_schedule) == (
+        "distance", True, 0, "constant")  # fmt: skip
+    monkeypatch.setenv("IPSR_TRAIN_EMBEDDING_LOSS", "mse")
+    cfg = build_config(TrainConfig, env_prefix="IPSR_TRAIN_", data="d", run_name="r", residual=False, lr_warmup_steps=50)
+    assert (cfg.embedding_loss, cfg.residual, cfg.lr_warmup_steps) == ("mse", False, 50)
+    with pytest.raises(UserError, match="embedding_loss"):
+        build_config(TrainConfig, env_prefix="IPSR_TRAIN_", data="d", run_name="r", embedding_loss="l1")
+
+
+def test_warmup_then_cosine_schedule():
+    from ipsr_model.training import make_optimizer, make_scheduler
+    from ipsr_model.unet import UNetGenerator
+
+    optimizer = make_optimizer(UNetGenerator(4), lr=1e-3)
+    scheduler = make_scheduler(optimizer, total_steps=20, warmup_steps=4, schedule="cosine")
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] > 1e-4
+    with pytest.raises(ValueError, match="constant, cosine"):
+        make_scheduler(optimizer, total_steps=20, schedule="step")
 
 
 def test_cpu_split_leaves_cpus_to_ray_data():
