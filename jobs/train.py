@@ -212,6 +212,11 @@ def _mean_over_workers(sums: torch.Tensor, steps: int) -> list[float]:
     return means.tolist()
 
 
+def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict's tensors on the CPU; ``_extra_state`` (e.g. the U-Net's residual flag) is kept as it is."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     """A checkpoint's training state (weights_only load)."""
     state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -344,7 +349,7 @@ def _train_loop(loop_config: dict) -> None:
             torch.save(
                 {
                     "format": CHECKPOINT_FORMAT,
-                    "generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
+                    "generator": _to_cpu(generator.state_dict()),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,

@@ -366,8 +366,8 @@ def test_loss_and_schedule_options(monkeypatch):
     from ipsr_platform.config import TrainConfig, build_config
 
     default = TrainConfig(data="d", run_name="r")
-    assert (default.embedding_loss, default.residual, default.lr_warmup_steps, default.lr_schedule) == (
-        "distance", True, 0, "constant")  # fmt: skip
+    assert (default.embedding_loss, default.residual, default.identity_jitter) == ("distance", True, 0.05)
+    assert (default.lr_warmup_steps, default.lr_schedule) == (0, "constant")
     monkeypatch.setenv("IPSR_TRAIN_EMBEDDING_LOSS", "mse")
     cfg = build_config(TrainConfig, env_prefix="IPSR_TRAIN_", data="d", run_name="r", residual=False, lr_warmup_steps=50)
     assert (cfg.embedding_loss, cfg.residual, cfg.lr_warmup_steps) == ("mse", False, 50)
