@@ -34,7 +34,7 @@ ARMS = {
         "Eq. 2 + residual + view jitter, 50 warm-up steps", ["--jitter", "0.05", "--warmup-steps", "50"], (0,)
     ),
     "dist_res_jit_b50": ("Eq. 2 + residual + view jitter, β = 50", ["--jitter", "0.05", "--beta", "50"], (0,)),
-    "mse_res": ("per-element MSE + residual", ["--embedding-loss", "mse"], (0,)),
+    "mse_res": ("per-element MSE + residual", ["--embedding-loss", "mse"], (0, 1, 2)),
     "dist_nores": ("Eq. 2, plain U-Net (paper)", ["--no-residual"], (0,)),
     "mse_nores": ("per-element MSE, plain U-Net (old default)", ["--embedding-loss", "mse", "--no-residual"], (0,)),
     "none_nores": ("pixel only, plain U-Net", ["--embedding-loss", "none", "--no-residual"], (0,)),
