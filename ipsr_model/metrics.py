@@ -51,10 +51,14 @@ def cmc(
     max_rank: int | None = None,
 ) -> torch.Tensor:
     """Cumulative match characteristic: entry k-1 is the fraction of probes whose identity is in the top k."""
-    rank = probe_ranks(similarity, probe_labels, gallery_labels)
     n_identities = len(gallery_labels.unique())
     max_rank = n_identities if max_rank is None else min(max_rank, n_identities)
-    return (rank[:, None] <= torch.arange(max_rank)[None, :]).float().mean(0)
+    return cmc_from_ranks(probe_ranks(similarity, probe_labels, gallery_labels), max_rank)
+
+
+def cmc_from_ranks(ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """The CMC of per-probe ranks (``probe_ranks``) up to ``max_rank``."""
+    return (ranks[:, None] < torch.arange(1, max_rank + 1)[None, :]).float().mean(0)
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:

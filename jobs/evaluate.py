@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ipsr_model.degradation import degrade
 from ipsr_model.errors import UserError
-from ipsr_model.metrics import cosine_similarity, mcnemar_exact, probe_ranks, wilson_interval
+from ipsr_model.metrics import cmc_from_ranks, cosine_similarity, mcnemar_exact, probe_ranks, wilson_interval
 from ipsr_platform.config import EvaluateConfig
 from ipsr_platform.protocols import Protocol, scface_protocol, synthetic_protocol
 
@@ -222,11 +222,6 @@ def evaluate(
     return results, samples
 
 
-def cmc_curve(ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
-    """Entry k-1: the fraction of probes whose identity is in the top k."""
-    return (ranks[:, None] < torch.arange(1, max_rank + 1)[None, :]).float().mean(0)
-
-
 def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, float]]:
     """method → column → rank-1, plus the mean over the columns."""
     table = {}
@@ -362,7 +357,7 @@ def _plot_cmc(
         for j, column in enumerate(columns):
             ax = axes[i][j]
             for method in methods:
-                curve = cmc_curve(results[rec_name, method.label, column], max_rank).numpy()
+                curve = cmc_from_ranks(results[rec_name, method.label, column], max_rank).numpy()
                 ax.plot(range(1, len(curve) + 1), curve, label=method.label, linestyle="--" if method.label == HR else "-")
             ax.set_title(f"{rec_name} · {column}", fontsize=9)
             ax.set_ylim(0, 1.02)
@@ -399,7 +394,7 @@ def write_outputs(out: Path, protocol, config, methods, results, samples, tables
     payload = {
         "protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
         "methods": {m.label: m.spec for m in methods}, "rank1": tables, "statistics": stats,
-        "seed_groups": seeds, "cmc": {f"{r}/{m}/{c}": cmc_curve(v, max_rank).tolist() for (r, m, c), v in results.items()},
+        "seed_groups": seeds, "cmc": {f"{r}/{m}/{c}": cmc_from_ranks(v, max_rank).tolist() for (r, m, c), v in results.items()},
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 

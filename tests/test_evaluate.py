@@ -248,7 +248,8 @@ def test_promotion_fails_closed(home_with_weights, att_faces, monkeypatch):
 def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path):
     """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
     protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""
-    from jobs.evaluate import BICUBIC, Method, build_protocol, cmc_curve, evaluate, rank1_table
+    from ipsr_model.metrics import cmc_from_ranks
+    from jobs.evaluate import BICUBIC, Method, build_protocol, evaluate, rank1_table
     from ipsr_model.sface import SFaceNet
 
     root = tmp_path / "scface"
@@ -270,7 +271,7 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     assert [c.name for c in protocol.columns] == ["d1", "d2"] and not protocol.synthetic
     results, _ = evaluate(protocol, methods, recognizers, concat_bicubic=True)
     for ranks in results.values():
-        assert_valid_cmc(cmc_curve(ranks, 10), gallery_size=10)
+        assert_valid_cmc(cmc_from_ranks(ranks, 10), gallery_size=10)
     table = rank1_table(results, "sface", methods, ["d1", "d2"])
     assert table[BICUBIC]["d1"] <= table[BICUBIC]["d2"]  # closer camera, bigger faces, easier
 
@@ -278,7 +279,7 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     assert protocol2.gallery_lr and [c.name for c in protocol2.columns] == ["d1"]
     results2, _ = evaluate(protocol2, methods, recognizers, concat_bicubic=True)
     for ranks in results2.values():
-        assert_valid_cmc(cmc_curve(ranks, 10), gallery_size=10)
+        assert_valid_cmc(cmc_from_ranks(ranks, 10), gallery_size=10)
 
     lfw = build_protocol(config(data=str(att_faces), protocol="lfw", identities="s1,s2,s3"))
     assert [c.name for c in lfw.columns] == ["7x6", "14x12", "16x14", "18x16"]
