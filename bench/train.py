@@ -135,7 +135,7 @@ def bench_loop(cfg: dict) -> None:
         model = torch.compile(model)
     loss_fn = IdentityPreservingLoss(identity_net)
     degradation = MultiScaleDegradation()
-    rng = torch.Generator(device=device).manual_seed(context.get_world_rank())
+    rng = torch.Generator().manual_seed(context.get_world_rank())  # CPU draws: no device sync per step
     batch_size = cfg["batch_size"]
 
     memory = torch.from_numpy(decode_faces(cfg["memory_pngs"]))  # host uint8, like the stream's batches

@@ -68,6 +68,8 @@ class MultiScaleDegradation:
         choice = self.sample(images.shape[0], generator)
         out = torch.empty_like(images)
         for index in choice.unique().tolist():
-            rows = (choice == index).nonzero().squeeze(1).to(images.device)
+            rows = (choice == index).nonzero().squeeze(1)
+            if images.device.type == "cuda":  # pinned + non_blocking: a plain copy would sync the host per size
+                rows = rows.pin_memory().to(images.device, non_blocking=True)
             out[rows] = degrade(images[rows], self.sizes[index])
         return out, choice

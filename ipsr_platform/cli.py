@@ -62,6 +62,7 @@ def preprocess(
     margin: Annotated[Optional[int], typer.Option(help="Context around the face in output pixels (default 16).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Identity fractions, e.g. val=0.02,test=0.02.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Rebuild a committed output.")] = None,
+    hr_embeddings: Annotated[Optional[str], typer.Option(help="FaceNet weights: store each face's embedding for training.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML with any option (< IPSR_PREPROCESS_* env < flags).")] = None,
 ) -> None:
     """Detect and align faces with MTCNN on Ray Data: identity folders → 128×128 Parquet dataset + rejects."""
@@ -71,7 +72,7 @@ def preprocess(
     cfg = build_config(
         PreprocessConfig, env_prefix="IPSR_PREPROCESS_", yaml_file=config, input=input_, output=output,
         manifest=manifest, limit=limit, device=device, num_actors=num_actors, batch_size=batch_size, margin=margin,
-        split=split, overwrite=overwrite,
+        split=split, overwrite=overwrite, hr_embeddings=hr_embeddings,
     )
     run(cfg)
 

@@ -76,6 +76,10 @@ class PreprocessConfig(BaseModel):
     max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
     rows_per_shard: int = Field(4096, ge=1, description="Faces per output Parquet file.")
     io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
+    hr_embeddings: str | None = Field(
+        None, description="FaceNet weights source: also store each face's embedding (column hr_embedding), which "
+        "`ipsr train` uses instead of the HR forward when its weights' sha256 match and identity jitter is 0."
+    )
 
     @field_validator("split", mode="before")
     @classmethod

@@ -47,7 +47,6 @@ import platform
 import sys
 import time
 import uuid
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -58,21 +57,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
 from ipsr_model.errors import UserError
 from ipsr_platform import cluster
 from ipsr_platform.config import SPLITS, PreprocessConfig
+from ipsr_platform.faces import FACE_SIZE, FaceAligner, Rejected, encode_png
 from ipsr_platform.storage import Storage, StorageError, join, normalize
 
-FACE_SIZE = 128
 REASONS = ("no_face", "corrupt", "too_large", "unsupported_format", "io_error")
-PNG_LEVEL = 1
 MAX_BLOCK_ROWS = 1024  # rows per input block: the unit of work of a read task and of an actor call
-
-# Pillow's names for the accepted formats (PPM covers PGM/PBM; JPEG also opens the multi-picture MPO variant
-# many cameras write).
-_FORMATS = ("JPEG", "PNG", "PPM", "WEBP", "BMP")
 
 # Written last; its presence is what makes a dataset committed.
 SUCCESS = "_SUCCESS"
@@ -80,6 +73,7 @@ TEMPORARY = "_temporary"
 _OWNED = {SUCCESS, TEMPORARY, "data", "rejects.parquet", "manifest.json"}
 
 INPUT_SCHEMA = pa.schema([("source", pa.string()), ("identity", pa.string()), ("size", pa.int64())])
+EMBEDDING_DIM = 512  # ipsr_model.identity.EMBEDDING_DIM (not imported: this module loads without torch)
 FACE_COLUMNS = ["image", "identity", "label", "split", "source", "det_prob", "box", "landmarks"]
 ALIGNED_SCHEMA = pa.schema(
     [
@@ -94,111 +88,11 @@ ALIGNED_SCHEMA = pa.schema(
         ("reason", pa.string()),  # null when aligned
         ("detail", pa.string()),
         ("done_at", pa.float64()),  # wall clock when its batch finished: throughput without start-up (not stored)
+        # FaceNet embedding of the aligned face (``--hr-embeddings``): the HR half of the identity loss, precomputed
+        ("hr_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
     ]
 )
 REJECT_COLUMNS = ["source", "identity", "reason", "detail"]
-
-
-# --- decoding ---------------------------------------------------------------------------------------------------
-
-
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-def _signature(data: bytes) -> str | None:
-    """The supported format the bytes start with, else None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456":
-        return "PPM"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    if data[:2] == b"BM":
-        return "BMP"
-    return None
-
-
-def _describe(data: bytes) -> str:
-    known = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF", b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF"}
-    for magic, name in known.items():
-        if data.startswith(magic):
-            return f"{name} content"
-    return "not an image"
-
-
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes → RGB image, or ``Rejected``. The declared size is checked before any pixel is decoded."""
-    if not data:
-        raise Rejected("corrupt", "empty file")
-    if _signature(data) is None:
-        raise Rejected("unsupported_format", f"{_describe(data)}; accepted: JPEG, PNG, PGM/PPM, WebP, BMP")
-    with warnings.catch_warnings():
-        # Pillow only warns between its limit and twice its limit; for us anything past max_pixels is a reject.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=_FORMATS)  # reads the header only
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise Rejected("too_large", str(err)) from None
-        except Exception as err:  # noqa: BLE001 - a damaged header surfaces as many exception types
-            raise Rejected("corrupt", f"unreadable header: {err}") from None
-        w, h = img.size
-        if w * h > max_pixels:
-            raise Rejected("too_large", f"declared {h}x{w} (HxW) = {w * h} pixels > max_pixels {max_pixels}")
-        try:
-            img.load()
-            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-            return _to_rgb(img)
-        except Exception as err:  # noqa: BLE001 - truncated/damaged data: OSError, SyntaxError, ValueError, ...
-            raise Rejected("corrupt", str(err) or type(err).__name__) from None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PGM/PNG): keep the top 8 bits
-        arr = np.asarray(img, dtype=np.uint32)
-        return Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("P", "PA"):  # palette transparency must go through RGBA to convert cleanly
-        img = img.convert("RGBA")
-    return img.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, 1
-
-
-def letterbox(img: Image.Image, size: int) -> tuple[np.ndarray, float, float]:
-    """Scale the longest side to ``size``, pad bottom/right with black: one shape for every image in a batch.
-
-    Returns the canvas and the x/y scales; dividing canvas coordinates by them gives original coordinates.
-    """
-    w, h = img.size
-    s = size / max(w, h)
-    nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
-    small = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)  # reducing_gap: fast on large photos
-    canvas = np.zeros((size, size, 3), np.uint8)
-    canvas[:nh, :nw] = np.asarray(small)
-    return canvas, nw / w, nh / h
-
-
-def crop_face(img: Image.Image, box: np.ndarray, margin: int) -> Image.Image:
-    """Square crop centred on the box, sized so the face spans FACE_SIZE - margin pixels, resized to FACE_SIZE.
-
-    Parts of the square outside the image are black (``Image.crop`` pads) rather than shifting or squashing
-    the face: position and aspect stay the same for every sample.
-    """
-    x1, y1, x2, y2 = (float(v) for v in box)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    half = max(x2 - x1, y2 - y1) * FACE_SIZE / (FACE_SIZE - margin) / 2
-    region = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
-    return img.crop(region).resize((FACE_SIZE, FACE_SIZE), Image.BICUBIC)
-
-
-def encode_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
 
 
 # --- listing ----------------------------------------------------------------------------------------------------
@@ -290,61 +184,66 @@ def read_stage(batch: pa.Table, storage: Storage, max_bytes: int, io_threads: in
 
 
 class Aligner:
-    """Decode + detect + crop. An actor: MTCNN's three nets load once per process, not once per batch."""
+    """The Ray actor around ``faces.FaceAligner``: MTCNN's three nets load once per process, not once per batch."""
 
     def __init__(self, device: str, detect_size: int, min_face_size: int, margin: int, max_pixels: int,
-                 threads: int):
+                 threads: int, hr_embeddings: str | None = None, identity_net_sha256: str | None = None):
         import torch
-        from facenet_pytorch import MTCNN
 
         torch.set_num_threads(threads)
-        # keep_all + select_largest: detect() returns every face, largest first; we keep the first. Only
-        # detect() is used (crops are ours), so post_process and image_size do not matter.
-        self.mtcnn = MTCNN(min_face_size=min_face_size, select_largest=True, keep_all=True, device=device).eval()
-        # Channels-last weights make every conv output channels-last, and PyTorch's CPU max-pool is 3-10x faster
-        # on that layout than on NCHW (measured: PNet's pool 14 -> 5 ms, RNet's 143 -> 13 ms per batch). Same
-        # arithmetic, same detections; ~1.6x more images/s per actor.
-        self.mtcnn.to(memory_format=torch.channels_last)
-        self.detect_size, self.margin, self.max_pixels = detect_size, margin, max_pixels
+        self.aligner = FaceAligner(device, detect_size, min_face_size, margin, max_pixels)
+        self.identity_net = None
+        if hr_embeddings:
+            from ipsr_model.identity import IdentityNet
+
+            self.identity_net = IdentityNet(hr_embeddings).to(device, memory_format=torch.channels_last)
+            if self.identity_net.weights_sha256 != identity_net_sha256:
+                raise RuntimeError(f"actor loaded identity weights {self.identity_net.weights_sha256[:12]}…, the "
+                                   f"driver {identity_net_sha256[:12]}…: the '{hr_embeddings}' cache differs")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["source", "identity", "label", "split", "reason", "detail"]).to_pylist()
-        blobs = batch.column("data").to_pylist()
         out = [dict(r, image=None, det_prob=None, box=None, landmarks=None) for r in rows]
-        images, canvases, scales, todo = [], [], [], []
-        for i, (row, data) in enumerate(zip(rows, blobs)):
-            if row["reason"]:
-                continue  # already rejected while reading
-            try:
-                img = decode(data, self.max_pixels)
-            except Rejected as rej:
-                out[i].update(reason=rej.reason, detail=rej.detail)
-                continue
-            canvas, sx, sy = letterbox(img, self.detect_size)
-            images.append(img), canvases.append(canvas), scales.append((sx, sy)), todo.append(i)
-        if todo:
-            # One call for the whole batch: every canvas has the same shape, so MTCNN runs each pyramid level
-            # once for all images instead of once per image.
-            boxes, probs, points = self.mtcnn.detect(np.stack(canvases), landmarks=True)
-            for i, img, (sx, sy), b, p, lm in zip(todo, images, scales, boxes, probs, points):
-                if b is None or len(b) == 0:
-                    out[i].update(reason="no_face", detail="MTCNN found no face")
-                    continue
-                box = b[0] / np.array([sx, sy, sx, sy])  # largest face, back in original pixels
-                marks = lm[0] / np.array([sx, sy])
+        todo = [i for i, row in enumerate(rows) if not row["reason"]]  # the others were rejected while reading
+        blobs = batch.column("data").to_pylist()
+        for i, result in zip(todo, self.aligner.align([blobs[i] for i in todo])):
+            if isinstance(result, Rejected):
+                out[i].update(reason=result.reason, detail=result.detail)
+            else:
                 out[i].update(
-                    image=encode_png(crop_face(img, box, self.margin)),
-                    det_prob=float(p[0]),
-                    box=box.astype(np.float32).tolist(),
-                    landmarks=marks.astype(np.float32).reshape(-1).tolist(),
+                    image=encode_png(result.face),
+                    det_prob=result.det_prob,
+                    box=result.box.astype(np.float32).tolist(),
+                    landmarks=result.landmarks.astype(np.float32).reshape(-1).tolist(),
                 )
+        if self.identity_net is not None:
+            self._embed(out)
         done_at = time.time()
         for row in out:
             row["done_at"] = done_at
         return pa.Table.from_pylist(out, schema=ALIGNED_SCHEMA)
 
 
-def write_stage(batch: pa.Table, storage: Storage, tmp: str) -> pa.Table:
+    def _embed(self, rows: list[dict]) -> None:
+        """The embedding of the stored face itself (its PNG decoded), so training's HR input is bit-identical."""
+        import torch
+
+        from ipsr_model.identify import embed
+        from ipsr_model.images import to_tensor
+        from ipsr_platform.faces import decode_face
+
+        done = [r for r in rows if r["image"] is not None]
+        if not done:
+            return
+        faces = to_tensor([decode_face(r["image"]) for r in done])
+        device = next(self.identity_net.parameters()).device
+        with torch.inference_mode():
+            vectors = embed(self.identity_net, faces.to(device, memory_format=torch.channels_last)).cpu().numpy()
+        for r, v in zip(done, vectors):
+            r["hr_embedding"] = v.tolist()
+
+
+def write_stage(batch: pa.Table, storage: Storage, tmp: str, columns: list[str]) -> pa.Table:
     """Aligned faces → one Parquet shard under ``tmp``; returns one small summary row per input (no pixels).
 
     A retried task writes a second file under a fresh name; only shards named in the returned summaries are
@@ -352,7 +251,7 @@ def write_stage(batch: pa.Table, storage: Storage, tmp: str) -> pa.Table:
     the storage retries comes back as ``fatal`` (Ray would wrap a raised error into a multi-line remote
     traceback; the driver raises it as one clear StorageError naming the object).
     """
-    faces = batch.filter(pc.is_null(batch.column("reason"))).select(FACE_COLUMNS)
+    faces = batch.filter(pc.is_null(batch.column("reason"))).select(columns)
     name, fatal = "", None
     if faces.num_rows:
         name = f"part-{uuid.uuid4().hex}.parquet"
@@ -436,6 +335,11 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     if storage.exists(join(out, SUCCESS)) and not cfg.overwrite:
         print(f"{out} is already committed (_SUCCESS present); nothing to do. Use --overwrite to rebuild it.")
         return json.loads(storage.read_bytes(join(out, "manifest.json")))
+    identity_net_sha256 = None
+    if cfg.hr_embeddings:  # resolve the weights once here: a bad source fails before any actor starts
+        from ipsr_model.weights import load_identity_weights
+
+        _, identity_net_sha256 = load_identity_weights(cfg.hr_embeddings)
     _prepare_output(storage, out, cfg.overwrite)
 
     inputs, ignored = list_inputs(cfg, storage)
@@ -454,10 +358,12 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     storage.write_bytes(join(tmp, "_started"), b"")  # fails fast, naming the object, if DST is not writable
 
     cluster.connect()
-    tally = _process(cfg, storage, inputs, tmp)
+    tally = _process(cfg, storage, inputs, tmp, identity_net_sha256)
     t_processed = time.perf_counter()
 
     manifest = _commit(cfg, storage, out, tmp, inputs, names, tally, ignored)
+    manifest["hr_embeddings"] = cfg.hr_embeddings and {"identity_weights": cfg.hr_embeddings,
+                                                       "identity_net_sha256": identity_net_sha256}
     t_end = time.perf_counter()
     manifest["timings_s"] = {
         "list": round(t_listed - t_start, 3),
@@ -477,7 +383,8 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     return manifest
 
 
-def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str) -> Tally:
+def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str,
+             identity_net_sha256: str | None) -> Tally:
     import ray
     import ray.data
 
@@ -517,11 +424,13 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
             compute=ray.data.ActorPoolStrategy(size=n),
             fn_constructor_kwargs=dict(device=cfg.device, detect_size=cfg.detect_size,
                                        min_face_size=cfg.min_face_size, margin=cfg.margin,
-                                       max_pixels=cfg.max_pixels, threads=1),
+                                       max_pixels=cfg.max_pixels, threads=1, hr_embeddings=cfg.hr_embeddings,
+                                       identity_net_sha256=identity_net_sha256),
             **actor_args,
         )
         .map_batches(write_stage, batch_size=cfg.rows_per_shard, batch_format="pyarrow", num_cpus=0, compute=io_pool,
-                     fn_kwargs=dict(storage=storage, tmp=tmp))
+                     fn_kwargs=dict(storage=storage, tmp=tmp,
+                                    columns=FACE_COLUMNS + ["hr_embedding"] * bool(cfg.hr_embeddings)))
     )
     tally = Tally()
     for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -82,6 +82,7 @@ class DatasetInfo:
     val_labels: np.ndarray  # [V] int64
     val_gallery: np.ndarray  # [V, 128, 128, 3] uint8: first image of each val identity
     val_probe: np.ndarray  # second image
+    hr_embeddings_sha256: str | None = None  # identity net that made the dataset's hr_embedding column, if any
 
 
 def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
@@ -103,6 +104,7 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
         raise UserError(f"--data {uri}: manifest.json is missing (not an `ipsr preprocess` output?)") from None
     try:
         files = json.loads(manifest).get("files")
+        embedded = (json.loads(manifest).get("hr_embeddings") or {}).get("identity_net_sha256")
     except (ValueError, AttributeError):
         raise UserError(f"--data {uri}: manifest.json is not a JSON object") from None
     fs, _ = storage.resolve(uri)
@@ -162,18 +164,33 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
         val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
         val_gallery=gallery,
         val_probe=probe,
+        hr_embeddings_sha256=embedded if "hr_embedding" in dataset.schema.names else None,
     )
 
 
-def train_dataset(data: DatasetInfo):
-    """The ``train`` split as a Ray Dataset of decoded faces (column ``hr``: uint8 128×128×3)."""
+def hr_embeddings_use(config: TrainConfig, data: DatasetInfo, identity_sha256: str) -> tuple[bool, str]:
+    """Whether the step takes the HR embeddings from the dataset (skipping FaceNet's HR forward) and why."""
+    if config.embedding_loss == "none":
+        return False, "not used (--embedding-loss none)"
+    if data.hr_embeddings_sha256 is None:
+        return False, "computed each step (the dataset has none: `ipsr preprocess --hr-embeddings WEIGHTS`)"
+    if data.hr_embeddings_sha256 != identity_sha256:
+        return False, "computed each step (the dataset's were made with other FaceNet weights)"
+    if config.identity_jitter:
+        return False, "computed each step (--identity-jitter > 0 embeds a new random view of every HR face)"
+    return True, "precomputed (the dataset's hr_embedding column, same FaceNet weights)"
+
+
+def train_dataset(data: DatasetInfo, embeddings: bool = False):
+    """The ``train`` split as a Ray Dataset of decoded faces (column ``hr``: uint8 128×128×3; with ``embeddings``
+    also ``hr_embedding``: float32 [512])."""
     import ray.data
     from ray.data.expressions import col
 
     ds = ray.data.read_parquet(data.shards, filesystem=data.filesystem, shuffle="files")
-    ds = ds.select_columns(["image", "split"]).filter(expr=col("split") == "train")
+    ds = ds.select_columns(["image", "split"] + ["hr_embedding"] * embeddings).filter(expr=col("split") == "train")
     # Decoding is CPU work in Ray Data tasks, beside the training workers, never in their step.
-    return ds.map_batches(decode_batch, batch_format="numpy", batch_size=128)
+    return ds.map_batches(decode_batch, batch_format="numpy", batch_size=128, fn_kwargs={"embeddings": embeddings})
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -291,7 +308,9 @@ def _train_loop(loop_config: dict) -> None:
     scheduler = make_scheduler(
         optimizer, total_steps=plan["total_steps"], warmup_steps=config.lr_warmup_steps, schedule=config.lr_schedule
     )
-    degrade_rng = torch.Generator(device=device)
+    # CPU generator even on a GPU: the degradation draws only steer which rows get which size, and drawing them on
+    # the GPU would cost a device->host sync every step.
+    degrade_rng = torch.Generator()
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -312,10 +331,11 @@ def _train_loop(loop_config: dict) -> None:
     resumed_from = step
 
     model = ray.train.torch.prepare_model(generator, move_to_device=False)  # DDP over workers when world > 1
-    if config.compile:
-        model = torch.compile(model)
+    loss_net = identity_net
+    if config.compile:  # FaceNet is ~85 % of a step's FLOPs: compile it too (the validator keeps the eager one)
+        model, loss_net = torch.compile(model), torch.compile(identity_net)
     loss_fn = IdentityPreservingLoss(
-        identity_net, beta=config.beta, embedding_loss=config.embedding_loss, jitter=config.identity_jitter
+        loss_net, beta=config.beta, embedding_loss=config.embedding_loss, jitter=config.identity_jitter
     )
     degradation = MultiScaleDegradation()
     steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
@@ -399,6 +419,7 @@ def _train_loop(loop_config: dict) -> None:
                 hr = to_images(batch["hr"], memory_format)
                 stats = training_step(
                     model, loss_fn, optimizer, hr, degradation, degrade_rng, autocast_dtype=autocast_dtype,
+                    hr_embedding=batch["hr_embedding"] if plan["hr_embeddings"] == "precomputed" else None,
                     scheduler=scheduler,
                 )  # fmt: skip
                 step += 1
@@ -531,6 +552,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             )
     if data.n_train == 0:
         raise UserError(f"--data {data.uri}: the train split is empty")
+    use_embeddings, why = hr_embeddings_use(config, data, identity_sha256)
+    print(f"HR embeddings: {why}")
 
     cluster.connect()
     cluster_cpus, cluster_gpus = _cluster_cpus_gpus()
@@ -558,6 +581,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "cpus_per_worker": cpus,
         "data_manifest_sha256": data.manifest_sha256,
         "identity_net_sha256": identity_sha256,
+        "hr_embeddings": "precomputed" if use_embeddings else "computed",
     }
     if record is None:
         experiment_id = tracking.ensure_experiment(config.experiment, uri)
@@ -621,7 +645,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
         ),
-        datasets={"train": train_dataset(data)},
+        datasets={"train": train_dataset(data, use_embeddings)},
     )
     try:
         result = trainer.fit()

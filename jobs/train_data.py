@@ -25,6 +25,10 @@ def decode_faces(blobs) -> np.ndarray:
     return out
 
 
-def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: column ``image`` (bytes) → column ``hr`` (uint8 128×128×3)."""
-    return {"hr": decode_faces(batch["image"])}
+def decode_batch(batch: dict[str, np.ndarray], embeddings: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: column ``image`` (bytes) → column ``hr`` (uint8 128×128×3), plus the
+    precomputed ``hr_embedding`` (float32 [512]) when asked."""
+    out = {"hr": decode_faces(batch["image"])}
+    if embeddings:
+        out["hr_embedding"] = np.stack(list(batch["hr_embedding"])).astype(np.float32)
+    return out

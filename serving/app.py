@@ -35,16 +35,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from ray import serve
 
 from ipsr_model.errors import UserError
+from ipsr_model.identify import best_per_identity, embed
 from ipsr_model.images import square_face, to_pil, to_tensor
 from ipsr_model.unet import IMAGE_SIZE
 from ipsr_platform.config import ServeConfig, build_config
+from ipsr_platform.faces import FaceAligner, Rejected, decode
 from ipsr_platform.storage import Storage
 from serving.gallery import Gallery, GalleryStore
 
@@ -115,12 +116,6 @@ class Guard:
 
 
 api.add_middleware(Guard)
-
-
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -296,15 +291,9 @@ class Identification:
     # --- images ------------------------------------------------------------------------------------------------
 
     def _decode(self, upload: Upload) -> Image.Image:
-        from jobs.preprocess import Rejected as DecodeRejected
-        from jobs.preprocess import decode
-
         if len(upload.data) > self.cfg.max_image_bytes:
             raise Rejected("too_large", f"{len(upload.data)} bytes > max_image_bytes {self.cfg.max_image_bytes}")
-        try:
-            return decode(upload.data, self.cfg.max_image_pixels)
-        except DecodeRejected as err:
-            raise Rejected(err.reason, err.detail) from None
+        return decode(upload.data, self.cfg.max_image_pixels)
 
     def _probe_face(self, upload: Upload, super_resolve: str) -> tuple[torch.Tensor, bool]:
         """128×128 face tensor [3, H, W] and whether it gets super-resolved."""
@@ -375,26 +364,15 @@ class Identification:
         return self.galleries[name]
 
     def _align(self, uploads: list[Upload]) -> dict[int, Image.Image]:
-        """MTCNN alignment exactly as ``ipsr preprocess`` does it (its Aligner: detect, largest face, crop)."""
-        import pyarrow as pa
-
-        from jobs.preprocess import Aligner
-
+        """MTCNN alignment exactly as ``ipsr preprocess`` does it (the same ``FaceAligner``)."""
         if self._aligner is None:
-            self._aligner = Aligner(self.cfg.device, detect_size=160, min_face_size=20, margin=16,
-                                    max_pixels=self.cfg.max_image_pixels, threads=torch.get_num_threads())
-        table = pa.table({
-            "source": [u.name for u in uploads], "identity": [u.identity for u in uploads],
-            "label": pa.array([0] * len(uploads), pa.int32()), "split": [""] * len(uploads),
-            "reason": pa.nulls(len(uploads), pa.string()), "detail": pa.nulls(len(uploads), pa.string()),
-            "data": pa.array([u.data for u in uploads], pa.binary()),
-        })  # fmt: skip
+            self._aligner = FaceAligner(self.cfg.device, max_pixels=self.cfg.max_image_pixels)
         faces = {}
-        for upload, row in zip(uploads, self._aligner(table).to_pylist()):
-            if row["reason"]:
-                upload.error = Rejected(row["reason"], row["detail"])
+        for upload, result in zip(uploads, self._aligner.align([u.data for u in uploads])):
+            if isinstance(result, Rejected):
+                upload.error = result
             else:
-                faces[upload.index] = Image.open(io.BytesIO(row["image"])).convert("RGB")
+                faces[upload.index] = result.face
         return faces
 
     def _enrol_faces(self, uploads: list[Upload], aligned: bool) -> tuple[list[Upload], torch.Tensor]:
@@ -415,8 +393,8 @@ class Identification:
             return [], torch.empty(0)
         batch = to_tensor([faces[u.index] for u in good]).to(self.device)
         with torch.inference_mode():
-            embeddings = torch.cat([self.identity(chunk) for chunk in batch.split(32)])
-        return good, F.normalize(embeddings.float(), dim=1).cpu()
+            embeddings = torch.cat([embed(self.identity, chunk) for chunk in batch.split(32)])
+        return good, embeddings.cpu()
 
     # --- the batched model path --------------------------------------------------------------------------------
 
@@ -439,20 +417,19 @@ class Identification:
             wanted = [i for i, p in enumerate(probes) if p.gallery is not None]
             if not wanted:
                 return out
-            embeddings = F.normalize(self.identity(faces[wanted]).float(), dim=1)
+            embeddings = embed(self.identity, faces[wanted])
             concat = [j for j, i in enumerate(wanted) if probes[i].concat_bicubic and probes[i].super_resolve]
-            bicubic_embeddings = (
-                F.normalize(self.identity(bicubic[[wanted[j] for j in concat]]).float(), dim=1) if concat else None
-            )
+            bicubic_embeddings = embed(self.identity, bicubic[[wanted[j] for j in concat]]) if concat else None
             groups: dict[int, list[int]] = {}
             for j, i in enumerate(wanted):
                 groups.setdefault(id(probes[i].gallery), []).append(j)
             for rows in groups.values():
                 index = probes[wanted[rows[0]]].gallery
-                query = embeddings[rows]
                 both = [(r, concat.index(j)) for r, j in enumerate(rows) if j in concat]
-                extra = bicubic_embeddings[[b for _, b in both]] if both else None
-                best = self._match(index, query, [r for r, _ in both], extra)
+                best = best_per_identity(
+                    embeddings[rows], index.embeddings, index.codes, len(index.names), chunk=self.cfg.gallery_chunk,
+                    also=bicubic_embeddings[[b for _, b in both]] if both else None, also_rows=[r for r, _ in both],
+                )
                 k = max(probes[wanted[j]].top_k for j in rows)
                 scores, ids = best.topk(min(k, best.shape[1]), dim=1)
                 for r, j in enumerate(rows):
@@ -462,23 +439,6 @@ class Identification:
                         for rank, (s, c) in enumerate(zip(scores[r, :kk].tolist(), ids[r, :kk].tolist()))
                     ]
             return out
-
-    def _match(self, index: GalleryIndex, query: torch.Tensor, concat_rows: list[int],
-               bicubic: torch.Tensor | None) -> torch.Tensor:
-        """[P, identities] best cosine per identity: one matrix product per gallery chunk.
-
-        With ``concat_bicubic`` the probe embedding is [bicubic ; SR] and the gallery's [HR ; HR]; for unit
-        vectors that cosine is the mean of the two cosines, so the gallery is never duplicated in memory.
-        """
-        best = query.new_full((query.shape[0], len(index.names)), float("-inf"))
-        for start in range(0, len(index.codes), self.cfg.gallery_chunk):
-            block = index.embeddings[start : start + self.cfg.gallery_chunk]
-            scores = query @ block.T
-            if concat_rows:
-                scores[concat_rows] = (scores[concat_rows] + bicubic @ block.T) / 2
-            codes = index.codes[start : start + self.cfg.gallery_chunk].expand_as(scores)
-            best.scatter_reduce_(1, codes, scores, reduce="amax")
-        return best
 
     # --- routes ------------------------------------------------------------------------------------------------
 

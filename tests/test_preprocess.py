@@ -20,7 +20,8 @@ from ipsr_model.errors import UserError
 from ipsr_platform import cli
 from ipsr_platform.config import PreprocessConfig, build_config, parse_split
 from ipsr_platform.storage import RetryPolicy, Storage, StorageError
-from jobs.preprocess import REASONS, Rejected, decode, list_inputs, run, split_of
+from ipsr_platform.faces import Rejected, decode
+from jobs.preprocess import REASONS, list_inputs, run, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = "val=0.25,test=0.25"  # big fractions: the 9 test identities land in more than one split

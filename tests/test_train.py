@@ -405,3 +405,69 @@ def test_cpu_split_leaves_cpus_to_ray_data():
     assert split(16, num_workers=1, gpu=True) == 8.0  # GPU: half the node decodes
     assert split(16, num_workers=4, gpu=True) == 2.0
     assert split(2, num_workers=2, cpus_per_worker=0.25) == 0.25
+
+
+def test_precomputed_hr_embedding_is_the_same_step():
+    """With the HR embeddings given (and no jitter), the step's loss and update are those of computing them."""
+    from ipsr_model.degradation import MultiScaleDegradation
+    from ipsr_model.identify import embed
+    from ipsr_model.identity import IdentityNet
+    from ipsr_model.losses import IdentityPreservingLoss
+    from ipsr_model.training import make_optimizer, training_step
+    from ipsr_model.unet import UNetGenerator
+
+    torch.manual_seed(0)
+    identity_net = IdentityNet("none", allow_random=True)
+    hr = torch.rand(4, 3, 128, 128) * 2 - 1
+    results = []
+    for given in (None, embed(identity_net, hr)):
+        torch.manual_seed(1)
+        generator = UNetGenerator(4)
+        stats = training_step(generator, IdentityPreservingLoss(identity_net), make_optimizer(generator), hr,
+                              MultiScaleDegradation(), torch.Generator().manual_seed(0), hr_embedding=given)
+        results.append((stats.total, [p.detach().clone() for p in generator.parameters()]))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_a, params_b))
+
+
+@pytest.mark.slow
+def test_preprocess_hr_embeddings_feed_training(ray_session, att_faces, facenet_path, home, tmp_path, capsys):
+    """`ipsr preprocess --hr-embeddings` stores FaceNet's embedding of each stored face; `ipsr train` uses them
+    when the weights match and jitter is off, and says why not otherwise."""
+    import pyarrow.dataset as pads
+
+    from ipsr_model.identify import embed
+    from ipsr_model.identity import IdentityNet
+    from ipsr_model.images import to_tensor
+    from ipsr_platform import tracking
+    from ipsr_platform.config import PreprocessConfig
+    from ipsr_platform.faces import decode_face
+    from ipsr_platform.storage import Storage
+    from jobs.preprocess import run
+    from jobs.train import hr_embeddings_use, inspect_dataset, train
+
+    out = tmp_path / "aligned"
+    manifest = run(PreprocessConfig(input=str(att_faces), output=str(out), limit=160, split={"val": 0.35},
+                                    hr_embeddings=facenet_path))
+    net = IdentityNet(facenet_path)
+    assert manifest["hr_embeddings"]["identity_net_sha256"] == net.weights_sha256
+    table = pads.dataset(str(out / "data")).to_table(columns=["image", "hr_embedding"]).slice(0, 8)
+    stored = torch.tensor(table.column("hr_embedding").to_pylist())
+    with torch.inference_mode():
+        expected = embed(net, to_tensor([decode_face(b) for b in table.column("image").to_pylist()]))
+    assert stored.shape == (8, 512) and torch.allclose(stored, expected, atol=1e-4)
+
+    config = make_config(str(out), facenet_path, identity_jitter=0.0, max_steps=2, num_workers=1)
+    data = inspect_dataset(config, Storage.from_env())
+    assert hr_embeddings_use(config, data, net.weights_sha256)[0] is True
+    assert hr_embeddings_use(config, data, "0" * 64) == (
+        False, "computed each step (the dataset's were made with other FaceNet weights)")
+    jittered = make_config(str(out), facenet_path, identity_jitter=0.05)
+    assert "jitter" in hr_embeddings_use(jittered, data, net.weights_sha256)[1]
+
+    summary = train(config)
+    assert "HR embeddings: precomputed" in capsys.readouterr().out
+    assert summary["steps"] == 2
+    params = tracking.client(tracking.tracking_uri()).get_run(summary["mlflow_run_id"]).data.params
+    assert params["plan.hr_embeddings"] == "precomputed", {k: v for k, v in params.items() if k.startswith("plan")}

@@ -1,0 +1,185 @@
+"""Face I/O, one home for every reader of face images: safe decode (signature sniffing, size checks before any
+pixel is decoded), ``Rejected``, letterbox, square crop, PNG encode, and the batched MTCNN aligner.
+
+Used by ``ipsr preprocess`` (inside its Ray actors), ``ipsr serve`` (enrolment) and ``bench/device_check.py``.
+No Ray, no MLflow, no config models: numpy + Pillow, and torch/facenet-pytorch only when an aligner is built, so
+a bare GPU box can measure exactly what production runs.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+FACE_SIZE = 128
+PNG_LEVEL = 1
+
+# Pillow's names for the accepted formats (PPM covers PGM/PBM; JPEG also opens the multi-picture MPO variant
+# many cameras write).
+_FORMATS = ("JPEG", "PNG", "PPM", "WEBP", "BMP")
+
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _signature(data: bytes) -> str | None:
+    """The supported format the bytes start with, else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456":
+        return "PPM"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
+
+
+def _describe(data: bytes) -> str:
+    known = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF", b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF"}
+    for magic, name in known.items():
+        if data.startswith(magic):
+            return f"{name} content"
+    return "not an image"
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes → RGB image, or ``Rejected``. The declared size is checked before any pixel is decoded."""
+    if not data:
+        raise Rejected("corrupt", "empty file")
+    if _signature(data) is None:
+        raise Rejected("unsupported_format", f"{_describe(data)}; accepted: JPEG, PNG, PGM/PPM, WebP, BMP")
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice its limit; for us anything past max_pixels is a reject.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=_FORMATS)  # reads the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise Rejected("too_large", str(err)) from None
+        except Exception as err:  # noqa: BLE001 - a damaged header surfaces as many exception types
+            raise Rejected("corrupt", f"unreadable header: {err}") from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise Rejected("too_large", f"declared {h}x{w} (HxW) = {w * h} pixels > max_pixels {max_pixels}")
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+            return _to_rgb(img)
+        except Exception as err:  # noqa: BLE001 - truncated/damaged data: OSError, SyntaxError, ValueError, ...
+            raise Rejected("corrupt", str(err) or type(err).__name__) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PGM/PNG): keep the top 8 bits
+        arr = np.asarray(img, dtype=np.uint32)
+        return Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("P", "PA"):  # palette transparency must go through RGBA to convert cleanly
+        img = img.convert("RGBA")
+    return img.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, 1
+
+
+def letterbox(img: Image.Image, size: int) -> tuple[np.ndarray, float, float]:
+    """Scale the longest side to ``size``, pad bottom/right with black: one shape for every image in a batch.
+
+    Returns the canvas and the x/y scales; dividing canvas coordinates by them gives original coordinates.
+    """
+    w, h = img.size
+    s = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+    small = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)  # reducing_gap: fast on large photos
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[:nh, :nw] = np.asarray(small)
+    return canvas, nw / w, nh / h
+
+
+def crop_face(img: Image.Image, box: np.ndarray, margin: int) -> Image.Image:
+    """Square crop centred on the box, sized so the face spans FACE_SIZE - margin pixels, resized to FACE_SIZE.
+
+    Parts of the square outside the image are black (``Image.crop`` pads) rather than shifting or squashing
+    the face: position and aspect stay the same for every sample.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half = max(x2 - x1, y2 - y1) * FACE_SIZE / (FACE_SIZE - margin) / 2
+    region = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
+    return img.crop(region).resize((FACE_SIZE, FACE_SIZE), Image.BICUBIC)
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def decode_face(data: bytes) -> Image.Image:
+    """An encoded 128×128 face crop (the aligner's PNG) → RGB image."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# --- alignment --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Aligned:
+    """One detected face: the 128×128 crop and where it was, in the original image's pixels."""
+
+    face: Image.Image
+    det_prob: float
+    box: np.ndarray  # x1, y1, x2, y2
+    landmarks: np.ndarray  # eyes, nose, mouth corners: [5, 2] x, y
+
+
+class FaceAligner:
+    """Decode + detect + crop, batched: MTCNN's three nets load once, every call detects a whole batch at once.
+
+    ``align(list[bytes])`` returns, per input, an ``Aligned`` or the ``Rejected`` that explains why not.
+    """
+
+    def __init__(self, device: str = "cpu", detect_size: int = 160, min_face_size: int = 20, margin: int = 16,
+                 max_pixels: int = 40_000_000):
+        import torch
+        from facenet_pytorch import MTCNN
+
+        # keep_all + select_largest: detect() returns every face, largest first; we keep the first. Only
+        # detect() is used (crops are ours), so post_process and image_size do not matter.
+        self.mtcnn = MTCNN(min_face_size=min_face_size, select_largest=True, keep_all=True, device=device).eval()
+        # Channels-last weights make every conv output channels-last, and PyTorch's CPU max-pool is 3-10x faster
+        # on that layout than on NCHW (measured: PNet's pool 14 -> 5 ms, RNet's 143 -> 13 ms per batch). Same
+        # arithmetic, same detections; ~1.6x more images/s per actor.
+        self.mtcnn.to(memory_format=torch.channels_last)
+        self.detect_size, self.margin, self.max_pixels = detect_size, margin, max_pixels
+
+    def align(self, blobs: list[bytes]) -> list[Aligned | Rejected]:
+        out: list[Aligned | Rejected] = []
+        images, canvases, scales, todo = [], [], [], []
+        for i, data in enumerate(blobs):
+            try:
+                img = decode(data, self.max_pixels)
+            except Rejected as rej:
+                out.append(rej)
+                continue
+            out.append(Rejected("no_face", "MTCNN found no face"))  # replaced below when a face is found
+            canvas, sx, sy = letterbox(img, self.detect_size)
+            images.append(img), canvases.append(canvas), scales.append((sx, sy)), todo.append(i)
+        if not todo:
+            return out
+        # One call for the whole batch: every canvas has the same shape, so MTCNN runs each pyramid level once for
+        # all images instead of once per image.
+        boxes, probs, points = self.mtcnn.detect(np.stack(canvases), landmarks=True)
+        for i, img, (sx, sy), b, p, lm in zip(todo, images, scales, boxes, probs, points):
+            if b is not None and len(b):
+                box = b[0] / np.array([sx, sy, sx, sy])  # largest face, back in original pixels
+                out[i] = Aligned(crop_face(img, box, self.margin), float(p[0]), box, lm[0] / np.array([sx, sy]))
+        return out
