@@ -215,6 +215,9 @@ def submit(
     config: Annotated[Optional[Path], typer.Option(help="YAML with the job's options (shipped with the job).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print entrypoint + runtime_env, check access.")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
+    forward_env: Annotated[Optional[list[str]], typer.Option(
+        "--forward-env", help="Send this environment variable with the job (repeatable; it becomes readable in the "
+        "job's record: the cluster should have its own credentials).")] = None,
 ) -> None:
     """Run a job on a Ray cluster through the Jobs API (token auth from RAY_AUTH_TOKEN / its token file)."""
     import json
@@ -222,7 +225,8 @@ def submit(
 
     from ipsr_platform import submit as jobs_api
 
-    submission = jobs_api.build_submission(job, ctx.args, config)
+    submission = jobs_api.build_submission(job, ctx.args, config, forward_env or [],
+                                           warn=lambda line: typer.echo(line, err=True))
     if dry_run:
         shown = {**submission["runtime_env"], "env_vars": jobs_api.redact(submission["runtime_env"]["env_vars"])}
         typer.echo(f"entrypoint: {submission['entrypoint']}\nruntime_env: {json.dumps(shown, indent=2)}")

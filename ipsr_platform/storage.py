@@ -2,7 +2,9 @@
 
 Everything goes through ``pyarrow.fs`` so the same code reads a laptop folder, AWS S3 or an S3-compatible store
 (MinIO, Ceph, moto). A ``Storage`` is picklable: the driver builds it once from its environment and ships it to
-Ray workers, so workers need neither the driver's environment variables nor their own configuration.
+Ray workers with the endpoint and region, never with credentials: each process gets those from where the node
+keeps them (AWS_* variables from a Kubernetes Secret, an instance role / IRSA, ~/.aws), read by the AWS SDK
+itself, so no secret sits in a task's or actor's arguments (which Ray records and shows).
 
 Failures that can heal (network, throttling, 5xx) are retried with exponential backoff and jitter; after the
 last attempt a ``StorageError`` names the operation and the object. Missing objects and permission errors are
@@ -15,7 +17,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 from urllib.parse import urlparse
 
@@ -39,8 +41,8 @@ class S3Options:
 
     endpoint_url: str | None = None
     region: str | None = None
-    # Only set when the driver has explicit keys; otherwise each worker uses its own credential chain
-    # (instance role, ~/.aws). Kept out of repr so they never reach a log.
+    # Only for keys given in code (never read from the environment: the SDK's default chain reads AWS_* in each
+    # process). Kept out of repr so they never reach a log, and out of pickles so they never reach Ray.
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
@@ -52,13 +54,7 @@ class S3Options:
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         if endpoint and not region:
             region = "us-east-1"  # S3-compatible stores ignore it, but the SDK must not go looking for one.
-        return cls(
-            endpoint_url=endpoint or None,
-            region=region,
-            access_key=env.get("AWS_ACCESS_KEY_ID"),
-            secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
-            session_token=env.get("AWS_SESSION_TOKEN"),
-        )
+        return cls(endpoint_url=endpoint or None, region=region)
 
 
 @dataclass(frozen=True)
@@ -114,8 +110,9 @@ class Storage:
         return cls(S3Options.from_env(), RetryPolicy.from_env())
 
     # Filesystem clients hold sockets and threads: rebuild them in each process instead of pickling them.
+    # Explicit keys stay behind too: a pickle becomes a Ray task argument, which the cluster records.
     def __getstate__(self) -> dict:
-        return {"s3": self.s3, "retry": self.retry}
+        return {"s3": replace(self.s3, access_key=None, secret_key=None, session_token=None), "retry": self.retry}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["s3"], state["retry"])

@@ -4,9 +4,12 @@ What travels with a job:
 - the entrypoint ``python -m jobs.<job> <job flags>`` (flags only: never a secret);
 - ``runtime_env.working_dir``: this source checkout (without venvs, caches, tests, benchmarks, infra), so the
   cluster runs exactly the code you have; an installed ipsr (no checkout) sends none and relies on the image;
-- ``runtime_env.env_vars``: the settings jobs read from the environment (MLflow URI and credentials, S3
-  endpoint and credentials) and the ``--config`` YAML text (``IPSR_CONFIG_YAML``). The Jobs API carries them
-  in the request body, so they appear neither on a command line nor in ``ps`` output on the head node.
+- ``runtime_env.env_vars``: the non-secret settings jobs read from the environment (MLflow URI, S3 endpoint and
+  region), the ``--config`` YAML text (``IPSR_CONFIG_YAML``) and the checkout's commit (``IPSR_GIT_COMMIT``, with
+  ``-dirty`` for uncommitted changes: the job's working dir has no ``.git``). Never a credential by default: Ray
+  keeps the runtime env in the job's record, readable by anyone who can list jobs, long after the job ends. The
+  cluster has its own credentials (Kubernetes Secrets as env, instance roles / IRSA: infra/README.md);
+  ``--forward-env NAME`` sends one variable anyway, with a warning.
 
 Auth: with Ray token authentication on the cluster, the token comes from ``$RAY_AUTH_TOKEN``,
 ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (Ray's own order) and is sent as a bearer header.
@@ -18,27 +21,24 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ipsr_model.errors import UserError
 
 JOBS = ("preprocess", "train", "evaluate")
 
+# Settings, not secrets: forwarded when set.
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "IPSR_S3_ENDPOINT_URL",
 )
-SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
+SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
 CONFIG_ENV = "IPSR_CONFIG_YAML"
+COMMIT_ENV = "IPSR_GIT_COMMIT"
 
 # Never uploaded: they are large, machine-specific or not needed to run a job.
 EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info", "tests", "bench", "infra", "*.db",
@@ -80,7 +80,8 @@ def redact(env: dict[str, str]) -> dict[str, str]:
     return {k: ("***" if any(m in k for m in SECRET_MARKERS) else v) for k, v in env.items()}
 
 
-def build_submission(job: str, args: list[str], config_file: Path | None) -> dict[str, Any]:
+def build_submission(job: str, args: list[str], config_file: Path | None, forward_env: list[str] = (),
+                     warn=print) -> dict[str, Any]:
     """Entrypoint + runtime_env for ``job``; the job flags are parsed here first so mistakes fail locally."""
     import shlex
 
@@ -102,6 +103,19 @@ def build_submission(job: str, args: list[str], config_file: Path | None) -> dic
         raise UserError(f"ipsr {job}: {message}") from None
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if urlparse(env.get("MLFLOW_TRACKING_URI", "")).password:
+        raise UserError("MLFLOW_TRACKING_URI holds a password, which would be readable in the job's record: give the "
+                        "cluster MLFLOW_TRACKING_USERNAME/PASSWORD as a Secret (infra/README.md) and drop them from the "
+                        "URI, or pass --forward-env MLFLOW_TRACKING_URI to send it anyway")
+    for name in forward_env:
+        if name not in os.environ:
+            raise UserError(f"--forward-env {name}: no such environment variable here")
+        env[name] = os.environ[name]
+        warn(f"warning: {name} is forwarded in the job's runtime_env: anyone who can list jobs on this cluster can "
+             "read it, for as long as the cluster keeps the job's record")
+    from ipsr_platform.tracking import git_commit
+
+    env.setdefault(COMMIT_ENV, git_commit())
     if config_file is not None:
         if not config_file.is_file():
             raise UserError(f"config file not found: {config_file}")

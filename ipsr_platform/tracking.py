@@ -192,7 +192,12 @@ def version_for_alias(name: str, alias: str, uri: str | None = None):
 
 @functools.cache
 def git_commit() -> str:
-    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), or ``unknown``."""
+    """The code's commit (with ``-dirty`` when it has uncommitted changes), or ``unknown``.
+
+    ``$IPSR_GIT_COMMIT`` wins: ``ipsr submit`` sets it from the submitting checkout (the job's working dir ships
+    without ``.git``) and the container image bakes it in at build time (infra/docker/Dockerfile)."""
+    if os.environ.get("IPSR_GIT_COMMIT"):
+        return os.environ["IPSR_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(
@@ -203,7 +208,7 @@ def git_commit() -> str:
             cwd=root, capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("IPSR_GIT_COMMIT", "unknown")
+        return "unknown"
     return f"{sha}-dirty" if dirty else sha
 
 

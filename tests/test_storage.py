@@ -68,6 +68,23 @@ def test_s3_options_from_env(monkeypatch):
     assert "sekrit" not in repr(S3Options.from_env())
 
 
+def test_no_credential_travels_in_a_pickle(s3, monkeypatch):
+    """What Ray ships to tasks, actors and Train workers (a Storage, the pyarrow filesystem) holds no secret; the
+    worker side still reaches S3 with the credentials of its own environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-ipsr-test-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ipsr-test-secret-value")
+    s3.create_bucket(Bucket="no-secrets")
+    storage = Storage.from_env()
+    fs, _ = storage.resolve("s3://no-secrets/x")
+    explicit = Storage(S3Options(endpoint_url="http://127.0.0.1:1", **KEYS))
+    for obj in (storage, fs, explicit):
+        blob = pickle.dumps(obj)
+        assert b"ipsr-test-secret-value" not in blob and b"AKIA-ipsr-test-id" not in blob and b"testing" not in blob
+    worker = pickle.loads(pickle.dumps(storage))
+    worker.write_bytes("s3://no-secrets/k", b"ok")
+    assert worker.read_bytes("s3://no-secrets/k") == b"ok"
+
+
 def test_s3_round_trip_through_the_real_api(s3):
     s3.create_bucket(Bucket="storage-rt")
     st = Storage.from_env()

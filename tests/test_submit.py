@@ -116,14 +116,37 @@ def test_dry_run_shows_the_job_without_secrets_and_checks_access(token_cluster, 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"python -m jobs.preprocess --input {small_faces}" in result.stdout
-    assert "very-secret-value" not in result.stdout and '"AWS_SECRET_ACCESS_KEY": "***"' in result.stdout
+    assert "AWS_SECRET_ACCESS_KEY" not in result.stdout and "very-secret-value" not in result.stdout
     assert '"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"' in result.stdout
+    assert '"IPSR_GIT_COMMIT": "' in result.stdout
     assert "reachable and authorised" in result.stdout
     assert not (tmp_path / "out").exists()
 
+    # Forwarding a secret is possible, on purpose only, and says what it costs; the dry run still redacts it.
+    forwarded = run_ipsr(
+        "submit", "preprocess", "--address", token_cluster, "--dry-run", "--forward-env", "AWS_SECRET_ACCESS_KEY",
+        "--input", str(small_faces), "--output", str(tmp_path / "out"), token=TOKEN, home=tmp_path,
+    )  # fmt: skip
+    assert forwarded.returncode == 0, forwarded.stderr
+    assert '"AWS_SECRET_ACCESS_KEY": "***"' in forwarded.stdout and "very-secret-value" not in forwarded.stdout
+    assert "warning: AWS_SECRET_ACCESS_KEY is forwarded" in forwarded.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:pw-in-uri@127.0.0.1:5000")
+    leaky = run_ipsr("submit", "preprocess", "--address", token_cluster, "--dry-run", "--input", str(small_faces),
+                     "--output", str(tmp_path / "out"), token=TOKEN, home=tmp_path)
+    assert leaky.returncode == 2 and leaky.stderr.startswith("error: MLFLOW_TRACKING_URI holds a password"), leaky
 
-def test_submitted_job_runs_to_completion_with_the_token(token_cluster, small_faces, tmp_path):
+
+def test_submitted_job_runs_to_completion_with_the_token(token_cluster, small_faces, tmp_path, monkeypatch):
     import json
+
+    from ray.job_submission import JobSubmissionClient
+
+    from ipsr_platform.tracking import git_commit
+
+    secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret-value-42", "MLFLOW_TRACKING_PASSWORD": "mlflow-secret-value-42",
+               "AWS_SESSION_TOKEN": "session-token-value-42"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
 
     out = tmp_path / "aligned"
     config = tmp_path / "preprocess.yaml"
@@ -140,6 +163,11 @@ def test_submitted_job_runs_to_completion_with_the_token(token_cluster, small_fa
     assert manifest["config"]["margin"] == 8
 
     job_id = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("submitted "))
+    # Nothing secret in what the cluster keeps about the job (its record, its logs); the commit is there.
+    api = JobSubmissionClient(token_cluster, headers={"Authorization": f"Bearer {TOKEN}"})
+    record = json.dumps(api.get_job_info(job_id).runtime_env) + api.get_job_logs(job_id)
+    assert not [name for name, value in secrets.items() if value in record or name in record], record[:2000]
+    assert api.get_job_info(job_id).runtime_env["env_vars"]["IPSR_GIT_COMMIT"] == git_commit()
     listed = run_ipsr("jobs", "list", "--address", token_cluster, token=TOKEN, home=tmp_path)
     assert listed.returncode == 0 and f"{job_id}\tSUCCEEDED" in listed.stdout, listed
     status = run_ipsr("jobs", "status", job_id, "--address", token_cluster, token=TOKEN, home=tmp_path)
