@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ipsr_model.errors import UserError
+from ipsr_platform import console
 
 app = typer.Typer(
     name="ipsr",
@@ -19,6 +20,17 @@ app = typer.Typer(
 )
 weights_app = typer.Typer(help="Identity-network (FaceNet) weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+
+VerboseOption = Annotated[bool, typer.Option("--verbose", help="Show Ray's and the libraries' logs live (default: "
+                                                               "into a log file whose path is printed).")]
+
+
+def _output(job: str, verbose: bool) -> None:
+    """ipsr's own progress and tables on the terminal; the libraries' detail in a log file unless --verbose."""
+    if not verbose:
+        from ipsr_model.weights import ipsr_home
+
+        console.quiet(job, ipsr_home())
 
 
 @weights_app.command("fetch")
@@ -64,8 +76,10 @@ def preprocess(
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Rebuild a committed output.")] = None,
     hr_embeddings: Annotated[Optional[str], typer.Option(help="FaceNet weights: store each face's embedding for training.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML with any option (< IPSR_PREPROCESS_* env < flags).")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Detect and align faces with MTCNN on Ray Data: identity folders → 128×128 Parquet dataset + rejects."""
+    _output("preprocess", verbose)
     from ipsr_platform.config import PreprocessConfig, build_config
     from jobs.preprocess import run
 
@@ -108,8 +122,10 @@ def train(
     compile_: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the generator.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML with any option (< IPSR_TRAIN_* env < flags).")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train the U-Net with Ray Train (DDP) on Ray Data, track in MLflow, register @candidate."""
+    _output("train", verbose)
     from ipsr_platform.config import TrainConfig, build_config
     from jobs.train import train as run_train
 
@@ -125,9 +141,9 @@ def train(
     )
     summary = run_train(cfg)
     if summary.get("already_finished"):
-        typer.echo(f"run {summary['run_name']} already finished; nothing to do")
+        console.say(f"run {summary['run_name']} already finished; nothing to do")
     val = ", ".join(f"{size} {value:.3f}" for size, value in summary["val_rank1"].items())
-    typer.echo(
+    console.say(
         f"run {summary['run_name']}: {summary['steps']} steps (resumed from step {summary['resumed_from_step']}); "
         f"val rank-1 {val}\nregistered {summary['model']} version {summary['model_version']} as "
         f"{summary['model_uri']} (MLflow run {summary['mlflow_run_id']})"
@@ -142,7 +158,7 @@ def evaluate(
     model: Annotated[Optional[list[str]], typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, run id or checkpoint path; repeatable.")] = None,
     sizes: Annotated[Optional[str], typer.Option(help="Probe sizes H×W, e.g. 11x8,16x12 (default per protocol).")] = None,
     identities: Annotated[Optional[str], typer.Option(help="Only identity folders matching these globs, e.g. 's3[1-9],s40'.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="train | val | test identities of an `ipsr preprocess` output.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="test (default for an `ipsr preprocess` output: unseen identities) | val | train | all.")] = None,
     gallery_pattern: Annotated[Optional[str], typer.Option(help="Glob on file names for the gallery image (default first).")] = None,
     probe_pattern: Annotated[Optional[str], typer.Option(help="Glob on file names for probe images (default ar: second; lfw/folder: the rest).")] = None,
     probe_map: Annotated[Optional[str], typer.Option(help="scface: CSV path,identity,group instead of probes/<group>/.")] = None,
@@ -158,8 +174,10 @@ def evaluate(
     promote: Annotated[Optional[bool], typer.Option("--promote", help="Move @champion to @candidate if it scores higher.")] = None,
     promote_recognizer: Annotated[Optional[str], typer.Option(help="Recognizer of the promotion metric (default sface).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML with any option (< IPSR_EVALUATE_* env < flags).")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Identification (rank-1, CMC) of HR / bicubic / SR probes with FaceNet and SFace; optional promotion."""
+    _output("evaluate", verbose)
     from ipsr_platform.config import EvaluateConfig, build_config
     from jobs.evaluate import print_summary, run as run_evaluate
 
@@ -344,8 +362,10 @@ def quickstart(
     serve: Annotated[bool, typer.Option(help="Finish with the Ray Serve identification demo.")] = True,
     keep_serving: Annotated[bool, typer.Option(help="Keep the service up after the demo (Ctrl-C stops).")] = False,
     port: Annotated[int, typer.Option(help="HTTP port of the service.")] = 8000,
+    verbose: VerboseOption = False,
 ) -> None:
     """End to end on this machine: preprocess → train → evaluate vs bicubic → register + promote → serve."""
+    _output("quickstart", verbose)
     from ipsr_platform.quickstart import run_quickstart
 
     run_quickstart(
@@ -358,5 +378,14 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        typer.echo(f"error: {err}", err=True)
+        console.say(f"error: {err}", error=True)
         sys.exit(2)
+    except Exception:
+        if console.verbose():
+            raise
+        import traceback
+
+        traceback.print_exc()  # into the log file, beside the detail that led to it
+        console.say(traceback.format_exc().rstrip(), error=True)
+        console.say(f"the details before it are in {console.log_file()}", error=True)
+        sys.exit(1)

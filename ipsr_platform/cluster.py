@@ -8,15 +8,22 @@ Train V2's controller queries the state API through it, so a process that runs p
 
 from __future__ import annotations
 
+import logging
 
-def connect(*, log_to_driver: bool = True) -> None:
+
+def connect() -> None:
     """Initialise Ray once per process; a no-op when it is already initialised (tests share one instance).
 
-    ``log_to_driver=False`` keeps worker output out of the terminal (it stays in the session's log folder).
+    Worker output reaches the driver (``log_to_driver``) and goes wherever the driver's stdout goes: the terminal,
+    or after ``console.quiet`` (the CLI's default) the command's log file, whose path is printed once here.
     """
     import ray
+
+    from ipsr_platform import console
 
     if ray.is_initialized():
         return
     # reads RAY_ADDRESS itself: join that cluster, or start a local instance when it is unset
-    ray.init(log_to_driver=log_to_driver)
+    context = ray.init(log_to_driver=True)
+    logging.getLogger(__name__).info("Ray session: %s", getattr(context, "address_info", {}).get("session_dir"))
+    console.announce()

@@ -333,8 +333,9 @@ class EvaluateConfig(BaseModel):
     identities: str | None = Field(
         None, description="Only identities whose folder name matches one of these comma-separated globs (s3[1-9],s40)."
     )
-    split: Literal["train", "val", "test"] | None = Field(
-        None, description="With an `ipsr preprocess` output as --data: only this split's identities (test = unseen)."
+    split: Literal["train", "val", "test", "all"] | None = Field(
+        None, description="With an `ipsr preprocess` output as --data: only this split's identities (default test: "
+        "the unseen ones; all = every split)."
     )
     gallery_pattern: str | None = Field(None, description="Glob on file names picking the gallery image (default first).")
     probe_pattern: str | None = Field(None, description="Glob on file names picking the probe image(s) (default: "

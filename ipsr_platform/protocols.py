@@ -33,6 +33,7 @@ from ipsr_model.errors import UserError
 from ipsr_model.images import square_face, to_tensor
 from ipsr_model.unet import IMAGE_SIZE
 from ipsr_platform.smoke import IMAGE_SUFFIXES, natural_key
+from ipsr_platform.storage import Storage, is_s3, join, normalize
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,40 @@ def _identity_folders(root: Path) -> dict[str, list[_Face]]:
     return out
 
 
-def _aligned_dataset(root: Path, split: str | None = None) -> dict[str, list[_Face]]:
+def _s3_identity_folders(uri: str, storage: Storage) -> dict[str, list[_Face]]:
+    """Identity folders under an s3:// prefix: one listing per folder, images fetched when a protocol loads them."""
+    import pyarrow.fs as pafs
+
+    if not storage.is_dir(uri):
+        raise UserError(f"--data {uri}: no such prefix")
+
+    def load(path: str) -> Callable[[], Image.Image]:
+        def read() -> Image.Image:
+            try:
+                return Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB")
+            except (UnidentifiedImageError, OSError) as err:
+                raise UserError(f"cannot read image {path}: {err}") from None
+
+        return read
+
+    out = {}
+    for folder in sorted((i for i in storage.list(uri) if i.type == pafs.FileType.Directory), key=lambda i: i.path):
+        files = sorted((i for i in storage.list(folder.path) if i.type == pafs.FileType.File
+                        and Path(i.base_name).suffix.lower() in IMAGE_SUFFIXES), key=lambda i: natural_key(Path(i.path)))
+        if files:
+            out[folder.base_name] = [_Face(i.base_name, load(i.path)) for i in files]
+    return out
+
+
+def _aligned_dataset(uri: str, storage: Storage, split: str | None = None) -> dict[str, list[_Face]]:
     """The Parquet output of ``ipsr preprocess`` (already MTCNN-aligned 128×128 PNGs): one split or all."""
     import pyarrow.parquet as pq
 
     filters = [("split", "=", split)] if split else None
-    table = pq.read_table(root / "data", columns=["image", "identity", "source"], filters=filters).to_pydict()
+    fs, path = storage.resolve(join(uri, "data"))
+    table = pq.read_table(path, filesystem=fs, columns=["image", "identity", "source"], filters=filters).to_pydict()
     if split and not table["identity"]:
-        raise UserError(f"--data {root}: the {split!r} split is empty (see manifest.json counts)")
+        raise UserError(f"--data {uri}: the {split!r} split is empty (see manifest.json counts)")
     out: dict[str, list[_Face]] = {}
     for png, identity, source in zip(table["image"], table["identity"], table["source"]):
         out.setdefault(identity, []).append(_Face(source, lambda png=png: Image.open(io.BytesIO(png)).convert("RGB")))
@@ -110,14 +137,26 @@ def _aligned_dataset(root: Path, split: str | None = None) -> dict[str, list[_Fa
     return dict(sorted(out.items()))
 
 
-def read_identities(root: Path, split: str | None = None) -> dict[str, list[_Face]]:
-    """identity → faces in natural file order, from identity folders or an ``ipsr preprocess`` output (where
-    ``split`` picks its train/val/test identities)."""
-    if (root / "_SUCCESS").is_file() and (root / "data").is_dir():
-        return _aligned_dataset(root, split)
-    if split:
-        raise UserError(f"--split {split} needs an `ipsr preprocess` output as --data; {root} is not one")
-    return _identity_folders(root)
+def is_aligned_dataset(data: str, storage: Storage | None = None) -> bool:
+    """Whether ``data`` (path or s3://) is a committed ``ipsr preprocess`` output."""
+    storage, uri = storage or Storage.from_env(), normalize(str(data))
+    return storage.exists(join(uri, "_SUCCESS")) and storage.is_dir(join(uri, "data"))
+
+
+def read_identities(data: str | Path, split: str | None = None) -> tuple[dict[str, list[_Face]], str]:
+    """identity → faces in natural file order, and which split was read, from identity folders or an ``ipsr
+    preprocess`` output (local or s3://).
+
+    A preprocess output is read by split, its held-out ``test`` identities unless ``split`` says otherwise (``all``:
+    every split): scoring the identities a model was trained on would flatter it. Identity folders have no split.
+    """
+    storage, uri = Storage.from_env(), normalize(str(data))
+    if is_aligned_dataset(uri, storage):
+        chosen = split or "test"
+        return _aligned_dataset(uri, storage, None if chosen == "all" else chosen), chosen
+    if split not in (None, "all"):
+        raise UserError(f"--split {split} needs an `ipsr preprocess` output as --data; {data} is not one")
+    return (_s3_identity_folders(uri, storage) if is_s3(uri) else _identity_folders(Path(uri))), "all"
 
 
 def _select(identities: dict[str, list[_Face]], globs: str | None) -> dict[str, list[_Face]]:
@@ -136,7 +175,7 @@ def _faces(faces: list[_Face], side: int = IMAGE_SIZE) -> torch.Tensor:
 
 def synthetic_protocol(
     name: str,
-    root: Path,
+    root: str | Path,
     sizes: tuple[str, ...],
     *,
     identities: str | None = None,
@@ -146,7 +185,8 @@ def synthetic_protocol(
     split: str | None = None,
 ) -> Protocol:
     """AR (``one_probe``), LFW and folder protocols: HR gallery + HR probes, degraded per column at evaluation."""
-    data = _select(read_identities(root, split), identities)
+    faces_by_identity, split = read_identities(root, split)
+    data = _select(faces_by_identity, identities)
     gallery, probes, gallery_labels, probe_labels, names = [], [], [], [], []
     skipped = 0
     for identity, faces in data.items():
@@ -176,6 +216,9 @@ def synthetic_protocol(
     hr_probes, labels = _faces(probes), torch.tensor(probe_labels)
     columns = [ProbeColumn(size, hr_probes, labels, parse_size(size)) for size in sizes]
     note = f"{len(names)} identities, {len(probes)} probes" + (f", {skipped} identities skipped" if skipped else "")
+    if split != "all":
+        note += f"; the preprocess output's {split!r} split" + (" (held-out identities; --split all for every split)"
+                                                              if split == "test" else "")
     log.info("protocol %s on %s: %s", name, root, note)
     return Protocol(name, _faces(gallery), torch.tensor(gallery_labels), columns, names, note=note)
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ipsr_model.errors import UserError
+from ipsr_platform import console as terminal
 
 REGISTERED_NAME = "ipsr-quickstart"
 EXPERIMENT = "ipsr-quickstart"
@@ -48,7 +49,7 @@ def run_quickstart(
     from ipsr_model.weights import ipsr_home
     from ipsr_platform import datasets, tracking
 
-    console = Console()
+    console = Console(file=terminal.out())
     timings: dict[str, float] = {}
     out = (output or ipsr_home() / "quickstart").expanduser().resolve()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -68,11 +69,10 @@ def run_quickstart(
     if not data.is_dir():
         raise UserError(f"--data {data}: no such directory (expected identity folders DIR/<identity>/<image>)")
 
-    # Ray's per-worker log lines would drown the five stages; they stay in the session's log folder.
+    # Ray's detail would drown the five stages: it goes to the log file `ipsr quickstart` prints (unless --verbose).
     from ipsr_platform import cluster
 
-    cluster.connect(log_to_driver=False)
-    console.print("Ray worker logs: /tmp/ray/session_latest/logs (not echoed here)", soft_wrap=True)
+    cluster.connect()
 
     # 2. preprocess
     t = stage("1/5 preprocess", f"MTCNN alignment of {data} on Ray Data")
@@ -159,7 +159,7 @@ def _test_faces(aligned: Path) -> tuple[list[str], list[bytes], list[bytes]]:
     """(identities, first face PNG, second face PNG) of every test identity with ≥ 2 faces, in natural order."""
     from ipsr_platform.protocols import read_identities
 
-    pairs = {name: faces for name, faces in read_identities(aligned, split="test").items() if len(faces) >= 2}
+    pairs = {name: faces for name, faces in read_identities(aligned, split="test")[0].items() if len(faces) >= 2}
     if len(pairs) < 2:
         raise UserError(f"{aligned}: the test split has {len(pairs)} identities with 2 faces; use more identities")
     return list(pairs), [_png(f[0].load()) for f in pairs.values()], [_png(f[1].load()) for f in pairs.values()]

@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from ipsr_model.degradation import degrade
 from ipsr_model.errors import UserError
 from ipsr_model.metrics import cmc_from_ranks, cosine_similarity, mcnemar_exact, probe_ranks, wilson_interval
+from ipsr_platform import console
 from ipsr_platform.config import EvaluateConfig
 from ipsr_platform.protocols import Protocol, scface_protocol, synthetic_protocol
+from ipsr_platform.storage import is_s3
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,9 @@ def split_group(spec: str) -> tuple[str | None, str]:
 
 
 def build_protocol(config: EvaluateConfig) -> Protocol:
-    root = Path(config.data).expanduser()
+    if config.protocol == "scface" and is_s3(config.data):
+        raise UserError("--protocol scface reads a local folder; copy it from S3 first (ar, lfw and folder read s3://)")
+    root = config.data if is_s3(config.data) else Path(config.data).expanduser()
     if config.protocol == "scface":
         return scface_protocol(
             root, identities=config.identities, gallery_pattern=config.gallery_pattern,
@@ -195,30 +199,33 @@ def evaluate(
 
     results: dict[tuple[str, str, str], torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
-    for column in protocol.columns:
-        # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
-        probes: dict[tuple[str, str], list[torch.Tensor]] = {}
-        for start in range(0, len(column.images), batch_size):
-            chunk = column.images[start : start + batch_size]
-            images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
-            if start == 0 and grid_faces:
-                samples[column.name] = [images.get(m.label, chunk)[:grid_faces] for m in methods]
-            for rec_name, recognizer in recognizers.items():
-                embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
-                for label, value in embedded.items():
-                    if concat_bicubic and label != BICUBIC:
-                        value = torch.cat([embedded[BICUBIC], value], 1)
-                    probes.setdefault((rec_name, label), []).append(value)
-        for rec_name in recognizers:
-            for method in methods:
-                if method.label == HR:
-                    embeddings = hr_probes[rec_name]
-                else:
-                    embeddings = torch.cat(probes[rec_name, method.label])
-                similarity = cosine_similarity(embeddings, gallery[rec_name, method.label])
-                results[rec_name, method.label, column.name] = probe_ranks(
-                    similarity, column.labels, protocol.gallery_labels
-                )
+    total = sum(len(column.images) for column in protocol.columns)
+    with console.progress(f"evaluate {protocol.name}", total, "probes") as advance:
+        for column in protocol.columns:
+            # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
+            probes: dict[tuple[str, str], list[torch.Tensor]] = {}
+            for start in range(0, len(column.images), batch_size):
+                chunk = column.images[start : start + batch_size]
+                images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
+                if start == 0 and grid_faces:
+                    samples[column.name] = [images.get(m.label, chunk)[:grid_faces] for m in methods]
+                for rec_name, recognizer in recognizers.items():
+                    embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
+                    for label, value in embedded.items():
+                        if concat_bicubic and label != BICUBIC:
+                            value = torch.cat([embedded[BICUBIC], value], 1)
+                        probes.setdefault((rec_name, label), []).append(value)
+                advance(len(chunk))
+            for rec_name in recognizers:
+                for method in methods:
+                    if method.label == HR:
+                        embeddings = hr_probes[rec_name]
+                    else:
+                        embeddings = torch.cat(probes[rec_name, method.label])
+                    similarity = cosine_similarity(embeddings, gallery[rec_name, method.label])
+                    results[rec_name, method.label, column.name] = probe_ranks(
+                        similarity, column.labels, protocol.gallery_labels
+                    )
     return results, samples
 
 
@@ -541,8 +548,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]{summary['protocol']}[/]: {summary['note']}")
+    screen = Console(file=console.out())
+    screen.print(f"[bold]{summary['protocol']}[/]: {summary['note']}")
     for rec_name, table in summary["rank1"].items():
         view = Table(title=f"rank-1 — {RECOGNIZER_TITLES[rec_name]}")
         view.add_column("method")
@@ -551,7 +558,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         cells = summary["statistics"][rec_name]
         for label, row in table.items():
             view.add_row(label, *(format_cell(row[c], cells[label].get(c)) for c in [*summary["columns"], "mean"]))
-        console.print(view)
+        screen.print(view)
         if summary["seed_groups"][rec_name]:
             groups = Table(title=f"seed groups — {RECOGNIZER_TITLES[rec_name]}")
             for column in ["group", "seeds", *summary["columns"]]:
@@ -559,13 +566,14 @@ def print_summary(summary: dict[str, Any]) -> None:
             for group, row in summary["seed_groups"][rec_name].items():
                 n = str(len(row[summary["columns"][0]]["seeds"]))
                 groups.add_row(group, n, *(format_seed_cell(row[c]) for c in summary["columns"]))
-            console.print(groups)
-            console.print(SEEDS_NOTE)
-    console.print(SIGNIFICANCE_NOTE)
-    console.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
+            screen.print(groups)
+            screen.print(SEEDS_NOTE)
+    screen.print(SIGNIFICANCE_NOTE)
+    screen.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
+    console.announce()
     if summary["promotion"]:
         p = summary["promotion"]
-        console.print(f"{'promoted' if p['promoted'] else 'not promoted'}: {p['why']}")
+        screen.print(f"{'promoted' if p['promoted'] else 'not promoted'}: {p['why']}")
 
 
 def main(argv: list[str] | None = None) -> None:

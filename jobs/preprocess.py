@@ -59,7 +59,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ipsr_model.errors import UserError
-from ipsr_platform import cluster
+from ipsr_platform import cluster, console
 from ipsr_platform.config import SPLITS, PreprocessConfig
 from ipsr_platform.faces import FACE_SIZE, FaceAligner, Rejected, encode_png
 from ipsr_platform.storage import Storage, StorageError, join, normalize
@@ -98,11 +98,34 @@ REJECT_COLUMNS = ["source", "identity", "reason", "detail"]
 # --- listing ----------------------------------------------------------------------------------------------------
 
 
+def _unit(identity: str) -> float:
+    return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(identity: str, fractions: dict[str, float]) -> str:
     """Deterministic split by identity: the same name lands in the same split on every run and machine."""
-    u = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") / 2**64
+    u = _unit(identity)
     val, test = fractions.get("val", 0.0), fractions.get("test", 0.0)
     return "val" if u < val else "test" if u < val + test else "train"
+
+
+MIN_SPLIT_IDENTITIES = 2  # per non-zero val/test fraction, once a dataset has MIN_SPLIT_FROM identities
+MIN_SPLIT_FROM = 10
+
+
+def assign_splits(names: list[str], fractions: dict[str, float]) -> dict[str, str]:
+    """identity → split by ``split_of``, except that from 10 identities on, a non-zero val or test fraction gets at
+    least 2 identities (the next ones in hash order): validation needs 2, and 2 % of 40 identities is none.
+
+    On large sets (VGGFace2) the minimum never binds and this is exactly ``split_of``."""
+    split = {n: split_of(n, fractions) for n in names}
+    if len(names) < MIN_SPLIT_FROM:
+        return split
+    wanted = {s: max(sum(v == s for v in split.values()), MIN_SPLIT_IDENTITIES if fractions.get(s, 0) > 0 else 0)
+              for s in ("val", "test")}
+    ordered = sorted(names, key=_unit)  # split_of's val are the first in this order, its test the next ones
+    return {n: "val" if i < wanted["val"] else "test" if i < wanted["val"] + wanted["test"] else "train"
+            for i, n in enumerate(ordered)}
 
 
 def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]:
@@ -320,7 +343,8 @@ def _prepare_output(storage: Storage, out: str, overwrite: bool) -> None:
     if foreign:
         raise UserError(f"output {out} holds files that are not an ipsr dataset ({', '.join(foreign[:3])}); "
                         "choose an empty or new path")
-    if entries and not entries & {SUCCESS, TEMPORARY, "manifest.json"}:  # e.g. someone's own data/ folder
+    # data/ alone may be someone's own folder; with rejects.parquet beside it, it is ours (a crash mid-commit).
+    if entries and not entries & {SUCCESS, TEMPORARY, "manifest.json", "rejects.parquet"}:
         raise UserError(f"output {out} is not empty and holds no ipsr dataset; choose an empty or new path")
     # _SUCCESS goes first: from this moment the old dataset is visibly not committed.
     for name in (SUCCESS, "manifest.json", "rejects.parquet", "data", TEMPORARY):
@@ -333,7 +357,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     out = normalize(cfg.output)
     t_start = time.perf_counter()
     if storage.exists(join(out, SUCCESS)) and not cfg.overwrite:
-        print(f"{out} is already committed (_SUCCESS present); nothing to do. Use --overwrite to rebuild it.")
+        console.say(f"{out} is already committed (_SUCCESS present); nothing to do. Use --overwrite to rebuild it.")
         return json.loads(storage.read_bytes(join(out, "manifest.json")))
     identity_net_sha256 = None
     if cfg.hr_embeddings:  # resolve the weights once here: a bad source fails before any actor starts
@@ -344,12 +368,13 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
 
     inputs, ignored = list_inputs(cfg, storage)
     if ignored:
-        print(f"warning: ignored {ignored} file(s) directly under {normalize(cfg.input)} (not in an identity folder)")
+        console.say(f"warning: ignored {ignored} file(s) directly under {normalize(cfg.input)} (not in an identity "
+                    "folder)")
     names = sorted(set(inputs.column("identity").to_pylist()))
     label_of = {n: i for i, n in enumerate(names)}
     idents = inputs.column("identity").to_pylist()
     inputs = inputs.append_column("label", pa.array([label_of[n] for n in idents], pa.int32()))
-    split_by_name = {n: split_of(n, cfg.split) for n in names}
+    split_by_name = assign_splits(names, cfg.split)
     inputs = inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string()))
     t_listed = time.perf_counter()
 
@@ -376,8 +401,11 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
         "end_to_end": round(manifest["counts"]["seen"] / max(t_end - t_start, 1e-9), 2),
         "steady": round(steady, 2) if steady else None,
     }
-    # The manifest (with its timings) goes before _SUCCESS: whoever sees the marker sees the whole manifest.
+    # The manifest (with its timings) goes before _SUCCESS: whoever sees the marker sees the whole manifest. The
+    # scratch (orphans of retried tasks) goes after the manifest, so a crash at any point leaves _temporary or
+    # manifest.json behind: a rerun recognises the output as its own and rebuilds it.
     storage.write_bytes(join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    storage.delete(join(out, TEMPORARY))
     storage.write_bytes(join(out, SUCCESS), b"")
     _print_summary(manifest, out)
     return manifest
@@ -433,11 +461,13 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
                                     columns=FACE_COLUMNS + ["hr_embedding"] * bool(cfg.hr_embeddings)))
     )
     tally = Tally()
-    for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        fatal = part.column("fatal").drop_null()
-        if len(fatal):
-            raise StorageError(fatal[0].as_py())  # leaving the loop stops the pipeline; nothing is committed
-        tally.add(part)
+    with console.progress("preprocess", inputs.num_rows, "img") as advance:
+        for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            fatal = part.column("fatal").drop_null()
+            if len(fatal):
+                raise StorageError(fatal[0].as_py())  # leaving the loop stops the pipeline; nothing is committed
+            tally.add(part)
+            advance(part.num_rows)
     return tally
 
 
@@ -465,7 +495,6 @@ def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs:
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(lambda sf: storage.move(join(tmp, sf[0]), join(out, sf[1]["path"])), zip(shards, files)))
     storage.call("write", join(out, "rejects.parquet"), lambda fs, path: pq.write_table(rejects, path, filesystem=fs))
-    storage.delete(join(out, TEMPORARY))  # orphans of retried tasks and the run's scratch
 
     import PIL
     import ray
@@ -510,7 +539,7 @@ def _print_summary(manifest: dict[str, Any], out: str) -> None:
     table.add_row("time", f"list {t['list']} s, process {t['process']} s, total {t['total']} s")
     rate = manifest["images_per_s"]
     table.add_row("images/s", f"{rate['end_to_end']} end to end, {rate['steady']} once the actors are up")
-    Console(stderr=True).print(table)
+    Console(file=console.err()).print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from PIL import Image
 from ipsr_model.degradation import MultiScaleDegradation, degrade, parse_size
 from ipsr_model.errors import UserError
 from ipsr_model.losses import IdentityPreservingLoss
-from ipsr_platform import cluster
+from ipsr_platform import cluster, console
 from ipsr_platform.config import TrainConfig
 from ipsr_platform.storage import Storage, join, normalize
 from jobs.train_data import decode_batch, decode_faces
@@ -476,6 +477,33 @@ def _train_loop(loop_config: dict) -> None:
 # ------------------------------------------------------------------------------------------- driver side
 
 
+@contextlib.contextmanager
+def _step_progress(run_id: str, uri: str, steps_per_epoch: int, total_steps: int):
+    """A progress bar of optimiser steps while ``trainer.fit()`` blocks: rank 0 logs ``epoch`` to MLflow every
+    ``log_every`` steps, and a thread reads it back every 2 s (one small registry call; stops with the fit)."""
+    from ipsr_platform import console, tracking
+
+    stop = threading.Event()
+    with console.progress("train", total_steps, "steps") as advance:
+        def follow() -> None:
+            shown = 0
+            while not stop.wait(2.0):
+                with contextlib.suppress(Exception):  # the tracking server may blink; the bar can wait
+                    epoch = tracking.client(uri).get_run(run_id).data.metrics.get("epoch", 0.0)
+                    step = min(total_steps, round(epoch * steps_per_epoch))
+                    if step > shown:
+                        advance(step - shown)
+                        shown = step
+
+        thread = threading.Thread(target=follow, name="ipsr-train-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+
 def _cluster_cpus_gpus() -> tuple[float, float]:
     import ray
 
@@ -553,7 +581,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if data.n_train == 0:
         raise UserError(f"--data {data.uri}: the train split is empty")
     use_embeddings, why = hr_embeddings_use(config, data, identity_sha256)
-    print(f"HR embeddings: {why}")
+    console.say(f"HR embeddings: {why}")
 
     cluster.connect()
     cluster_cpus, cluster_gpus = _cluster_cpus_gpus()
@@ -648,7 +676,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         datasets={"train": train_dataset(data, use_embeddings)},
     )
     try:
-        result = trainer.fit()
+        with _step_progress(run_id, uri, steps_per_epoch, total_steps):
+            result = trainer.fit()
     except KeyboardInterrupt:
         tracking.set_run_status(run_id, "KILLED", uri)
         raise

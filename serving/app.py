@@ -56,6 +56,8 @@ PUBLIC_PATHS = {"/v1/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/ope
 # Only these reasons make a request a 400: the client sent something that is not a usable image. A decoded
 # image without a face is a normal enrolment outcome (like in `ipsr preprocess`), reported but not an error.
 INVALID = {"corrupt", "too_large", "unsupported_format", "bad_request"}
+# The deployment's user_config, as serve_config.yaml, infra/kuberay/rayservice.yaml and the README document it.
+USER_CONFIG_KEYS = ("generator", "max_batch_size", "batch_wait_timeout_s")
 
 api = FastAPI(
     title="ipsr identification",
@@ -262,13 +264,19 @@ class Identification:
                 log.exception("model refresh failed; still serving version %s", self.model.version)
 
     def reconfigure(self, user_config: dict) -> None:
-        """``user_config`` of the deployment: ``model``, ``max_batch_size``, ``batch_wait_timeout_s``."""
+        """``user_config`` of the deployment (``USER_CONFIG_KEYS``; changeable without restarting replicas).
+
+        ``generator`` pins a model URI; without it the deployment's configured generator is served again."""
+        unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
+        if unknown:  # a misspelt key would otherwise be ignored in silence
+            raise ValueError(f"unknown user_config key(s) {unknown}; expected {list(USER_CONFIG_KEYS)}")
         if "max_batch_size" in user_config:
             self._infer.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self._infer.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
-        if user_config.get("model") and user_config["model"] != self.model_uri:
-            self.model_uri = user_config["model"]
+        uri = user_config.get("generator") or self.cfg.generator
+        if uri != self.model_uri:
+            self.model_uri = uri
             self._refresh(force=True)
 
     def check_health(self) -> None:
@@ -586,9 +594,10 @@ def token_sha256(cfg: ServeConfig) -> str | None:
     )
 
 
-def build_app(cfg: ServeConfig, name: str = "Identification"):
+def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict | None = None):
     """The Serve application for ``cfg``; tracking URI, gallery root and S3 settings are resolved here, in the
-    process that deploys, and shipped to the replicas (whose environment may differ)."""
+    process that deploys, and shipped to the replicas (whose environment may differ). ``user_config`` replaces the
+    deployment's (what a serve_config.yaml ``user_config`` block does)."""
     from ipsr_model.weights import ipsr_home
     from ipsr_platform import tracking
 
@@ -604,7 +613,8 @@ def build_app(cfg: ServeConfig, name: str = "Identification"):
         ray_actor_options=resources,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+        user_config=user_config if user_config is not None else {"max_batch_size": cfg.max_batch_size,
+                                                                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
     )
     return deployment.bind(cfg.model_dump(), sha, tracking.tracking_uri(), gallery_root, Storage.from_env())
 

@@ -70,3 +70,33 @@ def test_smoke_run_on_real_faces(att_faces):
     assert "AR-style rank-1" in result.stdout and "bicubic" in result.stdout
     for size in ("32x32", "21x15", "16x16", "16x12", "11x8", "7x6"):
         assert size in result.stdout
+
+
+def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces, tmp_path):
+    """By hand, `ipsr preprocess` prints its progress bar, its table and one `logs:` line; Ray's lines (start-up,
+    Ray Data's executor and progress logging, worker output) are in that file. `--verbose` shows them live."""
+    import re
+    import shutil
+
+    src = tmp_path / "src"
+    for person in ("s1", "s2"):
+        (src / person).mkdir(parents=True)
+        for k in (1, 2):
+            shutil.copy(att_faces / person / f"{k}.pgm", src / person / f"{k}.pgm")
+    env = {"IPSR_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    quiet = run("preprocess", "--input", str(src), "--output", str(tmp_path / "quiet"), "--split", "val=0,test=0",
+                **env)
+    text = quiet.stdout + quiet.stderr
+    assert quiet.returncode == 0, text[-3000:]
+    ray_lines = re.compile(r"streaming_executor|logging_progress|Started a local Ray|\(pid=|INFO|Execution plan|core_worker")
+    assert not [line for line in text.splitlines() if ray_lines.search(line)], text
+    logs = [line for line in text.splitlines() if line.startswith("logs: ")]
+    assert len(logs) == 1, text
+    log_file = Path(logs[0].split()[1])
+    assert log_file.parent == tmp_path / "home" / "logs" and ray_lines.search(log_file.read_text())
+    assert "preprocess" in text and "aligned" in text and "4" in text  # the progress bar and the summary table
+
+    loud = run("preprocess", "--input", str(src), "--output", str(tmp_path / "loud"), "--split", "val=0,test=0",
+               "--verbose", **env)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "logs: " not in loud.stdout + loud.stderr and ray_lines.search(loud.stdout + loud.stderr)

@@ -304,9 +304,11 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
             rows["split"].append(split)
     pq.write_table(pa.table(rows), aligned / "data" / "part-00000.parquet")
     (aligned / "_SUCCESS").write_text("")
-    assert build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12")).identities == [
-        "s1", "s2", "s3", "s4", "s5"
-    ]  # fmt: skip
+    default = build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12"))
+    assert default.identities == ["s4", "s5"]  # by default only the held-out identities: a model never saw them
+    assert "'test' split (held-out identities; --split all for every split)" in default.note
+    every = build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12", split="all"))
+    assert every.identities == ["s1", "s2", "s3", "s4", "s5"] and "split" not in every.note
     unseen = build_protocol(config(data=str(aligned), protocol="ar", sizes="16x12", split="test"))
     assert unseen.identities == ["s4", "s5"]  # --split: only the held-out identities
     with pytest.raises(UserError, match="'val' split is empty"):
@@ -317,6 +319,39 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     from ipsr_model.images import to_tensor
 
     assert torch.allclose(ar.gallery[1], to_tensor(first)[0], atol=1e-6)  # gallery = s2's image 1, not 10
+
+
+def test_protocols_read_s3(att_faces, s3, tmp_path):
+    """`--data s3://…`: an `ipsr preprocess` output and plain identity folders, read through the S3 API (moto)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.evaluate import build_protocol
+
+    s3.create_bucket(Bucket="eval")
+    rows = {"image": [], "identity": [], "source": [], "split": []}
+    for person, split in (("s1", "train"), ("s2", "test"), ("s3", "test")):
+        for k in (1, 2):
+            buf = io.BytesIO()
+            Image.open(att_faces / person / f"{k}.pgm").convert("RGB").resize((128, 128)).save(buf, "PNG")
+            rows["image"].append(buf.getvalue()), rows["identity"].append(person)
+            rows["source"].append(f"{person}/{k}.pgm"), rows["split"].append(split)
+            s3.put_object(Bucket="eval", Key=f"folders/{person}/{k}.pgm", Body=(att_faces / person / f"{k}.pgm").read_bytes())
+    buf = io.BytesIO()
+    pq.write_table(pa.table(rows), buf)
+    s3.put_object(Bucket="eval", Key="aligned/data/part-00000.parquet", Body=buf.getvalue())
+    s3.put_object(Bucket="eval", Key="aligned/_SUCCESS", Body=b"")
+
+    aligned = build_protocol(config(data="s3://eval/aligned", protocol="ar", sizes="16x12"))
+    assert aligned.identities == ["s2", "s3"] and aligned.gallery.shape == (2, 3, 128, 128)
+    folders = build_protocol(config(data="s3://eval/folders", protocol="ar", sizes="16x12"))
+    assert folders.identities == ["s1", "s2", "s3"] and len(folders.columns[0].labels) == 3
+    with pytest.raises(UserError, match="no such prefix"):
+        build_protocol(config(data="s3://eval/nothing", protocol="ar"))
+    with pytest.raises(UserError, match="scface reads a local folder"):
+        build_protocol(config(data="s3://eval/folders", protocol="scface"))
 
 
 def test_user_mistakes_are_one_line_errors(home_with_weights, tmp_path):

@@ -160,3 +160,23 @@ def test_rayservice_serves_exactly_serving_serve_config_yaml():
     assert cluster["authOptions"]["mode"] == "token"
     ports = {p["containerPort"] for p in containers(cluster["headGroupSpec"]["template"])[0]["ports"]}
     assert config["http_options"]["port"] in ports
+
+
+def test_every_documented_serve_key_is_one_the_code_reads():
+    """serve_config.yaml (and rayservice.yaml, its copy), the README: each `args` key is a ServeConfig field and each
+    `user_config` key — the commented examples too — one that `Identification.reconfigure` reads."""
+    from ipsr_platform.config import ServeConfig
+    from serving.app import USER_CONFIG_KEYS
+
+    text = (ROOT / "serving" / "serve_config.yaml").read_text()
+    (application,) = yaml.safe_load(text)["applications"]
+    assert set(application["args"]) <= set(ServeConfig.model_fields), application["args"]
+    block = text[text.index("user_config:") + len("user_config:"):]
+    documented = set(re.findall(r"^\s*#?\s*([a-z_]+):", block, flags=re.M))
+    assert "generator" in documented  # the pinning example is documented…
+    assert documented <= set(USER_CONFIG_KEYS), documented - set(USER_CONFIG_KEYS)  # …and read under that name
+    readme = (ROOT / "README.md").read_text()
+    mentioned = re.search(r"`user_config` \(([^)]*)\)", readme).group(1)
+    assert set(re.findall(r"`(\w+)`", mentioned)) == set(USER_CONFIG_KEYS)
+    (service,) = kuberay("RayService")
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == yaml.safe_load(text)

@@ -21,7 +21,7 @@ from ipsr_platform import cli
 from ipsr_platform.config import PreprocessConfig, build_config, parse_split
 from ipsr_platform.storage import RetryPolicy, Storage, StorageError
 from ipsr_platform.faces import Rejected, decode
-from jobs.preprocess import REASONS, list_inputs, run, split_of
+from jobs.preprocess import REASONS, assign_splits, list_inputs, run, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = "val=0.25,test=0.25"  # big fractions: the 9 test identities land in more than one split
@@ -128,6 +128,20 @@ def test_overwrite_rebuilds_from_scratch(ray_session, local_run, preprocess_src,
     # The old shards are gone; only the new ones are there.
     assert _files(out) == {"_SUCCESS", "manifest.json", "rejects.parquet"} | {f["path"] for f in manifest["files"]}
     assert sum(f["rows"] for f in manifest["files"]) == 2
+
+
+@pytest.mark.parametrize("left", [("data", "rejects.parquet"), ("data", "rejects.parquet", "manifest.json")])
+def test_crash_mid_commit_is_recoverable(ray_session, local_run, preprocess_src, tmp_path, left):
+    """What a crash between the commit's steps leaves (shards and rejects moved, _temporary gone, maybe the manifest,
+    no _SUCCESS) is recognised as this job's own: a plain rerun rebuilds it, and so does --overwrite."""
+    out = tmp_path / "crashed"
+    shutil.copytree(local_run[0], out)
+    for name in {"_SUCCESS", "manifest.json", "_temporary"} - set(left):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    assert {p.name for p in out.iterdir()} == set(left)
+    manifest = run(_cfg(preprocess_src, out, limit=3))
+    assert (out / "_SUCCESS").is_file() and manifest["counts"]["seen"] == 3
+    assert _files(out) == {"_SUCCESS", "manifest.json", "rejects.parquet"} | {f["path"] for f in manifest["files"]}
 
 
 def test_s3_in_and_out_through_the_real_api(ray_session, s3, preprocess_src, bad_inputs):
@@ -281,6 +295,22 @@ def test_split_is_by_identity_and_deterministic():
     splits = [split_of(f"n{i:05d}", fractions) for i in range(20_000)]
     assert splits == [split_of(f"n{i:05d}", fractions) for i in range(20_000)]
     assert abs(splits.count("val") / 20_000 - 0.02) < 0.005 and abs(splits.count("test") / 20_000 - 0.02) < 0.005
+    names = [f"n{i:05d}" for i in range(20_000)]
+    assert assign_splits(names, fractions) == {n: split_of(n, fractions) for n in names}  # the minimum never binds
+
+
+@pytest.mark.parametrize("identities", [10, 12, 49])
+def test_default_split_leaves_two_val_and_two_test_identities(identities):
+    """The default val/test of 2 % gives a small set no validation identity by the hash alone; from 10 identities on
+    each gets at least 2, so `ipsr train` can run straight after `ipsr preprocess`."""
+    names = [f"person{i}" for i in range(identities)]
+    split = assign_splits(names, parse_split("val=0.02,test=0.02"))
+    assert sorted(split) == sorted(names)
+    counts = {s: list(split.values()).count(s) for s in ("train", "val", "test")}
+    assert counts["val"] == 2 and counts["test"] == 2 and counts["train"] == identities - 4
+    assert assign_splits(names, parse_split("val=0.02,test=0.02")) == split  # deterministic
+    assert set(assign_splits(names[:9], parse_split("val=0.02,test=0.02")).values()) <= {"train", "val", "test"}
+    assert "test" not in assign_splits(names, parse_split("val=0.1")).values()  # a zero fraction stays zero
 
 
 # --- configuration and the command line ----------------------------------------------------------------------

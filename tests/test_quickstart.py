@@ -43,6 +43,14 @@ def test_quickstart_end_to_end_on_orl(att_faces, home_with_weights, tmp_path):
     assert promoted or "warning: no champion exists; serving ipsr-quickstart@candidate" in " ".join(text.split())
     assert "served model version 1: rank-1" in text
     assert "mlflow ui --backend-store-uri sqlite:///" in text
+    # ipsr's own output only: Ray's and the libraries' lines are in the one log file it names.
+    import re
+
+    everything = result.stdout + result.stderr
+    noise = re.compile(r"streaming_executor|logging_progress|graceful_shutdown|core_worker|\(pid=|\bINFO\b|WARNING")
+    assert not [line for line in everything.splitlines() if noise.search(line)], everything[-4000:]
+    (logs,) = [line.split()[1] for line in everything.splitlines() if line.startswith("logs: ")]
+    assert noise.search(Path(logs).read_text())
 
     (evaluation,) = out.glob("evaluation-*")
     assert (evaluation / "table.md").is_file() and (evaluation / "cmc.png").is_file()

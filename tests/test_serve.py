@@ -145,18 +145,24 @@ def champion(env, att_faces):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, env, champion):
-    """The real app on 127.0.0.1:<free port>; small limits so that 413 / 503 are cheap to provoke."""
-    from ray import serve
-
+def server_config(env):
     from ipsr_platform.config import ServeConfig
-    from serving.app import build_app
 
-    cfg = ServeConfig(
+    return ServeConfig(
         identity_weights=env["facenet"], max_batch_size=8, max_ongoing_requests=8, max_queued_requests=2,
         max_body_bytes=2 * 2**20, max_images=48, model_poll_s=1.0, gallery_refresh_s=0.5,
         gallery_chunk=16,  # 40 gallery rows: three chunks, so the chunked top-k merge is what every test exercises
     )
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, server_config, champion):
+    """The real app on 127.0.0.1:<free port>; small limits so that 413 / 503 are cheap to provoke."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    cfg = server_config
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     serve.run(build_app(cfg), name="ipsr-test", route_prefix="/")
@@ -384,3 +390,40 @@ def test_gallery_store_on_s3(s3):
         loaded.add(["d"], embeddings[:1], ["5.png"], "other-sha")
     with pytest.raises(Exception, match="names a folder"):
         store.uri("../etc")
+
+
+def test_pinned_version_through_the_documented_user_config(server, server_config, champion):
+    """serve_config.yaml's `user_config` block, with its commented `generator: models:/ipsr-unet/N` example
+    uncommented, deployed by a real serve.run: the pinned version is served; without the key, the alias again."""
+    import yaml
+    from ray import serve
+
+    from serving.app import build_app
+
+    text = (ROOT / "serving" / "serve_config.yaml").read_text()
+    block = yaml.safe_load(text.replace("# generator:", "generator:"))["applications"][0]["deployments"][0]
+    user_config = block["user_config"]
+    version = register_generator(champion["generator"], champion["identity_sha"], "pinned-test")
+    user_config["generator"] = f"models:/ipsr-unet/{version}"
+
+    def served() -> dict:
+        return requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json()
+
+    try:
+        serve.run(build_app(server_config, user_config=user_config), name="ipsr-test", route_prefix="/")
+        info = wait_for(lambda: (i := served())["version"] == version and i, 60, f"pinned version {version}")
+        assert info["uri"] == f"models:/ipsr-unet/{version}" and info["alias"] is None
+    finally:
+        serve.run(build_app(server_config), name="ipsr-test", route_prefix="/")
+    info = wait_for(lambda: (i := served())["version"] == champion["version"] and i, 60, "the champion again")
+    assert info["alias"] == "champion"
+
+
+def test_a_misspelt_user_config_key_is_an_error_not_ignored():
+    from types import SimpleNamespace
+
+    from serving.app import Identification
+
+    # The check runs before the replica's state is touched, so a bare object stands in for the replica.
+    with pytest.raises(ValueError, match=r"unknown user_config key\(s\) \['model'\]; expected \['generator'"):
+        Identification.func_or_class.reconfigure(SimpleNamespace(), {"model": "models:/ipsr-unet/1"})

@@ -1,0 +1,94 @@
+"""What a person sees: ipsr's own progress bars and tables. Ray's, MLflow's and the libraries' detail goes to one log
+file per command (its path printed once); ``--verbose`` shows it live instead.
+
+``quiet(job)`` runs before Ray starts (it sets the environment Ray Data and ``ray.init`` read); library callers
+and tests that never call it keep every library's default output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+_log_file: Path | None = None
+_out = None  # the terminal, once `quiet` has pointed the process's own stdout/stderr at the log file
+_err = None
+_announced = False
+
+
+def verbose() -> bool:
+    """Whether library output goes to the terminal (no ``quiet`` call, or ``--verbose``)."""
+    return _log_file is None
+
+
+def out():
+    """Where ipsr's own output goes: the terminal's stdout (``sys.stdout`` unless ``quiet``)."""
+    return _out or sys.stdout
+
+
+def err():
+    return _err or sys.stderr
+
+
+def say(text: str, *, error: bool = False) -> None:
+    print(text, file=err() if error else out(), flush=True)
+
+
+def quiet(job: str, home: Path) -> Path:
+    """From now on, everything this process and its children write to stdout/stderr — Ray's and MLflow's prints,
+    logging handlers, warnings, C++ logs on file descriptors 1 and 2 — goes to ``home/logs/<job>-<time>.log``;
+    ipsr writes its own output to ``out()``/``err()``, which keep the terminal. Returns the log's path
+    (``announce`` prints it)."""
+    global _log_file, _out, _err
+    if _log_file is not None:
+        return _log_file
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
+    sys.stdout.flush(), sys.stderr.flush()
+    _out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+    _err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # ipsr draws its own
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    _log_file = path
+    return path
+
+
+def announce() -> None:
+    """Print the log file's path, once per process, when there is one: called where detail starts to flow (Ray
+    starting) rather than at ``quiet``, so that a flag mistake stays a one-line error."""
+    global _announced
+    if _log_file is not None and not _announced:
+        _announced = True
+        say(f"logs: {_log_file} (--verbose shows them live)", error=True)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
+    """One rich progress bar with counts and rate; yields ``advance(n)``. Verbose: no bar (the libraries' own
+    progress output is live then), ``advance`` does nothing."""
+    if verbose():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rate = TextColumn("{task.fields[rate]}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate, TimeElapsedColumn(),
+                  console=Console(file=err()), transient=False) as bar:
+        task = bar.add_task(description, total=total, rate="")
+        began = time.monotonic()
+
+        def advance(n: int) -> None:
+            done = bar.tasks[0].completed + n
+            bar.update(task, advance=n, rate=f"{done / max(time.monotonic() - began, 1e-9):.1f} {unit}/s")
+
+        yield advance
