@@ -25,12 +25,11 @@ VerboseOption = Annotated[bool, typer.Option("--verbose", help="Show Ray's and t
                                                                "into a log file whose path is printed).")]
 
 
-def _output(job: str, verbose: bool) -> None:
+def _output(job: str, verbose: bool):
     """ipsr's own progress and tables on the terminal; the libraries' detail in a log file unless --verbose."""
-    if not verbose:
-        from ipsr_model.weights import ipsr_home
+    from ipsr_model.weights import ipsr_home
 
-        console.quiet(job, ipsr_home())
+    return console.quiet(job, ipsr_home(), enabled=not verbose)
 
 
 @weights_app.command("fetch")
@@ -79,16 +78,16 @@ def preprocess(
     verbose: VerboseOption = False,
 ) -> None:
     """Detect and align faces with MTCNN on Ray Data: identity folders → 128×128 Parquet dataset + rejects."""
-    _output("preprocess", verbose)
-    from ipsr_platform.config import PreprocessConfig, build_config
-    from jobs.preprocess import run
+    with _output("preprocess", verbose):
+        from ipsr_platform.config import PreprocessConfig, build_config
+        from jobs.preprocess import run
 
-    cfg = build_config(
-        PreprocessConfig, env_prefix="IPSR_PREPROCESS_", yaml_file=config, input=input_, output=output,
-        manifest=manifest, limit=limit, device=device, num_actors=num_actors, batch_size=batch_size, margin=margin,
-        split=split, overwrite=overwrite, hr_embeddings=hr_embeddings,
-    )
-    run(cfg)
+        cfg = build_config(
+            PreprocessConfig, env_prefix="IPSR_PREPROCESS_", yaml_file=config, input=input_, output=output,
+            manifest=manifest, limit=limit, device=device, num_actors=num_actors, batch_size=batch_size, margin=margin,
+            split=split, overwrite=overwrite, hr_embeddings=hr_embeddings,
+        )
+        run(cfg)
 
 
 @app.command()
@@ -125,29 +124,29 @@ def train(
     verbose: VerboseOption = False,
 ) -> None:
     """Train the U-Net with Ray Train (DDP) on Ray Data, track in MLflow, register @candidate."""
-    _output("train", verbose)
-    from ipsr_platform.config import TrainConfig, build_config
-    from jobs.train import train as run_train
+    with _output("train", verbose):
+        from ipsr_platform.config import TrainConfig, build_config
+        from jobs.train import train as run_train
 
-    cfg = build_config(
-        TrainConfig, env_prefix="IPSR_TRAIN_", yaml_file=config, data=data, run_name=run_name, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, num_workers=num_workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
-        base_channels=base_channels, identity_weights=identity_weights, beta=beta, lr=lr, storage=storage,
-        embedding_loss=embedding_loss, residual=residual, identity_jitter=identity_jitter,
-        lr_warmup_steps=lr_warmup_steps, lr_schedule=lr_schedule,
-        experiment=experiment, register_as=register_as, checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints, max_failures=max_failures, val_sizes=val_sizes, compile=compile_, seed=seed,
-        val_identities=val_identities, log_every=log_every,
-    )
-    summary = run_train(cfg)
-    if summary.get("already_finished"):
-        console.say(f"run {summary['run_name']} already finished; nothing to do")
-    val = ", ".join(f"{size} {value:.3f}" for size, value in summary["val_rank1"].items())
-    console.say(
-        f"run {summary['run_name']}: {summary['steps']} steps (resumed from step {summary['resumed_from_step']}); "
-        f"val rank-1 {val}\nregistered {summary['model']} version {summary['model_version']} as "
-        f"{summary['model_uri']} (MLflow run {summary['mlflow_run_id']})"
-    )
+        cfg = build_config(
+            TrainConfig, env_prefix="IPSR_TRAIN_", yaml_file=config, data=data, run_name=run_name, epochs=epochs,
+            max_steps=max_steps, batch_size=batch_size, num_workers=num_workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
+            base_channels=base_channels, identity_weights=identity_weights, beta=beta, lr=lr, storage=storage,
+            embedding_loss=embedding_loss, residual=residual, identity_jitter=identity_jitter,
+            lr_warmup_steps=lr_warmup_steps, lr_schedule=lr_schedule,
+            experiment=experiment, register_as=register_as, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints, max_failures=max_failures, val_sizes=val_sizes, compile=compile_, seed=seed,
+            val_identities=val_identities, log_every=log_every,
+        )
+        summary = run_train(cfg)
+        if summary.get("already_finished"):
+            console.say(f"run {summary['run_name']} already finished; nothing to do")
+        val = ", ".join(f"{size} {value:.3f}" for size, value in summary["val_rank1"].items())
+        console.say(
+            f"run {summary['run_name']}: {summary['steps']} steps (resumed from step {summary['resumed_from_step']}); "
+            f"val rank-1 {val}\nregistered {summary['model']} version {summary['model_version']} as "
+            f"{summary['model_uri']} (MLflow run {summary['mlflow_run_id']})"
+        )
 
 
 
@@ -177,19 +176,19 @@ def evaluate(
     verbose: VerboseOption = False,
 ) -> None:
     """Identification (rank-1, CMC) of HR / bicubic / SR probes with FaceNet and SFace; optional promotion."""
-    _output("evaluate", verbose)
-    from ipsr_platform.config import EvaluateConfig, build_config
-    from jobs.evaluate import print_summary, run as run_evaluate
+    with _output("evaluate", verbose):
+        from ipsr_platform.config import EvaluateConfig, build_config
+        from jobs.evaluate import print_summary, run as run_evaluate
 
-    cfg = build_config(
-        EvaluateConfig, env_prefix="IPSR_EVALUATE_", yaml_file=config, data=data, protocol=protocol,
-        models=tuple(model) if model else None, sizes=sizes, identities=identities, split=split, gallery_pattern=gallery_pattern,
-        probe_pattern=probe_pattern, probe_map=probe_map, gallery_group=gallery_group, concat_bicubic=concat_bicubic,
-        recognizers=recognizers, identity_weights=identity_weights, max_rank=max_rank, batch_size=batch_size,
-        output=output, experiment=experiment, register_as=register_as, promote=promote,
-        promote_recognizer=promote_recognizer,
-    )
-    print_summary(run_evaluate(cfg))
+        cfg = build_config(
+            EvaluateConfig, env_prefix="IPSR_EVALUATE_", yaml_file=config, data=data, protocol=protocol,
+            models=tuple(model) if model else None, sizes=sizes, identities=identities, split=split, gallery_pattern=gallery_pattern,
+            probe_pattern=probe_pattern, probe_map=probe_map, gallery_group=gallery_group, concat_bicubic=concat_bicubic,
+            recognizers=recognizers, identity_weights=identity_weights, max_rank=max_rank, batch_size=batch_size,
+            output=output, experiment=experiment, register_as=register_as, promote=promote,
+            promote_recognizer=promote_recognizer,
+        )
+        print_summary(run_evaluate(cfg))
 
 
 @app.command()
@@ -206,6 +205,8 @@ def serve(
     gpus_per_replica: Annotated[Optional[float], typer.Option(help="GPU share per replica (with --device cuda).")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(help="Probes per SR + embedding batch (default 16; 1 = unbatched).")] = None,
     max_queued_requests: Annotated[Optional[int], typer.Option(help="Queued requests beyond which clients get 503 (default 64).")] = None,
+    gallery_dtype: Annotated[Optional[str], typer.Option(help="float32 (default) | float16 gallery matrix on the replica.")] = None,
+    allow_pickle_models: Annotated[Optional[bool], typer.Option("--allow-pickle-models", help="Load pickle-based model versions (runs their code).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML with any option (< IPSR_SERVE_* env < flags).")] = None,
 ) -> None:
     """Serve gallery enrolment + batch identification (Ray Serve, FastAPI); blocks until Ctrl-C."""
@@ -216,9 +217,30 @@ def serve(
         ServeConfig, env_prefix="IPSR_SERVE_", yaml_file=config, generator=model, host=host, port=port,
         token_file=token_file, insecure_no_auth=insecure_no_auth, identity_weights=identity_weights,
         galleries=galleries, device=device, num_replicas=num_replicas, gpus_per_replica=gpus_per_replica,
-        max_batch_size=max_batch_size, max_queued_requests=max_queued_requests,
+        max_batch_size=max_batch_size, max_queued_requests=max_queued_requests, gallery_dtype=gallery_dtype,
+        allow_pickle_models=allow_pickle_models,
     )
     serve_forever(cfg, echo=typer.echo)
+
+gallery_app = typer.Typer(help="Enrolled galleries of `ipsr serve` (the store, without a running service).",
+                          no_args_is_help=True)
+app.add_typer(gallery_app, name="gallery")
+
+
+@gallery_app.command("compact")
+def gallery_compact(
+    name: Annotated[str, typer.Argument(help="Gallery name.")],
+    galleries: Annotated[Optional[str], typer.Option(help="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")] = None,
+) -> None:
+    """Merge a gallery's segments and deletions into one segment; enrolments landing meanwhile are kept."""
+    from ipsr_model.weights import ipsr_home
+    from ipsr_platform.storage import Storage
+    from serving.gallery import GalleryStore
+
+    store = GalleryStore(galleries or str(ipsr_home() / "galleries"), Storage.from_env())
+    merged, rows = store.compact(name)
+    typer.echo(f"gallery {name}: {merged} files merged into one segment of {rows} faces")
+
 
 jobs_app = typer.Typer(help="Jobs on a Ray cluster (Ray Jobs API): list, status, logs, stop.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -365,13 +387,13 @@ def quickstart(
     verbose: VerboseOption = False,
 ) -> None:
     """End to end on this machine: preprocess → train → evaluate vs bicubic → register + promote → serve."""
-    _output("quickstart", verbose)
-    from ipsr_platform.quickstart import run_quickstart
+    with _output("quickstart", verbose):
+        from ipsr_platform.quickstart import run_quickstart
 
-    run_quickstart(
-        data=data, output=output, limit=limit, max_steps=max_steps, base_channels=base_channels,
-        batch_size=batch_size, identity_weights=identity_weights, serve=serve, keep_serving=keep_serving, port=port,
-    )
+        run_quickstart(
+            data=data, output=output, limit=limit, max_steps=max_steps, base_channels=base_channels,
+            batch_size=batch_size, identity_weights=identity_weights, serve=serve, keep_serving=keep_serving, port=port,
+        )
 
 
 def main() -> None:
@@ -381,11 +403,11 @@ def main() -> None:
         console.say(f"error: {err}", error=True)
         sys.exit(2)
     except Exception:
-        if console.verbose():
-            raise
-        import traceback
+        log = console.log_file()
+        if log is not None:  # the traceback also goes into the log, after the detail that led to it
+            import traceback
 
-        traceback.print_exc()  # into the log file, beside the detail that led to it
-        console.say(traceback.format_exc().rstrip(), error=True)
-        console.say(f"the details before it are in {console.log_file()}", error=True)
-        sys.exit(1)
+            with open(log, "a", encoding="utf-8") as file:
+                traceback.print_exc(file=file)
+            console.say(f"(what led to the error below is in {log})", error=True)
+        raise

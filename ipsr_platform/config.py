@@ -412,7 +412,7 @@ class ServeConfig(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPU share per replica (with --device cuda).")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPU share per replica with --device cuda (default: 1 whole GPU).")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per replica (default: its CPUs).")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Probes per SR + embedding batch (1 = unbatched).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
@@ -422,7 +422,19 @@ class ServeConfig(BaseModel):
     max_images: int = Field(64, ge=1, description="Images per request.")
     max_image_bytes: int = Field(8 * 2**20, ge=1)
     max_image_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected undecoded.")
-    lr_max_side: int = Field(64, ge=1, le=127, description="Probes this small on both sides count as low-resolution.")
+    lr_max_side: int = Field(127, ge=1, le=127, description="Probes at most this large on both sides are low-resolution "
+                             "(default: anything below the model's 128x128 on every side, e.g. the paper's 112x96).")
+    max_request_pixels: int = Field(
+        64_000_000, ge=1, description="Declared pixels of all images of one request, summed; images beyond are "
+        "rejected undecoded (bounds a request's memory)."
+    )
+    gallery_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Gallery matrix on the replica: float16 halves its memory and, matching being "
+        "memory-bound, its scan time (bench/RESULTS.md: 1 probe vs 1M faces p50 134 vs 286 ms on 2 CPUs)."
+    )
+    allow_pickle_models: bool = Field(
+        False, description="Load model versions saved in a pickle-based format (their code runs on load)."
+    )
     top_k: int = Field(5, ge=1, le=1000, description="Default matches per probe.")
     gallery_chunk: int = Field(65536, ge=1, description="Gallery rows per matrix product.")
     gallery_refresh_s: float = Field(5.0, ge=0, description="How stale another replica's enrolment may look.")

@@ -1,8 +1,8 @@
 """What a person sees: ipsr's own progress bars and tables. Ray's, MLflow's and the libraries' detail goes to one log
 file per command (its path printed once); ``--verbose`` shows it live instead.
 
-``quiet(job)`` runs before Ray starts (it sets the environment Ray Data and ``ray.init`` read); library callers
-and tests that never call it keep every library's default output.
+``quiet(job, home)`` wraps a command from before Ray starts (it sets the environment Ray Data reads) to its end;
+library callers and tests that never enter it keep every library's default output.
 """
 
 from __future__ import annotations
@@ -18,11 +18,17 @@ _log_file: Path | None = None
 _out = None  # the terminal, once `quiet` has pointed the process's own stdout/stderr at the log file
 _err = None
 _announced = False
+_last_log: Path | None = None  # the latest log file, for an error message after `quiet` has ended
 
 
 def verbose() -> bool:
     """Whether library output goes to the terminal (no ``quiet`` call, or ``--verbose``)."""
     return _log_file is None
+
+
+def log_file() -> Path | None:
+    """The log file in use, else the latest one (for an error message printed after ``quiet`` ended)."""
+    return _log_file or _last_log
 
 
 def out():
@@ -38,28 +44,46 @@ def say(text: str, *, error: bool = False) -> None:
     print(text, file=err() if error else out(), flush=True)
 
 
-def quiet(job: str, home: Path) -> Path:
-    """From now on, everything this process and its children write to stdout/stderr — Ray's and MLflow's prints,
+@contextlib.contextmanager
+def quiet(job: str, home: Path, enabled: bool = True) -> Iterator[Path | None]:
+    """While inside: everything this process and its children write to stdout/stderr — Ray's and MLflow's prints,
     logging handlers, warnings, C++ logs on file descriptors 1 and 2 — goes to ``home/logs/<job>-<time>.log``;
-    ipsr writes its own output to ``out()``/``err()``, which keep the terminal. Returns the log's path
-    (``announce`` prints it)."""
-    global _log_file, _out, _err
-    if _log_file is not None:
-        return _log_file
+    ipsr writes its own output to ``out()``/``err()``, which keep the terminal. On exit everything is put back (an
+    in-process caller, a test, gets its streams again). Yields the log's path (``announce`` prints it)."""
+    global _log_file, _out, _err, _last_log, _announced
+    if not enabled or _log_file is not None:
+        yield _log_file
+        return
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
-    sys.stdout.flush(), sys.stderr.flush()
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        stream.flush()
+    saved = os.dup(1), os.dup(2)
     _out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
     _err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # ipsr draws its own
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    _log_file = path
-    return path
+    env = {name: os.environ.get(name) for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    os.environ.update(RAY_DATA_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")  # ipsr draws its own
+    _log_file = _last_log = path
+    _announced = False
+    try:
+        yield path
+    finally:
+        log.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        sys.stdout, sys.stderr = streams
+        _out.close(), _err.close()
+        _log_file = _out = _err = None
+        for name, value in env.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
 
 
 def announce() -> None:

@@ -53,8 +53,8 @@ def _describe(data: bytes) -> str:
     return "not an image"
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes → RGB image, or ``Rejected``. The declared size is checked before any pixel is decoded."""
+def open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read (signature sniffed, declared size checked), or ``Rejected``."""
     if not data:
         raise Rejected("corrupt", "empty file")
     if _signature(data) is None:
@@ -68,15 +68,21 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             raise Rejected("too_large", str(err)) from None
         except Exception as err:  # noqa: BLE001 - a damaged header surfaces as many exception types
             raise Rejected("corrupt", f"unreadable header: {err}") from None
-        w, h = img.size
-        if w * h > max_pixels:
-            raise Rejected("too_large", f"declared {h}x{w} (HxW) = {w * h} pixels > max_pixels {max_pixels}")
-        try:
-            img.load()
-            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-            return _to_rgb(img)
-        except Exception as err:  # noqa: BLE001 - truncated/damaged data: OSError, SyntaxError, ValueError, ...
-            raise Rejected("corrupt", str(err) or type(err).__name__) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise Rejected("too_large", f"declared {h}x{w} (HxW) = {w * h} pixels > max_pixels {max_pixels}")
+    return img
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes → RGB image, or ``Rejected``. The declared size is checked before any pixel is decoded."""
+    img = open_header(data, max_pixels)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+        return _to_rgb(img)
+    except Exception as err:  # noqa: BLE001 - truncated/damaged data: OSError, SyntaxError, ValueError, ...
+        raise Rejected("corrupt", str(err) or type(err).__name__) from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

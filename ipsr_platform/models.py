@@ -38,20 +38,24 @@ class LoadedGenerator:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def load_generator(spec: str, uri: str | None = None) -> LoadedGenerator:
-    """Resolve ``spec`` (see the module docstring) and load the generator; UserError when it can't be found."""
+def load_generator(spec: str, uri: str | None = None, *, allow_pickle: bool = False) -> LoadedGenerator:
+    """Resolve ``spec`` (see the module docstring) and load the generator; UserError when it can't be found, or when
+    an MLflow model is pickle-based and ``allow_pickle`` is off (unpickling runs code the model's author chose)."""
     spec = spec.strip()
     match = _MODELS_URI.fullmatch(spec)
     if match:
-        return _from_registry(spec, match["name"], match["alias"], match["version"], uri or tracking.tracking_uri())
+        return _from_registry(spec, match["name"], match["alias"], match["version"], uri or tracking.tracking_uri(),
+                              allow_pickle)
     if _RUN_ID.fullmatch(spec) or spec.startswith("runs:/"):
-        return _from_run(spec, uri or tracking.tracking_uri())
+        return _from_run(spec, uri or tracking.tracking_uri(), allow_pickle)
     if spec.startswith(("models:", "runs:")):
         raise UserError(f"model {spec!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/generator")
     return _from_path(spec)
 
 
-def _mlflow_load(model_uri: str, uri: str) -> torch.nn.Module:
+def _mlflow_load(model_uri: str, uri: str, allow_pickle: bool = False) -> torch.nn.Module:
+    import tempfile
+
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
@@ -59,7 +63,14 @@ def _mlflow_load(model_uri: str, uri: str) -> torch.nn.Module:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        with tempfile.TemporaryDirectory(prefix="ipsr-model-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            if not (local / "data" / "model.pt2").is_file() and not allow_pickle:
+                raise UserError(
+                    f"{model_uri} is saved in a pickle-based format: loading it would run code stored with it. ipsr "
+                    "writes pt2 (torch.export); pass --allow-pickle-models only for a model you trust"
+                )
+            module = mlflow.pytorch.load_model(str(local), map_location="cpu")
     except MlflowException as err:
         raise UserError(f"cannot load {model_uri} from {uri}: {str(err).splitlines()[0]}") from None
     # A pt2 program was exported in eval mode and can't switch; a pickled nn.Module can and must.
@@ -70,7 +81,8 @@ def _mlflow_load(model_uri: str, uri: str) -> torch.nn.Module:
     return module
 
 
-def _from_registry(spec: str, name: str, alias: str | None, version: str | None, uri: str) -> LoadedGenerator:
+def _from_registry(spec: str, name: str, alias: str | None, version: str | None, uri: str,
+                   allow_pickle: bool = False) -> LoadedGenerator:
     from mlflow.exceptions import MlflowException
 
     if alias is not None:
@@ -80,19 +92,20 @@ def _from_registry(spec: str, name: str, alias: str | None, version: str | None,
             mv = tracking.client(uri).get_model_version(name, version)
         except MlflowException:
             raise UserError(f"no registered model version {name}/{version} in {uri}") from None
-    module = _mlflow_load(f"models:/{name}/{mv.version}", uri)
+    module = _mlflow_load(f"models:/{name}/{mv.version}", uri, allow_pickle)
     return LoadedGenerator(
         module, spec, _safe(f"{name}-v{mv.version}"), name=name, version=str(mv.version), run_id=mv.run_id,
         tags=dict(mv.tags or {}),
     )
 
 
-def _from_run(spec: str, uri: str) -> LoadedGenerator:
+def _from_run(spec: str, uri: str, allow_pickle: bool = False) -> LoadedGenerator:
     run_id = spec if _RUN_ID.fullmatch(spec) else spec.removeprefix("runs:/").split("/")[0]
     model_uri = spec if spec.startswith("runs:/") else f"runs:/{run_id}/generator"
     if not tracking.run_exists(run_id, uri):
         raise UserError(f"model {spec!r}: no MLflow run {run_id} in {uri}")
-    return LoadedGenerator(_mlflow_load(model_uri, uri), spec, _safe(f"run-{run_id[:8]}"), run_id=run_id)
+    return LoadedGenerator(_mlflow_load(model_uri, uri, allow_pickle), spec, _safe(f"run-{run_id[:8]}"),
+                           run_id=run_id)
 
 
 def _from_path(spec: str) -> LoadedGenerator:

@@ -21,6 +21,10 @@ a switch is atomic per batch and every result names the version that produced it
 # No `from __future__ import annotations`: Serve's class ingress hands FastAPI wrapped methods whose string
 # annotations it cannot resolve, and `request: Request` would turn into a query parameter.
 import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import gc
 import base64
 import binascii
 import hashlib
@@ -45,9 +49,9 @@ from ipsr_model.identify import best_per_identity, embed
 from ipsr_model.images import square_face, to_pil, to_tensor
 from ipsr_model.unet import IMAGE_SIZE
 from ipsr_platform.config import ServeConfig, build_config
-from ipsr_platform.faces import FaceAligner, Rejected, decode
+from ipsr_platform.faces import FaceAligner, Rejected, decode, open_header
 from ipsr_platform.storage import Storage
-from serving.gallery import Gallery, GalleryStore
+from serving.gallery import Gallery, GalleryStore, WeightsMismatch
 
 log = logging.getLogger("ipsr.serve")
 
@@ -58,6 +62,7 @@ PUBLIC_PATHS = {"/v1/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/ope
 INVALID = {"corrupt", "too_large", "unsupported_format", "bad_request"}
 # The deployment's user_config, as serve_config.yaml, infra/kuberay/rayservice.yaml and the README document it.
 USER_CONFIG_KEYS = ("generator", "max_batch_size", "batch_wait_timeout_s")
+ALIGN_CHUNK = 8  # enrolment images decoded and aligned at a time
 
 api = FastAPI(
     title="ipsr identification",
@@ -127,6 +132,7 @@ class Upload:
     data: bytes | None
     identity: str | None = None
     error: Rejected | None = None
+    image_id: str | None = None  # client-chosen: a retried enrolment of the same image is not stored twice
 
 
 @dataclass
@@ -169,10 +175,22 @@ class GalleryIndex:
     checked_at: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def build(cls, gallery: Gallery, device: torch.device) -> "GalleryIndex":
+    def build(cls, gallery: Gallery, device: torch.device, dtype: str = "float16") -> "GalleryIndex":
         names, codes = np.unique(gallery.identities.astype(str), return_inverse=True)
-        return cls(gallery, torch.from_numpy(gallery.embeddings).to(device), torch.from_numpy(codes).long().to(device),
-                   names.tolist())
+        matrix = torch.tensor(gallery.embeddings, dtype=getattr(torch, dtype), device=device)
+        # The index keeps the matrix; the float32 rows it came from are dropped (at 1M faces: 2 GB).
+        kept = dataclasses.replace(gallery, embeddings=np.empty((0, gallery.embeddings.shape[1]), np.float32))
+        return cls(kept, matrix, torch.from_numpy(codes).long().to(device), names.tolist())
+
+
+def _return_freed_memory() -> None:
+    """Hand freed memory back to the OS (glibc's heap and Arrow's pool keep it otherwise): a gallery load's
+    transient copies would stay in the replica's RSS."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -213,7 +231,6 @@ class Identification:
         self.model_uri = self.cfg.generator
         self.model: Loaded = self._load(self.model_uri)
         self.galleries: dict[str, GalleryIndex] = {}
-        self.enrol_lock = asyncio.Lock()
         self.swap_lock = threading.Lock()
         self._aligner = None
         self._stop = threading.Event()
@@ -222,25 +239,18 @@ class Identification:
     # --- model ---------------------------------------------------------------------------------------------
 
     def _load(self, uri: str) -> Loaded:
-        import mlflow
-
         from ipsr_platform import tracking
+        from ipsr_platform.models import load_generator
 
-        name, alias, version = parse_model_uri(uri)
-        client = tracking.client(self.tracking_uri)
-        mv = tracking.version_for_alias(name, alias, self.tracking_uri) if alias else client.get_model_version(
-            name, version
-        )
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        # pt2 (torch.export): no pickle; the registry holds what `ipsr train` logged.
-        module = mlflow.pytorch.load_model(f"models:/{name}/{mv.version}").to(self.device)
-        sha = mv.tags.get(tracking.TAG_IDENTITY_NET)
+        name, alias, _ = parse_model_uri(uri)
+        # pt2 (torch.export) only, unless --allow-pickle-models: unpickling runs code stored with the model.
+        loaded = load_generator(uri, self.tracking_uri, allow_pickle=self.cfg.allow_pickle_models)
+        sha = loaded.tags.get(tracking.TAG_IDENTITY_NET)
         if sha and sha != self.identity.weights_sha256:
-            log.warning("model %s/%s was trained against identity net %s…, serving with %s…", name, mv.version,
+            log.warning("model %s/%s was trained against identity net %s…, serving with %s…", name, loaded.version,
                         sha[:12], self.identity.weights_sha256[:12])
-        log.info("serving %s version %s", uri, mv.version)
-        return Loaded(module, name, str(mv.version), alias, sha, mv.run_id)
+        log.info("serving %s version %s", uri, loaded.version)
+        return Loaded(loaded.module.to(self.device), name, str(loaded.version), alias, sha, loaded.run_id)
 
     def _refresh(self, force: bool = False) -> None:
         """Resolve the alias again and swap in a new version (one attribute assignment: atomic per batch)."""
@@ -321,12 +331,16 @@ class Identification:
             form = await request.form(max_files=self.cfg.max_images, max_fields=self.cfg.max_images + 16)
             files = form.getlist("image")
             names = form.getlist("identity")
+            image_ids = form.getlist("image_id")
             if enrol and len(names) != len(files):
                 raise HTTPException(400, f"{len(files)} images but {len(names)} identity fields: give one per image")
+            if image_ids and len(image_ids) != len(files):
+                raise HTTPException(400, f"{len(files)} images but {len(image_ids)} image_id fields: none or one per image")
             for i, f in enumerate(files):
                 if isinstance(f, str):
                     raise HTTPException(400, "field 'image' must be a file upload")
-                uploads.append(Upload(i, f.filename or f"image-{i}", await f.read(), names[i] if enrol else None))
+                uploads.append(Upload(i, f.filename or f"image-{i}", await f.read(), names[i] if enrol else None,
+                                      image_id=str(image_ids[i]) if image_ids else None))
         elif ctype.startswith("application/json"):
             try:
                 body = await request.json()
@@ -339,7 +353,8 @@ class Identification:
                 raise HTTPException(400, f"{len(items)} images > max_images {self.cfg.max_images} per request")
             for i, item in enumerate(items):
                 item = item if isinstance(item, dict) else {}
-                upload = Upload(i, str(item.get("name") or f"image-{i}"), None, item.get("identity"))
+                upload = Upload(i, str(item.get("name") or f"image-{i}"), None, item.get("identity"),
+                                image_id=None if item.get("image_id") is None else str(item["image_id"]))
                 try:
                     upload.data = base64.b64decode(str(item.get("data", "")), validate=True)
                 except (binascii.Error, ValueError):
@@ -353,53 +368,91 @@ class Identification:
             if enrol and not upload.error and (not isinstance(upload.identity, str) or not upload.identity.strip()
                                                or len(upload.identity) > 256):
                 upload.error = Rejected("bad_request", "every image needs an 'identity' (1-256 characters)")
+            if upload.image_id is not None and not 1 <= len(upload.image_id) <= 256:
+                upload.error = Rejected("bad_request", "'image_id' must be 1-256 characters")
         return uploads
 
     # --- galleries ---------------------------------------------------------------------------------------------
 
-    def _gallery(self, name: str) -> GalleryIndex | None:
-        """The cached gallery, re-read when another replica (or a previous life of this one) changed it."""
+    def _gallery(self, name: str, fresh: bool = False) -> GalleryIndex | None:
+        """The cached gallery, re-read when another replica (or a previous life of this one) changed it; ``fresh``
+        looks now (after this replica's own write, or before answering what a gallery holds)."""
         cached = self.galleries.get(name)
-        if cached and time.monotonic() - cached.checked_at < self.cfg.gallery_refresh_s:
+        if cached and not fresh and time.monotonic() - cached.checked_at < self.cfg.gallery_refresh_s:
             return cached
         if cached and self.store.stamp(name) == cached.gallery.stamp:
             cached.checked_at = time.monotonic()
             return cached
-        gallery = self.store.load(name)
+        try:
+            gallery = self.store.load(name)
+        except WeightsMismatch as err:
+            raise HTTPException(409, f"gallery {name!r}: {err}") from None
         if gallery is None:
+            self.galleries.pop(name, None)
             return None
-        self.galleries[name] = GalleryIndex.build(gallery, self.device)
-        return self.galleries[name]
+        index = GalleryIndex.build(gallery, self.device, self.cfg.gallery_dtype)
+        del gallery
+        self.galleries[name] = index  # the previous index, if any, is freed here
+        _return_freed_memory()
+        # A million-row gallery is millions of long-lived objects; the cyclic GC would re-scan them all at every
+        # full collection, a pause in the middle of someone's request. They live until the next reload anyway.
+        gc.freeze()
+        return index
 
-    def _align(self, uploads: list[Upload]) -> dict[int, Image.Image]:
-        """MTCNN alignment exactly as ``ipsr preprocess`` does it (the same ``FaceAligner``)."""
-        if self._aligner is None:
-            self._aligner = FaceAligner(self.cfg.device, max_pixels=self.cfg.max_image_pixels)
-        faces = {}
-        for upload, result in zip(uploads, self._aligner.align([u.data for u in uploads])):
-            if isinstance(result, Rejected):
-                upload.error = result
-            else:
-                faces[upload.index] = result.face
-        return faces
+    def _comparable(self, name: str, index: GalleryIndex | None) -> None:
+        """409 when the gallery's embeddings come from another FaceNet than this replica's: not comparable."""
+        sha = index.gallery.identity_net_sha256 if index is not None else ""
+        if sha and sha != self.identity.weights_sha256:
+            raise HTTPException(409, f"gallery {name!r} was enrolled with identity net {sha[:12]}…, this service "
+                                     f"embeds with {self.identity.weights_sha256[:12]}…: scores would be meaningless; "
+                                     "enrol into a new gallery (or serve with the gallery's weights)")
+
+    def _within_budget(self, uploads: list[Upload]) -> list[Upload]:
+        """The uploads to decode: each within the byte limit, all together within ``max_request_pixels`` declared
+        pixels (read from headers, nothing decoded); the rest get a reason."""
+        todo, pixels = [], 0
+        for upload in uploads:
+            if upload.error is not None:
+                continue
+            try:
+                if len(upload.data) > self.cfg.max_image_bytes:
+                    raise Rejected("too_large", f"{len(upload.data)} bytes > max_image_bytes {self.cfg.max_image_bytes}")
+                w, h = open_header(upload.data, self.cfg.max_image_pixels).size
+                if pixels + w * h > self.cfg.max_request_pixels:
+                    raise Rejected("too_large", f"the request's images exceed max_request_pixels "
+                                                f"{self.cfg.max_request_pixels}: send fewer per request")
+                pixels += w * h
+                todo.append(upload)
+            except Rejected as err:
+                upload.error = err
+        return todo
 
     def _enrol_faces(self, uploads: list[Upload], aligned: bool) -> tuple[list[Upload], torch.Tensor]:
-        todo = []
-        for upload in uploads:
-            if upload.error is None:
-                try:
-                    image = self._decode(upload)
-                    todo.append((upload, image))
-                except Rejected as err:
-                    upload.error = err
-        if aligned:
-            faces = {u.index: square_face(img) for u, img in todo}
-        else:
-            faces = self._align([u for u, _ in todo]) if todo else {}
-        good = [u for u, _ in todo if u.index in faces]
+        """Aligned 128×128 faces → unit embeddings. Streams ``ALIGN_CHUNK`` images at a time: a full-resolution
+        decode lives only while its chunk is aligned (a request may carry 64 photos of 16 MP)."""
+        if not aligned and self._aligner is None:
+            self._aligner = FaceAligner(self.cfg.device, max_pixels=self.cfg.max_image_pixels)
+        good, faces = [], []
+        todo = self._within_budget(uploads)
+        for start in range(0, len(todo), ALIGN_CHUNK):
+            chunk = todo[start : start + ALIGN_CHUNK]
+            if aligned:
+                results = []
+                for upload in chunk:
+                    try:
+                        results.append(square_face(decode(upload.data, self.cfg.max_image_pixels)))
+                    except Rejected as err:
+                        results.append(err)
+            else:
+                results = [r if isinstance(r, Rejected) else r.face for r in self._aligner.align([u.data for u in chunk])]
+            for upload, result in zip(chunk, results):
+                if isinstance(result, Rejected):
+                    upload.error = result
+                else:
+                    good.append(upload), faces.append(result)
         if not good:
             return [], torch.empty(0)
-        batch = to_tensor([faces[u.index] for u in good]).to(self.device)
+        batch = to_tensor(faces).to(self.device)
         with torch.inference_mode():
             embeddings = torch.cat([embed(self.identity, chunk) for chunk in batch.split(32)])
         return good, embeddings.cpu()
@@ -463,27 +516,80 @@ class Identification:
     @api.post("/v1/galleries/{name}/enroll")
     async def enroll(self, name: str, request: Request, aligned: bool = Query(
         False, description="Images are already aligned face crops: skip MTCNN (centre square → 128×128).")):
-        """HR images + identities → MTCNN-aligned, FaceNet-embedded, appended to gallery `name` (persisted)."""
+        """HR images + identities (+ optional image_id) → aligned, embedded, appended to gallery `name`.
+
+        Answered 200 once what was enrolled is stored (one new segment: no other write can erase it), with a reason
+        per image that was not; 400 only when nothing in the request was usable. An image whose ``image_id`` the
+        gallery already holds is ``already_enrolled``, not stored again: retrying a request is safe."""
         self._check_name(name)
         uploads = await self._read(request, enrol=True)
-        good, embeddings = await asyncio.to_thread(self._enrol_faces, uploads, aligned)
-        async with self.enrol_lock:  # read-modify-write of the gallery file, one at a time per replica
-            size = await asyncio.to_thread(self._append, name, good, embeddings)
+        index = await asyncio.to_thread(self._gallery, name, True)
+        self._comparable(name, index)
+        repeated = self._repeated(uploads, index)
+        todo = [u for u in uploads if u.index not in repeated]
+        good, embeddings = await asyncio.to_thread(self._enrol_faces, todo, aligned)
+        if good:
+            await asyncio.to_thread(
+                self.store.append, name, [u.identity.strip() for u in good], embeddings.numpy(),
+                [u.name for u in good], [u.image_id for u in good], self.identity.weights_sha256,
+            )  # fmt: skip
+            index = await asyncio.to_thread(self._gallery, name, True)
         rejects = [{"index": u.index, "name": u.name, "reason": u.error.reason, "detail": u.error.detail}
                    for u in uploads if u.error]
-        body = {"gallery": name, "enrolled": len(good), "rejected": len(rejects), "gallery_size": size[0],
-                "gallery_identities": size[1], "rejects": rejects,
-                "identity_net_sha256": self.identity.weights_sha256}
-        return JSONResponse(body, status_code=400 if any(r["reason"] in INVALID for r in rejects) else 200)
+        body = {"gallery": name, "enrolled": len(good), "already_enrolled": len(repeated), "rejected": len(rejects),
+                "gallery_size": len(index.gallery) if index else 0,
+                "gallery_identities": len(index.names) if index else 0, "rejects": rejects,
+                "identity_net_sha256": self.identity.weights_sha256,
+                "replica": serve.get_replica_context().replica_tag}
+        return JSONResponse(body, status_code=200 if good or repeated else 400)
 
-    def _append(self, name: str, good: list[Upload], embeddings: torch.Tensor) -> tuple[int, int]:
-        gallery = self.store.load(name) or Gallery.empty()
-        if good:
-            gallery = gallery.add([u.identity.strip() for u in good], embeddings.numpy(), [u.name for u in good],
-                                  self.identity.weights_sha256)
-            gallery = self.store.save(name, gallery)
-        self.galleries[name] = GalleryIndex.build(gallery, self.device)
-        return len(gallery), len(set(gallery.identities.tolist()))
+    @staticmethod
+    def _repeated(uploads: list[Upload], index: GalleryIndex | None) -> set[int]:
+        """Upload indices whose image_id the gallery (or an earlier image of this request) already has."""
+        held = index.gallery.image_id_set if index is not None else frozenset()
+        repeated, earlier = set(), set()
+        for upload in uploads:
+            if upload.error is None and upload.image_id is not None:
+                if upload.image_id in held or upload.image_id in earlier:
+                    repeated.add(upload.index)
+                earlier.add(upload.image_id)
+        return repeated
+
+    @api.get("/v1/galleries/{name}")
+    async def gallery_info(self, name: str, offset: int = Query(0, ge=0), limit: int = Query(
+            100, ge=0, le=10_000, description="Identities listed (sorted by name), with their face counts.")) -> dict:
+        """Size, identities and the identity network's sha256 of gallery `name`, and a page of its identities."""
+        self._check_name(name)
+        index = await asyncio.to_thread(self._gallery, name, True)
+        if index is None:
+            raise HTTPException(404, f"gallery {name!r} not found")
+        counts = np.bincount(index.codes.cpu().numpy(), minlength=len(index.names))
+        page = range(offset, min(offset + limit, len(index.names)))
+        return {"gallery": name, "size": len(index.gallery), "identities": len(index.names),
+                "identity_net_sha256": index.gallery.identity_net_sha256,
+                "page": [{"identity": index.names[i], "faces": int(counts[i])} for i in page]}
+
+    @api.delete("/v1/galleries/{name}")
+    async def gallery_delete(self, name: str) -> dict:
+        """Delete gallery `name` with everything enrolled in it."""
+        self._check_name(name)
+        if await asyncio.to_thread(self._gallery, name, True) is None:
+            raise HTTPException(404, f"gallery {name!r} not found")
+        await asyncio.to_thread(self.store.delete, name)
+        self.galleries.pop(name, None)
+        return {"gallery": name, "deleted": True}
+
+    @api.delete("/v1/galleries/{name}/identities/{identity}")
+    async def identity_delete(self, name: str, identity: str) -> dict:
+        """Remove one person from gallery `name`: every face enrolled for `identity` so far."""
+        self._check_name(name)
+        index = await asyncio.to_thread(self._gallery, name, True)
+        rows = int((index.gallery.identities == identity).sum()) if index is not None else 0
+        if not rows:
+            raise HTTPException(404, f"identity {identity!r} is not in gallery {name!r}")
+        await asyncio.to_thread(self.store.delete_identity, name, identity)
+        await asyncio.to_thread(self._gallery, name, True)
+        return {"gallery": name, "identity": identity, "removed_faces": rows}
 
     @api.post("/v1/galleries/{name}/identify")
     async def identify(
@@ -499,6 +605,7 @@ class Identification:
         index = await asyncio.to_thread(self._gallery, name)
         if index is None or not index.names:
             raise HTTPException(404, f"gallery {name!r} not found (enrol into it first)")
+        self._comparable(name, index)
         uploads = await self._read(request)
         k = top_k or self.cfg.top_k
 
@@ -594,6 +701,15 @@ def token_sha256(cfg: ServeConfig) -> str | None:
     )
 
 
+def replica_resources(cfg: ServeConfig) -> dict[str, Any]:
+    """Ray resources of one replica: a whole GPU with --device cuda unless a share is given (CUDA without a
+    reservation would share a GPU Ray does not know is in use)."""
+    resources: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica}
+    if cfg.device == "cuda":
+        resources["num_gpus"] = cfg.gpus_per_replica or 1
+    return resources
+
+
 def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict | None = None):
     """The Serve application for ``cfg``; tracking URI, gallery root and S3 settings are resolved here, in the
     process that deploys, and shipped to the replicas (whose environment may differ). ``user_config`` replaces the
@@ -603,9 +719,7 @@ def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict 
 
     sha = token_sha256(cfg)
     gallery_root = cfg.galleries or str(ipsr_home() / "galleries")
-    resources: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica}
-    if cfg.gpus_per_replica:
-        resources["num_gpus"] = cfg.gpus_per_replica
+    resources = replica_resources(cfg)
     deployment = Identification.options(
         name=name,
         # Only when asked for: a fixed count would clash with an autoscaling_config from serve_config.yaml.

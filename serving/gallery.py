@@ -1,30 +1,40 @@
-"""Enrolled galleries: one Parquet file per gallery under a store root (local path or s3://).
+"""Enrolled galleries: append-only, so that no write can erase another, on a local path or s3://.
 
-    ROOT/<name>/gallery.parquet    identity (string), embedding (fixed-size list<float32>[512], L2-normalised),
-                                   source (the uploaded file name), identity_net_sha256, enrolled_at
+    ROOT/<name>/segments/<time_ns>-<uuid>.parquet   one immutable file per enrolment request: identity, embedding
+                                                    (fixed-size list<float32>[512], L2-normalised), source (upload
+                                                    name), image_id (client-chosen, optional), identity_net_sha256
+    ROOT/<name>/deletes/<time_ns>-<uuid>.json       a tombstone: {"identity": ...} hides that identity's rows in every
+                                                    segment named before it (GDPR-style removal of one person)
+    ROOT/<name>/gallery.parquet                     the pre-segment layout, read as the oldest segment
 
-A gallery is small (512 floats per face: 2 KB; a million faces is 2 GB), so every enrolment rewrites the whole
-file: written next to the target, then moved over it, so a reader (another replica, a restarted one) sees the
-old or the new gallery, never half of one. Concurrent enrolments into the *same* gallery on different replicas
-are last-writer-wins; within a replica they are serialised by the caller.
+Every replica writes only new, uniquely named files, so concurrent enrolments on any number of replicas all land
+(the old read-modify-write of one file lost a third of them at 2 replicas). Readers merge the segments, apply the
+tombstones, and keep the first row of a repeated ``image_id`` (a retried request is not stored twice). Names start
+with the writer's clock, which orders tombstones against segments; ``compact`` merges what it listed into one segment
+named after the newest one it merged, and removes only those files: a write that lands meanwhile survives.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ipsr_model.errors import UserError
 from ipsr_platform.storage import Storage, join, normalize
 
-FILE = "gallery.parquet"
+SEGMENTS, DELETES, LEGACY = "segments", "deletes", "gallery.parquet"
+LEGACY_NAME = f"{0:020d}-legacy"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
 
@@ -35,35 +45,50 @@ def check_name(name: str) -> str:
     return name
 
 
+class WeightsMismatch(UserError):
+    """Embeddings made by another identity network: not comparable (HTTP 409)."""
+
+
+def _new_name() -> str:
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex}"
+
+
 @dataclass(frozen=True)
 class Gallery:
     identities: np.ndarray  # [N] str
     embeddings: np.ndarray  # [N, D] float32, L2-normalised
     sources: np.ndarray  # [N] str
+    image_ids: np.ndarray  # [N] str or None
     identity_net_sha256: str
-    stamp: tuple = ()  # (mtime, size) of the file it was read from: tells a reload whether it changed
+    stamp: tuple = ()  # the segment and tombstone names it was read from: tells a reload whether anything changed
 
     def __len__(self) -> int:
         return len(self.identities)
 
-    def add(self, identities: list[str], embeddings: np.ndarray, sources: list[str], sha256: str) -> Gallery:
-        if len(self) and sha256 != self.identity_net_sha256:
-            raise UserError(
-                f"gallery was enrolled with identity net {self.identity_net_sha256[:12]}…, this replica uses "
-                f"{sha256[:12]}…: embeddings would not be comparable; enrol into a new gallery"
-            )
-        dim = embeddings.shape[1] if len(embeddings) else self.embeddings.shape[1] if len(self) else 0
-        return Gallery(
-            identities=np.concatenate([self.identities, np.asarray(identities, dtype=object)]),
-            embeddings=np.concatenate([self.embeddings.reshape(-1, dim), embeddings.astype(np.float32)]),
-            sources=np.concatenate([self.sources, np.asarray(sources, dtype=object)]),
-            identity_net_sha256=sha256,
-        )
+    @property
+    def identity_count(self) -> int:
+        return len(set(self.identities.tolist()))
+
+    @functools.cached_property
+    def image_id_set(self) -> frozenset:
+        return frozenset(i for i in self.image_ids.tolist() if i is not None)
 
     @staticmethod
     def empty() -> Gallery:
         none = np.empty(0, dtype=object)
-        return Gallery(none, np.empty((0, 0), np.float32), none, "")
+        return Gallery(none, np.empty((0, 0), np.float32), none, none, "")
+
+
+def _table(identities, embeddings: np.ndarray, sources, image_ids, sha256: str) -> pa.Table:
+    n, dim = embeddings.shape
+    return pa.table({
+        "identity": pa.array(list(identities), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(np.float32).reshape(-1)), dim),
+        "source": pa.array(list(sources), pa.string()),
+        "image_id": pa.array(list(image_ids), pa.string()),
+        "identity_net_sha256": pa.array([sha256] * n, pa.string()),
+        "enrolled_at": pa.array([time.time()] * n, pa.float64()),
+    })  # fmt: skip
 
 
 class GalleryStore:
@@ -71,47 +96,118 @@ class GalleryStore:
         self.root = normalize(root)
         self.storage = storage
 
-    def uri(self, name: str) -> str:
-        return join(self.root, check_name(name), FILE)
+    def folder(self, name: str) -> str:
+        return join(self.root, check_name(name))
+
+    def listing(self, name: str) -> tuple[list[str], list[str], bool]:
+        """(segment names, tombstone names, legacy file present), sorted; one recursive listing."""
+        folder = self.folder(name)
+        try:
+            entries = self.storage.list(folder, recursive=True)
+        except UserError:  # a missing folder lists as nothing on S3 and raises locally
+            return [], [], False
+        files = [e.path[len(folder) + 1:] for e in entries if e.type == pafs.FileType.File]
+        segments = sorted(f[len(SEGMENTS) + 1:-len(".parquet")] for f in files
+                          if f.startswith(f"{SEGMENTS}/") and f.endswith(".parquet"))
+        deletes = sorted(f[len(DELETES) + 1:-len(".json")] for f in files
+                         if f.startswith(f"{DELETES}/") and f.endswith(".json"))
+        return segments, deletes, LEGACY in files
 
     def stamp(self, name: str) -> tuple:
-        info = self.storage.info(self.uri(name))
-        return () if info.size is None else (info.mtime_ns, info.size)
+        segments, deletes, legacy = self.listing(name)
+        return (tuple(segments), tuple(deletes), legacy)
+
+    def _read_segment(self, name: str, segment: str) -> pa.Table:
+        path = join(self.folder(name), LEGACY if segment == LEGACY_NAME else f"{SEGMENTS}/{segment}.parquet")
+        table = pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
+        if "image_id" not in table.column_names:
+            table = table.append_column("image_id", pa.nulls(table.num_rows, pa.string()))
+        return table.append_column("segment", pa.array([segment] * table.num_rows, pa.string()))
 
     def load(self, name: str) -> Gallery | None:
-        uri = self.uri(name)
-        if not self.storage.exists(uri):
+        """The merged gallery, or None when nothing was ever enrolled (or it was deleted)."""
+        segments, deletes, legacy = self.listing(name)
+        names = ([LEGACY_NAME] if legacy else []) + segments
+        if not names:
             return None
-        stamp = self.stamp(name)
-        table = pq.read_table(io.BytesIO(self.storage.read_bytes(uri)))
-        if table.num_rows == 0:
+        with ThreadPoolExecutor(max_workers=16) as pool:  # S3: many small objects, latency-bound
+            tables = list(pool.map(lambda s: self._read_segment(name, s), names))
+            tombstones = list(pool.map(
+                lambda d: (d, json.loads(self.storage.read_bytes(join(self.folder(name), f"{DELETES}/{d}.json")))),
+                deletes))
+        return self._merge(tables, tombstones, (tuple(segments), tuple(deletes), legacy))
+
+    @staticmethod
+    def _merge(tables: list[pa.Table], tombstones: list[tuple[str, dict]], stamp: tuple) -> Gallery:
+        rows = [t.select(["identity", "embedding", "source", "image_id", "identity_net_sha256", "segment"])
+                for t in tables if t.num_rows]
+        if not rows:
             return Gallery.empty()
-        flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        table = pa.concat_tables(rows, promote_options="permissive")
+        identity, segment = table.column("identity").to_pylist(), table.column("segment").to_pylist()
+        image_id = table.column("image_id").to_pylist()
+        keep, seen = np.ones(table.num_rows, bool), set()
+        removed = {}
+        for when, body in tombstones:
+            removed[body["identity"]] = max(removed.get(body["identity"], ""), when)
+        for i in range(table.num_rows):
+            if identity[i] in removed and segment[i] < removed[identity[i]]:
+                keep[i] = False
+            elif image_id[i] is not None:
+                keep[i] = image_id[i] not in seen
+                seen.add(image_id[i])
+        shas = set(table.column("identity_net_sha256").unique().to_pylist())
+        if len(shas) > 1:
+            raise WeightsMismatch(f"gallery segments were embedded by {len(shas)} identity networks")
+        if not keep.all():  # a filter copies every column: only when something is hidden
+            table = table.filter(pa.array(keep))
+        # Per-chunk views of Arrow's buffers (no copy), joined once: at a million faces each copy is 2 GB.
+        chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in table.column("embedding").chunks]
+        flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
         return Gallery(
             identities=np.asarray(table.column("identity").to_pylist(), dtype=object),
-            embeddings=flat.astype(np.float32).reshape(table.num_rows, -1),
+            embeddings=flat.astype(np.float32, copy=False).reshape(table.num_rows, -1),
             sources=np.asarray(table.column("source").to_pylist(), dtype=object),
-            identity_net_sha256=table.column("identity_net_sha256")[0].as_py(),
+            image_ids=np.asarray(table.column("image_id").to_pylist(), dtype=object),
+            identity_net_sha256=shas.pop(),
             stamp=stamp,
         )
 
-    def save(self, name: str, gallery: Gallery) -> Gallery:
-        """Write atomically (temporary file, then move); returns the gallery with its new stamp."""
-        n, dim = gallery.embeddings.shape
-        table = pa.table(
-            {
-                "identity": pa.array(gallery.identities.tolist(), pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(gallery.embeddings.reshape(-1)), dim),
-                "source": pa.array(gallery.sources.tolist(), pa.string()),
-                "identity_net_sha256": pa.array([gallery.identity_net_sha256] * n, pa.string()),
-                "enrolled_at": pa.array([time.time()] * n, pa.float64()),
-            }
-        )
+    def append(self, name: str, identities: list[str], embeddings: np.ndarray, sources: list[str],
+               image_ids: list[str | None], sha256: str) -> str:
+        """One new immutable segment; returns its name. Nothing existing is read or rewritten."""
+        segment = _new_name()
         buf = io.BytesIO()
-        pq.write_table(table, buf)
-        target = self.uri(name)
-        tmp = join(self.root, name, f".tmp-{uuid.uuid4().hex}.parquet")
-        self.storage.write_bytes(tmp, buf.getvalue())
-        self.storage.move(tmp, target)
-        return Gallery(gallery.identities, gallery.embeddings, gallery.sources, gallery.identity_net_sha256,
-                       self.stamp(name))
+        pq.write_table(_table(identities, embeddings, sources, image_ids, sha256), buf)
+        self.storage.write_bytes(join(self.folder(name), f"{SEGMENTS}/{segment}.parquet"), buf.getvalue())
+        return segment
+
+    def delete_identity(self, name: str, identity: str) -> None:
+        """A tombstone: rows of ``identity`` written before it disappear for every reader."""
+        body = json.dumps({"identity": identity, "deleted_at": time.time()}).encode()
+        self.storage.write_bytes(join(self.folder(name), f"{DELETES}/{_new_name()}.json"), body)
+
+    def delete(self, name: str) -> None:
+        self.storage.delete(self.folder(name))
+
+    def compact(self, name: str) -> tuple[int, int]:
+        """Merge every segment and tombstone listed now into one segment; returns (files merged, rows kept)."""
+        segments, deletes, legacy = self.listing(name)
+        gallery = self.load(name)
+        if gallery is None:
+            raise UserError(f"gallery {name!r} has nothing to compact")
+        if gallery.stamp != (tuple(segments), tuple(deletes), legacy):
+            raise UserError(f"gallery {name!r} changed while it was read; run compact again")
+        newest = max(segments, default=LEGACY_NAME)
+        merged = f"{newest}-compacted-{uuid.uuid4().hex[:8]}"  # sorts right after the newest merged segment
+        if len(gallery):
+            buf = io.BytesIO()
+            pq.write_table(_table(gallery.identities, gallery.embeddings, gallery.sources, gallery.image_ids,
+                                  gallery.identity_net_sha256), buf)
+            self.storage.write_bytes(join(self.folder(name), f"{SEGMENTS}/{merged}.parquet"), buf.getvalue())
+        folder = self.folder(name)
+        stale = [f"{SEGMENTS}/{s}.parquet" for s in segments] + [f"{DELETES}/{d}.json" for d in deletes
+                                                                   if d <= newest]
+        for path in stale + ([LEGACY] if legacy else []):
+            self.storage.delete(join(folder, path))
+        return len(stale) + legacy, len(gallery)

@@ -71,7 +71,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def orl(att_faces):
-    """subject → (gallery 1.pgm bytes, HR probe 2.pgm bytes, 16x12 probe PNG bytes)."""
+    """subject → (gallery 1.pgm bytes, HR probe: 2.pgm as a 128x128 PNG, 16x12 probe PNG bytes)."""
     from PIL import Image
 
     from ipsr_model.degradation import resize
@@ -82,13 +82,12 @@ def orl(att_faces):
         probe = Image.open(att_faces / subject / "2.pgm")
         # The degradation's down half (PIL-compatible antialiased bicubic) of the aligned 128x128 face.
         low = to_pil(resize(to_tensor(square_face(probe)), (16, 12)).clamp(-1, 1))[0]
-        out[subject] = (
-            (att_faces / subject / "1.pgm").read_bytes(), (att_faces / subject / "2.pgm").read_bytes(), png(low),
-        )
+        # HR probe: the aligned 128x128 face (anything smaller on every side counts as low-resolution).
+        out[subject] = ((att_faces / subject / "1.pgm").read_bytes(), png(square_face(probe)), png(low))
     return out
 
 
-def register_generator(generator, identity_sha: str, alias: str) -> str:
+def register_generator(generator, identity_sha: str, alias: str, fmt: str = "pt2") -> str:
     import mlflow
     from mlflow.models import infer_signature
 
@@ -103,7 +102,7 @@ def register_generator(generator, identity_sha: str, alias: str) -> str:
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pytorch.log_model(generator, name="generator", signature=signature, input_example=example.numpy(),
-                                        serialization_format="pt2")
+                                        serialization_format=fmt)
     return tracking.register(info.model_uri, "ipsr-unet", alias=alias,
                              tags={tracking.TAG_IDENTITY_NET: identity_sha}, uri=uri)
 
@@ -366,30 +365,61 @@ def test_cli_refuses_to_start_without_token(tmp_path):
     assert run.returncode == 2 and "models:/" in run.stderr, run.stderr
 
 
-def test_gallery_store_on_s3(s3):
-    """The Parquet gallery round-trips through an S3 API (moto on 127.0.0.1), replaced atomically on save."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_gallery_store_is_append_only(where, s3, tmp_path):
+    """Segments, tombstones, image_id de-duplication, the legacy one-file layout and a compaction that keeps what
+    lands meanwhile; on a local folder and through an S3 API (moto on 127.0.0.1)."""
+    import io
+
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    from ipsr_platform.storage import Storage
-    from serving.gallery import Gallery, GalleryStore
+    from ipsr_platform.storage import Storage, join
+    from serving.gallery import GalleryStore, WeightsMismatch
 
-    s3.create_bucket(Bucket="galleries")
-    store = GalleryStore("s3://galleries/prod", Storage.from_env())
+    if where == "s3":
+        s3.create_bucket(Bucket="galleries")
+    root = "s3://galleries/prod" if where == "s3" else str(tmp_path / "galleries")
+    storage = Storage.from_env()
+    store = GalleryStore(root, storage)
     assert store.load("orl") is None
-    embeddings = np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32)
-    store.save("orl", Gallery.empty().add(["a", "b", "a"], embeddings, ["1.png", "2.png", "3.png"], "sha"))
-    bigger = store.load("orl").add(["c"], embeddings[:1], ["4.png"], "sha")
-    store.save("orl", bigger)
+    e = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
+    # The pre-segment layout: one gallery.parquet, read as the oldest segment.
+    legacy = pa.table({"identity": ["old"], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e[5]), 512),
+                       "source": ["o.png"], "identity_net_sha256": ["sha"], "enrolled_at": [0.0]})
+    buf = io.BytesIO()
+    pq.write_table(legacy, buf)
+    storage.write_bytes(join(root, "orl", "gallery.parquet"), buf.getvalue())
+    store.append("orl", ["a", "b"], e[:2], ["1.png", "2.png"], ["img-1", None], "sha")
+    store.append("orl", ["a", "c"], e[2:4], ["1-again.png", "3.png"], ["img-1", "img-3"], "sha")  # a retry of img-1
     loaded = store.load("orl")
-    assert loaded.identities.tolist() == ["a", "b", "a", "c"] and loaded.identity_net_sha256 == "sha"
-    np.testing.assert_array_equal(loaded.embeddings[:3], embeddings)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="galleries")["Contents"]]
-    # No temporary file left behind (pyarrow keeps an empty "prod/orl/" directory marker: harmless).
-    assert [k for k in keys if not k.endswith("/")] == ["prod/orl/gallery.parquet"], keys
-    with pytest.raises(Exception, match="would not be comparable"):
-        loaded.add(["d"], embeddings[:1], ["5.png"], "other-sha")
+    assert loaded.identities.tolist() == ["old", "a", "b", "c"] and loaded.identity_net_sha256 == "sha"
+    np.testing.assert_array_equal(loaded.embeddings[1], e[0])  # the first copy of img-1 is the one kept
+    store.delete_identity("orl", "a")
+    store.append("orl", ["a"], e[4:5], ["4.png"], [None], "sha")  # enrolled again after the removal: visible
+    assert store.load("orl").identities.tolist() == ["old", "b", "c", "a"]
+    # A concurrent enrolment lands after compaction has listed and read the gallery: it must survive.
+    read = store.load
+
+    def read_then_another_replica_enrols(name):
+        gallery = read(name)
+        store.append(name, ["late"], e[:1], ["late.png"], [None], "sha")
+        return gallery
+
+    store.load = read_then_another_replica_enrols
+    merged, rows = store.compact("orl")
+    store.load = read
+    assert (merged, rows) == (5, 4)  # 3 segments, 1 tombstone, the legacy file → one segment of 4 faces
+    assert store.load("orl").identities.tolist() == ["old", "b", "c", "a", "late"]
+    assert len(store.listing("orl")[0]) == 2 and store.listing("orl")[1:] == ([], False)
+    store.append("orl", ["d"], e[:1], ["5.png"], [None], "other-sha")
+    with pytest.raises(WeightsMismatch):
+        store.load("orl")
+    store.delete("orl")
+    assert store.load("orl") is None
     with pytest.raises(Exception, match="names a folder"):
-        store.uri("../etc")
+        store.folder("../etc")
 
 
 def test_pinned_version_through_the_documented_user_config(server, server_config, champion):
@@ -427,3 +457,142 @@ def test_a_misspelt_user_config_key_is_an_error_not_ignored():
     # The check runs before the replica's state is touched, so a bare object stands in for the replica.
     with pytest.raises(ValueError, match=r"unknown user_config key\(s\) \['model'\]; expected \['generator'"):
         Identification.func_or_class.reconfigure(SimpleNamespace(), {"model": "models:/ipsr-unet/1"})
+
+
+def test_enrolment_is_idempotent_partial_and_inspectable(server, orl, bad_inputs):
+    """200 with per-image reasons when something was enrolled; a retried request (same image_id) stores nothing
+    twice; 400 only when nothing was usable; GET shows the gallery, DELETE removes a person or the whole gallery."""
+    truncated, _ = bad_inputs["truncated.jpg"]
+    url = f"{server}/v1/galleries/idem"
+
+    def enrol(items):  # (name, bytes, identity, image_id)
+        files = [("image", (n, b)) for n, b, _, _ in items]
+        data = [("identity", i) for _, _, i, _ in items] + [("image_id", k) for _, _, _, k in items]
+        return requests.post(f"{url}/enroll", params={"aligned": "true"}, files=files, data=data, headers=AUTH,
+                             timeout=TIMEOUT)
+
+    first = enrol([("s1.pgm", orl["s1"][0], "s1", "s1-a"), ("bad.jpg", truncated, "x", "bad-1")])
+    assert first.status_code == 200, first.text
+    assert (first.json()["enrolled"], first.json()["rejected"]) == (1, 1)
+    retry = enrol([("s1.pgm", orl["s1"][0], "s1", "s1-a"), ("bad.jpg", truncated, "x", "bad-1")])
+    assert retry.status_code == 200 and retry.json()["already_enrolled"] == 1 and retry.json()["enrolled"] == 0
+    assert enrol([("bad.jpg", truncated, "x", "bad-2")]).status_code == 400  # nothing usable
+    assert enrol([("s2.pgm", orl["s2"][0], "s2", "s2-a")]).json()["gallery_size"] == 2
+    info = requests.get(url, headers=AUTH, timeout=30).json()
+    assert (info["size"], info["identities"]) == (2, 2)
+    assert info["page"] == [{"identity": "s1", "faces": 1}, {"identity": "s2", "faces": 1}]
+    served = requests.get(f"{server}/v1/model", headers=AUTH, timeout=30).json()["serving_identity_net_sha256"]
+    assert info["identity_net_sha256"] == served
+
+    removed = requests.delete(f"{url}/identities/s1", headers=AUTH, timeout=30)
+    assert removed.status_code == 200 and removed.json()["removed_faces"] == 1
+    assert requests.get(url, headers=AUTH, timeout=30).json()["page"] == [{"identity": "s2", "faces": 1}]
+    matches = identify(server, "idem", {"s1": orl["s1"][1]}).json()["results"][0]["matches"]
+    assert [m["identity"] for m in matches] == ["s2"]  # s1 is gone for every reader
+    assert requests.delete(f"{url}/identities/s1", headers=AUTH, timeout=30).status_code == 404
+    assert requests.delete(url, headers=AUTH, timeout=30).status_code == 200
+    assert requests.get(url, headers=AUTH, timeout=30).status_code == 404
+    assert requests.delete(url, headers=AUTH, timeout=30).status_code == 404
+
+
+def test_gallery_of_other_weights_is_409(server, env, orl):
+    import numpy as np
+
+    from ipsr_platform.storage import Storage
+    from serving.gallery import GalleryStore
+
+    store = GalleryStore(str(env["home"] / "galleries"), Storage.from_env())
+    store.append("foreign", ["x"], np.eye(1, 512, dtype=np.float32), ["x.png"], [None], "0" * 64)
+    r = identify(server, "foreign", {"s1": orl["s1"][1]})
+    assert r.status_code == 409 and "identity net 000000000000" in r.json()["detail"], r.text
+    enrol = requests.post(f"{server}/v1/galleries/foreign/enroll", params={"aligned": "true"},
+                          files=[("image", ("s1.pgm", orl["s1"][0]))], data=[("identity", "s1")], headers=AUTH,
+                          timeout=TIMEOUT)
+    assert enrol.status_code == 409
+
+
+def test_112x96_probe_is_low_resolution(server, gallery, orl, att_faces):
+    """The paper's largest probe size, 112x96, is below the model's 128x128 on every side: upsampled and
+    super-resolved, like ORL's 92x112 originals; a face of 128 or more is identified as it is."""
+    from PIL import Image
+
+    face = Image.open(io.BytesIO(orl["s1"][1])).convert("RGB")
+    sizes = {"112x96": face.resize((96, 112), Image.BICUBIC), "128x128": face}
+    answers = {k: identify(server, gallery, {"s1": png(v)}).json()["results"][0] for k, v in sizes.items()}
+    original = identify(server, gallery, {"s1": (att_faces / "s1" / "2.pgm").read_bytes()}).json()["results"][0]
+    assert answers["112x96"]["super_resolved"] and original["super_resolved"], (answers, original)
+    assert answers["128x128"]["super_resolved"] is False
+
+
+def test_cuda_replicas_reserve_a_gpu():
+    from ipsr_platform.config import ServeConfig
+    from serving.app import replica_resources
+
+    assert replica_resources(ServeConfig(device="cuda")) == {"num_cpus": 1.0, "num_gpus": 1}
+    assert replica_resources(ServeConfig(device="cuda", gpus_per_replica=0.5))["num_gpus"] == 0.5
+    assert "num_gpus" not in replica_resources(ServeConfig())
+
+
+def test_pickle_models_are_refused_unless_allowed(env, champion):
+    from ipsr_model.errors import UserError
+    from ipsr_platform.models import load_generator
+
+    version = register_generator(champion["generator"], champion["identity_sha"], "pickled", fmt="pickle")
+    with pytest.raises(UserError, match="pickle-based format: loading it would run code"):
+        load_generator(f"models:/ipsr-unet/{version}")
+    assert load_generator(f"models:/ipsr-unet/{version}", allow_pickle=True).version == version
+    assert load_generator(f"models:/ipsr-unet/{champion['version']}").version == champion["version"]  # pt2: fine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, server_config, orl, s3, tmp_path):
+    """2 replicas, 240 single-face enrolments from 12 client threads, one replica killed after 80 answers: every
+    enrolment answered 200 is in the gallery afterwards (the old read-modify-write kept about two thirds)."""
+    import ray
+    from ray import serve
+
+    from ipsr_platform.storage import Storage
+    from serving.app import build_app
+    from serving.gallery import GalleryStore
+
+    if where == "s3":
+        s3.create_bucket(Bucket="crowd")
+    root = "s3://crowd/galleries" if where == "s3" else str(tmp_path / "galleries")
+    cfg = server_config.model_copy(update={"galleries": root, "num_replicas": 2, "cpus_per_replica": 0.25,
+                                           "max_ongoing_requests": 16, "max_queued_requests": 512})
+    serve.run(build_app(cfg, name="Crowd"), name="ipsr-crowd", route_prefix="/crowd")
+    base = f"{server}/crowd"
+    wait_for(lambda: requests.get(f"{base}/v1/healthz", timeout=5).status_code == 200, 120, "the crowd app")
+    faces = [orl[s][0] for s in SUBJECTS]
+
+    def enrol(i: int) -> tuple[int, int, str | None]:
+        try:
+            r = requests.post(f"{base}/v1/galleries/crowd/enroll", params={"aligned": "true"},
+                              files=[("image", (f"{i}.pgm", faces[i % len(faces)]))],
+                              data=[("identity", f"person-{i:03d}"), ("image_id", f"img-{i}")], headers=AUTH,
+                              timeout=TIMEOUT)
+            return i, r.status_code, r.json().get("replica") if r.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return i, 0, None
+
+    results, killed = [], False
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(enrol, i) for i in range(240)]):
+                results.append(future.result())
+                if len(results) == 80 and not killed:  # mid-enrolment: requests are in flight on both replicas
+                    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                                if "SERVE_REPLICA" in a["name"] and "ipsr-crowd" in a["name"]]
+                    assert len(replicas) == 2, replicas
+                    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+                    killed = True
+        answered = {i for i, status, _ in results if status == 200}
+        assert len(answered) >= 200, sorted({status for _, status, _ in results})
+        assert len({replica for _, status, replica in results if status == 200}) >= 2
+        gallery = GalleryStore(root, Storage.from_env()).load("crowd")
+        missing = {f"person-{i:03d}" for i in answered} - set(gallery.identities.tolist())
+        assert not missing, f"{len(missing)} enrolments answered 200 are gone: {sorted(missing)[:5]}"
+        assert len(gallery) == len(set(gallery.identities.tolist()))  # and none is there twice
+    finally:
+        serve.delete("ipsr-crowd")
