@@ -99,12 +99,7 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"\nmachine: {os.cpu_count()} CPUs ({cpu}), device {args.device}; model version {version}, width "
+    print(f"\nmachine: {os.cpu_count()} CPUs ({cpu_name()}), device {args.device}; model version {version}, width "
           f"{args.base_channels}; batched max_batch_size {args.batch_size}\n")
     print("| concurrency | batched probes/s | p50 / p99 ms | unbatched probes/s | p50 / p99 ms | ratio |")
     print("|---|---|---|---|---|---|")
@@ -112,6 +107,13 @@ def main() -> None:
         b, u = results["batched", level], results["unbatched", level]
         print(f"| {level} | {b['rps']:.1f} | {b['p50']:.0f} / {b['p99']:.0f} | {u['rps']:.1f} | "
               f"{u['p50']:.0f} / {u['p99']:.0f} | **{b['rps'] / u['rps']:.2f}** |")
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def register(generator) -> str:

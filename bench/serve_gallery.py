@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve import TOKEN, load_orl, register  # noqa: E402  (bench/serve.py: same registration and probes)
+from serve import TOKEN, cpu_name, load_orl, register  # noqa: E402  (bench/serve.py: same registration and probes)
 
 BATCHES = (1, 8, 32)
 
@@ -185,12 +184,7 @@ def s3_load(faces: int, sha256: str) -> float:
 
 
 def report(args, loads: dict, results: dict) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"\nmachine: {os.cpu_count()} CPUs ({cpu}); gallery {args.faces:,} faces, {args.faces // 2:,} identities; "
+    print(f"\nmachine: {os.cpu_count()} CPUs ({cpu_name()}); gallery {args.faces:,} faces, {args.faces // 2:,} identities; "
           f"U-Net width 16; {args.requests} 1-probe requests\n")
     print("| matrix | probes/request | p50 ms | p99 ms | probes/s | replica RSS MiB | first request s |")
     print("|---|---|---|---|---|---|---|")
