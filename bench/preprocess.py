@@ -3,12 +3,13 @@
     python bench/preprocess.py                       # CPU: all cores, prints both rates and the ratio
     python bench/preprocess.py --device cuda         # GPU variant (H100: target >= 1,000 img/s per GPU)
 
-Images: the real faces in ../shared/data (ORL + colour portraits + group photo), resampled to VGGFace2-like sizes
-(longest side 200-300 px, ~250 on average, JPEG q90) and repeated with flips/shifts up to ``--images``, written
-once into a temp folder as identity folders.
+Images: ``bench/synth_faces.py``'s VGGFace2-shaped tree (the shared real faces, random views, longest side
+200-300 px, JPEG q90, 360 per identity), ``--images`` of them, in a temp folder.
 
 Baseline: ``MTCNN(device=...)(img)`` per image in this process (default threads), decode included — what one would
-write without this job — on an even sample of the images, timed per chunk before and after the job; its best chunk
+write without this job —, on the image scaled to the job's ``--detect-size`` (both detect at the same resolution,
+so the ratio is batching + processes, not resolution), on an even sample of the images, timed per chunk before
+and after the job; its best chunk
 counts (on a shared machine that favours the baseline). Job: ``jobs.preprocess.run`` on the whole folder, end to end
 (listing, Ray Data pipeline, Parquet output, commit). Actor start-up (~5-10 s: torch + MTCNN import per actor) does
 not grow with the dataset, so the ratio uses the job's steady rate (manifest ``images_per_s.steady``: images
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
@@ -31,43 +31,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def make_images(data: Path, dst: Path, count: int, seed: int = 0) -> list[Path]:
-    """Write ``count`` VGGFace2-like JPEGs into dst/<identity>/ from the shared real faces."""
-    sources = sorted((data / "att_faces").glob("s*/*.pgm"))
-    sources += sorted((data / "facenet_test_images").glob("*/*.jpg"))
-    if (data / "multiface.jpg").exists():
-        sources.append(data / "multiface.jpg")
-    if not sources:
-        raise SystemExit(f"no face images under {data}")
-    rng = random.Random(seed)
-    originals = {p: Image.open(p).convert("RGB") for p in sources}
-    out = []
-    for i in range(count):
-        src = sources[i % len(sources)]
-        img = originals[src]
-        if i >= len(sources):  # repeats: flip and shift a little so they are not byte-identical
-            img = ImageOps.mirror(img) if (i // len(sources)) % 2 else img
-            w, h = img.size
-            dx, dy = rng.randint(0, w // 20), rng.randint(0, h // 20)
-            img = img.crop((dx, dy, w - w // 20 + dx, h - h // 20 + dy))
-        longest = rng.randint(200, 300)
-        s = longest / max(img.size)
-        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
-        identity = src.parent.name if src.parent.name != "data" else "group"
-        path = dst / identity / f"{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, quality=90)
-        out.append(path)
-    return out
+from bench.synth_faces import synthesize  # noqa: E402 - after the path insert
 
 
-def baseline(paths: list[Path], device: str, channels_last: bool = False, chunk: int = 200) -> tuple[list[float], int]:
+def baseline(paths: list[Path], device: str, detect_size: int, channels_last: bool = False,
+             chunk: int = 200) -> tuple[list[float], int]:
     """The plain per-image loop; returns (images/s of each chunk of ``chunk`` images, faces found).
 
     Rates come per chunk because a per-image loop with 2 intra-op threads collapses (up to 10x) whenever another
@@ -78,15 +51,21 @@ def baseline(paths: list[Path], device: str, channels_last: bool = False, chunk:
     import torch
     from facenet_pytorch import MTCNN
 
+    from ipsr_platform.faces import letterbox
+
     mtcnn = MTCNN(device=torch.device(device))
     if channels_last:
         mtcnn.to(memory_format=torch.channels_last)
-    mtcnn(Image.open(paths[0]).convert("RGB"))  # warm-up: first call pays one-off allocations
+
+    def one(path: Path):  # detection at the job's resolution: the longest side scaled to detect_size
+        return mtcnn(Image.fromarray(letterbox(Image.open(path).convert("RGB"), detect_size)[0]))
+
+    one(paths[0])  # warm-up: first call pays one-off allocations
     found, rates = 0, []
     for i in range(0, len(paths), chunk):
         t = time.perf_counter()
         for p in paths[i : i + chunk]:
-            found += mtcnn(Image.open(p).convert("RGB")) is not None
+            found += one(p) is not None
         if device == "cuda":
             torch.cuda.synchronize()
         rates.append(len(paths[i : i + chunk]) / (time.perf_counter() - t))
@@ -108,7 +87,6 @@ def job(src: Path, out: Path, limit: int, args: argparse.Namespace) -> tuple[flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--images", type=int, default=4800)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--num-actors", type=int, default=None)
@@ -125,21 +103,21 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance on 127.0.0.1
     work = Path(tempfile.mkdtemp(prefix="ipsr-bench-"))
     try:
-        src = work / "faces"
-        paths = make_images(args.data, src, args.images)
-        paths = sorted(paths, key=lambda p: (p.parent.name, str(p)))
+        synthesize(str(work), args.images, per_identity=360)
+        src = work / "train"
+        paths = sorted(src.rglob("*.jpg"))
 
         # An even sample across identities; the loop's rate does not need every image.
         base_paths = paths[:: max(1, len(paths) // (args.baseline_images or len(paths)))]
-        base_rates, base_found = baseline(base_paths, args.device)
-        cl_rates, _ = baseline(base_paths[::2], args.device, channels_last=True)
+        base_rates, base_found = baseline(base_paths, args.device, args.detect_size)
+        cl_rates, _ = baseline(base_paths[::2], args.device, args.detect_size, channels_last=True)
 
         ray.init(include_dashboard=False, log_to_driver=False)
         job(src, work / "out-warmup", args.batch_size, args)  # first job pays one-off worker-pool start-up
         t_full, manifest = job(src, work / "out", len(paths), args)
         ray.shutdown()
         # Again after the job: on a shared machine the load drifts; the best chunk of all counts.
-        after_rates, _ = baseline(base_paths[::2], args.device)
+        after_rates, _ = baseline(base_paths[::2], args.device, args.detect_size)
         base_rates += after_rates
         base_rate = max(base_rates)
 

@@ -21,7 +21,7 @@ SPLITS = ("train", "val", "test")
 
 
 def parse_split(value: str | dict[str, float] | None) -> dict[str, float]:
-    """``"val=0.02,test=0.02"`` (or a mapping) → ``{"val": 0.02, "test": 0.02}``; train gets the rest."""
+    """``"val=0.02,test=0.02"`` (or a mapping) → ``{"val": 0.02, "test": 0.02}``; train gets the rest (maybe none)."""
     if value is None or value == "":
         return {}
     if isinstance(value, dict):
@@ -41,11 +41,12 @@ def parse_split(value: str | dict[str, float] | None) -> dict[str, float]:
             f = float(frac)
         except (TypeError, ValueError):
             raise ValueError(f"fraction of {name} is not a number: {frac!r}") from None
-        if not 0.0 <= f < 1.0:
-            raise ValueError(f"fraction of {name} must be in [0, 1), got {f}")
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"fraction of {name} must be in [0, 1], got {f}")
         out[name] = f
-    if sum(out.values()) >= 1.0:
-        raise ValueError(f"val + test fractions must leave something for train, got {out}")
+    # Up to 1: "test=1.0" makes a whole dataset unseen test identities (evaluation-only data).
+    if sum(out.values()) > 1.0 + 1e-9:
+        raise ValueError(f"val + test fractions must sum to at most 1, got {out}")
     return out
 
 

@@ -19,8 +19,9 @@ FACE_SIZE = 128
 PNG_LEVEL = 1
 
 # Pillow's names for the accepted formats (PPM covers PGM/PBM; JPEG also opens the multi-picture MPO variant
-# many cameras write).
-_FORMATS = ("JPEG", "PNG", "PPM", "WEBP", "BMP")
+# many cameras write). GIF and TIFF are common in face datasets: their first frame / page is the image.
+_FORMATS = ("JPEG", "PNG", "PPM", "WEBP", "BMP", "GIF", "TIFF")
+ACCEPTED = "JPEG, PNG, PGM/PPM, WebP, BMP, GIF, TIFF"
 
 
 
@@ -42,11 +43,15 @@ def _signature(data: bytes) -> str | None:
         return "WEBP"
     if data[:2] == b"BM":
         return "BMP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
     return None
 
 
 def _describe(data: bytes) -> str:
-    known = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF", b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF"}
+    known = {b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF", b"8BPS": "PSD", b"\x00\x00\x00\x0cjP": "JPEG 2000"}
     for magic, name in known.items():
         if data.startswith(magic):
             return f"{name} content"
@@ -58,7 +63,7 @@ def open_header(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise Rejected("corrupt", "empty file")
     if _signature(data) is None:
-        raise Rejected("unsupported_format", f"{_describe(data)}; accepted: JPEG, PNG, PGM/PPM, WebP, BMP")
+        raise Rejected("unsupported_format", f"{_describe(data)}; accepted: {ACCEPTED}")
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice its limit; for us anything past max_pixels is a reject.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -88,9 +93,13 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PGM/PNG): keep the top 8 bits
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PGM/PNG/TIFF): keep the top 8 bits
         arr = np.asarray(img, dtype=np.uint32)
         return Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":  # float TIFF: 0..1 is the usual convention, anything larger is taken as 0..255
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        arr = arr * 255 if arr.max(initial=0) <= 1 else arr
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in ("P", "PA"):  # palette transparency must go through RGBA to convert cleanly
         img = img.convert("RGBA")
     return img.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, 1

@@ -6,26 +6,32 @@ Pipeline (one streaming Ray Data job, nothing materialised in the driver except 
       → read bytes           task pool; a thread pool per task hides S3 latency
       → decode + align       actor pool, one MTCNN per actor: safe decode, letterbox to detect_size² so that
                              real batches form, batched detect, boxes mapped back, square crop from the original
-      → write shard          task pool; aligned faces → Parquet under DST/_temporary/<run>/
-      → commit (driver)      shards renamed into DST/data/, rejects.parquet, manifest.json, then _SUCCESS last
+      → write shard          task pool; aligned faces → Parquet under DST/_temporary/<run>/<split>/
+      → commit (driver)      shards renamed into DST/data/<split>/, rejects.parquet, manifest.json, _SUCCESS last
+
+Inputs enter the pipeline in a pseudo-random order (a hash of the source path), not identity by identity: every
+shard of the train split then mixes identities, so training batches do too (VGGFace2 has ~360 images per
+identity; identity-sorted shards and a 256-row shuffle buffer gave batches of one or two people). The order is
+reproducible, and costs nothing: no global shuffle of the pixels ever happens.
 
 Every listed input ends up either aligned or in rejects.parquet with one of ``REASONS``:
 
 - ``io_error``: the bytes could not be read (missing object, permission, storage still failing after retries).
 - ``too_large``: the file is larger than ``max_bytes`` or the image declares more than ``max_pixels`` pixels;
   decided from the listing size / image header, before anything is decoded (decompression bombs land here).
-- ``unsupported_format``: the content does not start with a JPEG/PNG/PGM/PPM/WebP/BMP signature — another image
-  format (TIFF, GIF, …) or no image at all (a text file). Decided from the bytes, never from the file name.
+- ``unsupported_format``: the content does not start with a JPEG/PNG/PGM/PPM/WebP/BMP/GIF/TIFF signature — another
+  image format (ICO, PDF, …) or no image at all (a text file). Decided from the bytes, never from the file name.
 - ``corrupt``: an empty file, or a supported signature whose data does not decode (truncated, damaged).
 - ``no_face``: decoded fine, but MTCNN found no face.
 
 Output (committed when ``_SUCCESS`` exists; readers must ignore a prefix without it):
 
-    DST/data/part-NNNNN.parquet   image (PNG bytes, 128×128 RGB), identity, label, split, source, det_prob,
-                                  box [x1, y1, x2, y2], landmarks [x, y] × 5 — coordinates in original pixels
+    DST/data/<split>/part-NNNNN.parquet   image (PNG bytes, 128×128 RGB), identity, label, split, source, det_prob,
+                                  box [x1, y1, x2, y2], landmarks [x, y] × 5 — coordinates in original pixels;
+                                  one folder per split (train/, val/, test/), rows in hash order
     DST/rejects.parquet           source, identity, reason, detail
     DST/manifest.json             counts (seen = aligned + rejected), shard list, labels, config, versions, timings
-    DST/_SUCCESS
+    DST/_SUCCESS                  not written when no face at all was aligned: the job then exits non-zero
 
 Face choice: the largest detection (what the paper's MTCNN setup keeps by default), cropped as a square around
 its box with ``margin`` output pixels of context. Labels are dense over the *listed* identities in sorted order
@@ -126,6 +132,14 @@ def assign_splits(names: list[str], fractions: dict[str, float]) -> dict[str, st
     ordered = sorted(names, key=_unit)  # split_of's val are the first in this order, its test the next ones
     return {n: "val" if i < wanted["val"] else "test" if i < wanted["val"] + wanted["test"] else "train"
             for i, n in enumerate(ordered)}
+
+
+def mixed_order(table: pa.Table) -> pa.Table:
+    """The rows in the order of a hash of their source: reproducible, and every run of consecutive rows (a block,
+    a shard) mixes identities and splits."""
+    keys = np.fromiter((int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")
+                        for s in table.column("source").to_pylist()), dtype=np.uint64, count=table.num_rows)
+    return table.take(pa.array(np.argsort(keys, kind="stable")))
 
 
 def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]:
@@ -267,31 +281,37 @@ class Aligner:
 
 
 def write_stage(batch: pa.Table, storage: Storage, tmp: str, columns: list[str]) -> pa.Table:
-    """Aligned faces → one Parquet shard under ``tmp``; returns one small summary row per input (no pixels).
+    """Aligned faces → one Parquet shard per split under ``tmp/<split>/``; returns one small summary row per input
+    (no pixels), naming the shard its face went to.
 
     A retried task writes a second file under a fresh name; only shards named in the returned summaries are
     committed, so an orphan from a failed attempt is never part of the dataset. A write that still fails after
     the storage retries comes back as ``fatal`` (Ray would wrap a raised error into a multi-line remote
     traceback; the driver raises it as one clear StorageError naming the object).
     """
-    faces = batch.filter(pc.is_null(batch.column("reason"))).select(columns)
-    name, fatal = "", None
-    if faces.num_rows:
-        name = f"part-{uuid.uuid4().hex}.parquet"
+    ok = pc.is_null(batch.column("reason"))
+    faces = batch.filter(ok)
+    names: dict[str, str] = {}
+    fatal = None
+    for split in pc.unique(faces.column("split")).to_pylist():
+        name = f"{split}/part-{uuid.uuid4().hex}.parquet"
+        part = faces.filter(pc.field("split") == split).select(columns)
         try:
-            storage.call(
-                "write",
-                join(tmp, name),
-                lambda fs, path: pq.write_table(
-                    faces, path, filesystem=fs, row_group_size=1024, use_dictionary=["identity", "split"]
-                ),
-            )
+            storage.call("write", join(tmp, name), lambda fs, path: _write_shard(fs, path, part))
         except StorageError as err:
             fatal = str(err)
+            break
+        names[split] = name
     summary = batch.select(["source", "identity", "split", "reason", "detail", "done_at"])
-    shard = pc.if_else(pc.is_null(batch.column("reason")), pa.scalar(name), pa.scalar(None, pa.string()))
+    shard = [names.get(s) if good else None for s, good in zip(batch.column("split").to_pylist(), ok.to_pylist())]
     fatal_col = pa.nulls(batch.num_rows, pa.string()) if fatal is None else pa.repeat(fatal, batch.num_rows)
-    return summary.append_column("shard", shard).append_column("fatal", fatal_col)
+    return summary.append_column("shard", pa.array(shard, pa.string())).append_column("fatal", fatal_col)
+
+
+def _write_shard(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    if isinstance(fs, pafs.LocalFileSystem):  # S3 has no folders to make
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs, row_group_size=1024, use_dictionary=["identity", "split"])
 
 
 # --- driver -----------------------------------------------------------------------------------------------------
@@ -375,7 +395,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     idents = inputs.column("identity").to_pylist()
     inputs = inputs.append_column("label", pa.array([label_of[n] for n in idents], pa.int32()))
     split_by_name = assign_splits(names, cfg.split)
-    inputs = inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string()))
+    inputs = mixed_order(inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string())))
     t_listed = time.perf_counter()
 
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -406,8 +426,12 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     # manifest.json behind: a rerun recognises the output as its own and rebuilds it.
     storage.write_bytes(join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
     storage.delete(join(out, TEMPORARY))
-    storage.write_bytes(join(out, SUCCESS), b"")
     _print_summary(manifest, out)
+    if not manifest["counts"]["aligned"]:  # left uncommitted, for inspection: a rerun rebuilds it
+        top = Counter(tally.reasons).most_common(3)
+        raise UserError(f"no face aligned from {manifest['counts']['seen']} input(s) (" +
+                        ", ".join(f"{reason} {n}" for reason, n in top) + f"); see {join(out, 'rejects.parquet')}")
+    storage.write_bytes(join(out, SUCCESS), b"")
     return manifest
 
 
@@ -489,9 +513,14 @@ def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs:
     rejects = (pa.concat_tables(tally.rejects) if tally.rejects else
                pa.table({c: pa.array([], pa.string()) for c in REJECT_COLUMNS})).sort_by("source")
 
-    # Stable names in a stable order; moves run in parallel (one copy request each on S3).
+    # Stable names in a stable order, numbered within each split; moves run in parallel (one copy each on S3).
     shards = sorted(tally.shards)
-    files = [{"path": f"data/part-{i:05d}.parquet", "rows": tally.shards[s]} for i, s in enumerate(shards)]
+    files = []
+    for split in SPLITS:
+        mine = [s for s in shards if s.startswith(f"{split}/")]
+        files += [{"path": f"data/{split}/part-{i:05d}.parquet", "split": split, "rows": tally.shards[s]}
+                  for i, s in enumerate(mine)]
+    shards = [s for split in SPLITS for s in shards if s.startswith(f"{split}/")]
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(lambda sf: storage.move(join(tmp, sf[0]), join(out, sf[1]["path"])), zip(shards, files)))
     storage.call("write", join(out, "rejects.parquet"), lambda fs, path: pq.write_table(rejects, path, filesystem=fs))

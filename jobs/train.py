@@ -75,7 +75,7 @@ def to_images(hr_uint8: torch.Tensor, memory_format=torch.contiguous_format) -> 
 @dataclass
 class DatasetInfo:
     uri: str
-    shards: list[str]  # paths inside `filesystem`
+    shards: list[str]  # paths inside `filesystem` holding the train split (only it, in the per-split layout)
     filesystem: Any
     manifest_sha256: str
     n_train: int
@@ -84,14 +84,38 @@ class DatasetInfo:
     val_gallery: np.ndarray  # [V, 128, 128, 3] uint8: first image of each val identity
     val_probe: np.ndarray  # second image
     hr_embeddings_sha256: str | None = None  # identity net that made the dataset's hr_embedding column, if any
+    mixed: bool = True  # False: an identity-sorted dataset from an older preprocess (few identities per batch)
 
 
 def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
     """Check the preprocess output and pick what the driver needs; every problem is one UserError line."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     uri = normalize(config.data)
+    manifest, files, embedded = _read_manifest(uri, storage)
+    fs, _ = storage.resolve(uri)
+    by_split = _shards_by_split(uri, files, storage)
+    train, val = _open_shards(uri, fs, by_split, "train"), _open_shards(uri, fs, by_split, "val")
+    # Only the split column is scanned to count; only val rows are materialised (no pixels) to pick pairs.
+    n_train = train.count_rows(filter=pc.field("split") == "train")
+    gallery, probe, pairs = _val_pairs(uri, val, config.val_identities)
+    return DatasetInfo(
+        uri=uri,
+        shards=by_split.get("train", by_split.get(None, [])),
+        filesystem=fs,
+        manifest_sha256=hashlib.sha256(manifest).hexdigest(),
+        n_train=n_train,
+        val_identities=[p[1] for p in pairs],
+        val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
+        val_gallery=gallery,
+        val_probe=probe,
+        hr_embeddings_sha256=embedded if "hr_embedding" in train.schema.names else None,
+        mixed=None not in by_split,
+    )
+
+
+def _read_manifest(uri: str, storage: Storage) -> tuple[bytes, list[dict] | None, str | None]:
+    """(manifest.json's bytes, its shard list, the sha256 of the net behind its hr_embedding column)."""
     if not storage.exists(join(uri, "_SUCCESS")):
         if not storage.exists(uri):
             raise UserError(f"--data {uri}: no such dataset")
@@ -104,24 +128,41 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
     except UserError:
         raise UserError(f"--data {uri}: manifest.json is missing (not an `ipsr preprocess` output?)") from None
     try:
-        files = json.loads(manifest).get("files")
-        embedded = (json.loads(manifest).get("hr_embeddings") or {}).get("identity_net_sha256")
+        parsed = json.loads(manifest)
+        return manifest, parsed.get("files"), (parsed.get("hr_embeddings") or {}).get("identity_net_sha256")
     except (ValueError, AttributeError):
         raise UserError(f"--data {uri}: manifest.json is not a JSON object") from None
-    fs, _ = storage.resolve(uri)
+
+
+def _shards_by_split(uri: str, files: list[dict] | None, storage: Storage) -> dict[str | None, list[str]]:
+    """split → shard paths; key None for shards holding every split (older preprocess, or written by other means)."""
+    out: dict[str | None, list[str]] = {}
     if files:  # the committed shards, as the preprocess job lists them
-        shards = sorted(storage.resolve(join(uri, f["path"]))[1] for f in files)
+        for f in files:
+            out.setdefault(f.get("split"), []).append(storage.resolve(join(uri, f["path"]))[1])
     else:  # a dataset written by other means: every Parquet file except rejects and hidden/temporary ones
-        shards = sorted(
+        out[None] = [
             storage.resolve(info.path)[1]
             for info in storage.list(uri, recursive=True)
             if info.is_file
             and info.path.endswith(".parquet")
             and not any(part.startswith(("_", ".")) for part in info.path[len(uri) :].split("/"))
             and Path(info.path).name != "rejects.parquet"
-        )
-    if not shards:
+        ]
+    if not any(out.values()):
         raise UserError(f"--data {uri}: no Parquet shards besides rejects.parquet")
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _open_shards(uri: str, fs: Any, by_split: dict[str | None, list[str]], split: str):
+    """A pyarrow dataset over the shards that can hold ``split`` (filter rows by the split column still)."""
+    import pyarrow.dataset as pads
+
+    shards = by_split.get(split, []) + by_split.get(None, [])
+    if not shards:
+        if split == "val":
+            return None  # answered below with what validation needs
+        raise UserError(f"--data {uri}: the {split} split is empty")
     try:
         dataset = pads.dataset(shards, filesystem=fs, format="parquet")
     except (OSError, ValueError) as err:
@@ -129,44 +170,37 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise UserError(f"--data {uri}: shards lack column(s) {', '.join(missing)}")
-    # Only the split column is scanned to count; only val rows are materialised (no pixels) to pick pairs.
-    n_train = dataset.count_rows(filter=pc.field("split") == "train")
-    val = dataset.to_table(columns=["identity", "label", "source"], filter=pc.field("split") == "val").to_pylist()
+    return dataset
+
+
+def _val_pairs(uri: str, val, limit: int) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+    """Gallery and probe faces (uint8) of up to ``limit`` val identities with >= 2 faces, and the chosen
+    (label, identity, gallery source, probe source) tuples; deterministic (sorted by label, then source)."""
+    import pyarrow.compute as pc
+
+    rows = [] if val is None else val.to_table(columns=["identity", "label", "source"],
+                                                filter=pc.field("split") == "val").to_pylist()
     by_identity: dict[str, list[tuple[str, int]]] = {}
-    for row in val:
+    for row in rows:
         by_identity.setdefault(row["identity"], []).append((row["source"], int(row["label"])))
     pairs = sorted(
-        ((rows[0][1], name, rows[0][0], rows[1][0]) for name, rows in ((n, sorted(r)) for n, r in by_identity.items())
-         if len(rows) >= 2)
-    )[: config.val_identities]  # fmt: skip
+        ((r[0][1], name, r[0][0], r[1][0]) for name, r in ((n, sorted(r)) for n, r in by_identity.items())
+         if len(r) >= 2)
+    )[:limit]  # fmt: skip
     if len(pairs) < 2:
         raise UserError(
             f"--data {uri}: the val split has {len(pairs)} identities with >= 2 faces; validation (one gallery + one "
             "probe face per identity) needs at least 2 — preprocess with a larger val fraction"
         )
+    # Only the few chosen faces' pixels are read (the val split is small; its own folder in the current layout).
     wanted = [p[2] for p in pairs] + [p[3] for p in pairs]
-    # Shards are written in identity order, so the identity filter prunes row groups by their statistics: the
-    # pixels of a handful of faces are read, not the whole image column.
     chosen = pc.field("identity").isin([p[1] for p in pairs]) & pc.field("source").isin(wanted)
-    table = dataset.to_table(columns=["source", "image"], filter=chosen)
+    table = val.to_table(columns=["source", "image"], filter=chosen)
     blob = dict(zip(table.column("source").to_pylist(), table.column("image").to_pylist()))
     try:
-        gallery = decode_faces([blob[p[2]] for p in pairs])
-        probe = decode_faces([blob[p[3]] for p in pairs])
+        return decode_faces([blob[p[2]] for p in pairs]), decode_faces([blob[p[3]] for p in pairs]), pairs
     except (OSError, ValueError) as err:
         raise UserError(f"--data {uri}: unreadable val face ({err})") from None
-    return DatasetInfo(
-        uri=uri,
-        shards=shards,
-        filesystem=fs,
-        manifest_sha256=hashlib.sha256(manifest).hexdigest(),
-        n_train=n_train,
-        val_identities=[p[1] for p in pairs],
-        val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
-        val_gallery=gallery,
-        val_probe=probe,
-        hr_embeddings_sha256=embedded if "hr_embedding" in dataset.schema.names else None,
-    )
 
 
 def hr_embeddings_use(config: TrainConfig, data: DatasetInfo, identity_sha256: str) -> tuple[bool, str]:
@@ -183,18 +217,25 @@ def hr_embeddings_use(config: TrainConfig, data: DatasetInfo, identity_sha256: s
 
 
 def train_dataset(data: DatasetInfo, embeddings: bool = False):
-    """The ``train`` split as a Ray Dataset of decoded faces (column ``hr``: uint8 128×128×3; with ``embeddings``
-    also ``hr_embedding``: float32 [512])."""
+    """The ``train`` split as a Ray Dataset of decoded faces (column ``hr``: uint8 128×128×3, ``label``: int32;
+    with ``embeddings`` also ``hr_embedding``: float32 [512])."""
     import ray.data
     from ray.data.expressions import col
 
     ds = ray.data.read_parquet(data.shards, filesystem=data.filesystem, shuffle="files")
-    ds = ds.select_columns(["image", "split"] + ["hr_embedding"] * embeddings).filter(expr=col("split") == "train")
+    columns = ["image", "label", "split"] + ["hr_embedding"] * embeddings
+    ds = ds.select_columns(columns).filter(expr=col("split") == "train")
     # Decoding is CPU work in Ray Data tasks, beside the training workers, never in their step.
     return ds.map_batches(decode_batch, batch_format="numpy", batch_size=128, fn_kwargs={"embeddings": embeddings})
 
 
 # ------------------------------------------------------------------------------------------- worker side
+
+
+def distinct_count(labels: torch.Tensor) -> torch.Tensor:
+    """Distinct values in a 1-D tensor, as a tensor on its device (``torch.unique`` would sync with the host)."""
+    ordered = labels.sort().values
+    return (ordered[1:] != ordered[:-1]).sum() + 1
 
 
 def _rng_state(device: torch.device, degrade_rng: torch.Generator) -> dict[str, torch.Tensor]:
@@ -406,7 +447,7 @@ def _train_loop(loop_config: dict) -> None:
             )
         )
         # Loss sums stay on the device between log steps: no host sync per step.
-        window_start, window_steps, window_sums = time.perf_counter(), 0, torch.zeros(5, device=device)
+        window_start, window_steps, window_sums = time.perf_counter(), 0, torch.zeros(6, device=device)
         paused = 0.0  # seconds of validation and checkpointing inside the window: not training throughput
         try:
             for _ in range(todo):
@@ -426,7 +467,8 @@ def _train_loop(loop_config: dict) -> None:
                 step += 1
                 window_steps += 1
                 shares = grad_shares(stats.grad_embedding, stats.grad_pixel)
-                window_sums += torch.stack([stats.total, stats.embedding, stats.pixel, *shares]).float()
+                distinct = distinct_count(batch["label"])
+                window_sums += torch.stack([stats.total, stats.embedding, stats.pixel, *shares, distinct]).float()
                 epoch_end = step % steps_per_epoch == 0 or step == total_steps
                 if step % config.log_every == 0 or epoch_end:
                     means = _mean_over_workers(window_sums, window_steps)
@@ -440,6 +482,8 @@ def _train_loop(loop_config: dict) -> None:
                                 # share of the gradient entering the generator that each term contributes
                                 "grad_share/embedding": means[3],
                                 "grad_share/pixel": means[4],
+                                # identities per worker batch: ~batch size when shards mix identities
+                                "batch/distinct_identities": means[5],
                                 "lr": scheduler.get_last_lr()[0],
                                 "throughput/img_per_s": world * config.batch_size * window_steps / elapsed,
                                 "epoch": step / steps_per_epoch,
@@ -582,6 +626,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise UserError(f"--data {data.uri}: the train split is empty")
     use_embeddings, why = hr_embeddings_use(config, data, identity_sha256)
     console.say(f"HR embeddings: {why}")
+    if not data.mixed:
+        console.say(f"warning: {data.uri} holds every split in identity-sorted shards (an older `ipsr preprocess`): "
+                    "batches will hold few identities; rerun preprocess with --overwrite to mix them")
 
     cluster.connect()
     cluster_cpus, cluster_gpus = _cluster_cpus_gpus()

@@ -26,9 +26,9 @@ def decode_faces(blobs) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray], embeddings: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: column ``image`` (bytes) → column ``hr`` (uint8 128×128×3), plus the
+    """Ray Data ``map_batches`` function: column ``image`` (bytes) → column ``hr`` (uint8 128×128×3) and ``label``, plus the
     precomputed ``hr_embedding`` (float32 [512]) when asked."""
-    out = {"hr": decode_faces(batch["image"])}
+    out = {"hr": decode_faces(batch["image"]), "label": batch["label"].astype(np.int32)}
     if embeddings:
         out["hr_embedding"] = np.stack(list(batch["hr_embedding"])).astype(np.float32)
     return out

@@ -116,8 +116,8 @@ def bad_inputs(facenet_test_images) -> dict[str, tuple[bytes, str]]:
     from PIL import Image
 
     photo = (facenet_test_images / "paul_rudd" / "1.jpg").read_bytes()
-    tiff = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 150, 120)).save(tiff, "TIFF")
+    ico = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(ico, "ICO")
     ramp = np.linspace(0, 255, 200, dtype=np.uint8)
     gradient = io.BytesIO()
     Image.fromarray(np.stack([np.tile(ramp, (200, 1))] * 3, axis=-1)).save(gradient, "PNG")
@@ -125,7 +125,7 @@ def bad_inputs(facenet_test_images) -> dict[str, tuple[bytes, str]]:
         "zero.jpg": (b"", "corrupt"),
         "truncated.jpg": (photo[: len(photo) // 2], "corrupt"),
         "text.jpg": (b"this is a text file, not a photo\n", "unsupported_format"),
-        "tiff.jpg": (tiff.getvalue(), "unsupported_format"),
+        "icon.jpg": (ico.getvalue(), "unsupported_format"),  # an image format ipsr does not take (GIF/TIFF it does)
         "bomb.png": (_png_with_declared_size(100_000, 100_000), "too_large"),  # past Pillow's own limit
         "big.png": (_png_with_declared_size(6000, 5000), "too_large"),  # under Pillow's limit, over ours (25 MP)
         "gradient.png": (gradient.getvalue(), "no_face"),

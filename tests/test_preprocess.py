@@ -55,7 +55,8 @@ def _check_dataset(read, manifest: dict, src_names: set[str], bad_inputs: dict) 
     faces = []
     for f in manifest["files"]:
         table = pq.read_table(io.BytesIO(read(f["path"])))
-        assert table.num_rows == f["rows"]
+        assert table.num_rows == f["rows"] and f["path"].startswith(f"data/{f['split']}/part-")
+        assert set(table.column("split").to_pylist()) == {f["split"]}  # one folder per split
         faces += table.to_pylist()
     assert len(faces) == counts["aligned"]
     # Every good input aligned, each exactly once.
@@ -189,7 +190,7 @@ def test_shard_write_failing_midway_is_one_clear_error_and_nothing_commits(ray_s
     saboteur = threading.Thread(target=sabotage)
     saboteur.start()
     try:
-        with pytest.raises(StorageError, match=r"write .*/_temporary/[^/]+/part-[0-9a-f]+\.parquet"):
+        with pytest.raises(StorageError, match=r"write .*/_temporary/[^/]+/(train|val|test)/part-[0-9a-f]+\.parquet"):
             run(_cfg(preprocess_src, out), storage=Storage(retry=RetryPolicy(attempts=2, base_delay_s=0.01)))
     finally:
         saboteur.join(timeout=130)
@@ -231,7 +232,7 @@ def test_interrupted_run_leaves_no_success_and_a_rerun_completes(ray_session, at
     )
     try:
         deadline = time.monotonic() + 180
-        while not list(out.glob("_temporary/*/part-*.parquet")):
+        while not list(out.glob("_temporary/*/*/part-*.parquet")):
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no shard written within 180 s"
             time.sleep(0.05)
@@ -239,7 +240,7 @@ def test_interrupted_run_leaves_no_success_and_a_rerun_completes(ray_session, at
         driver.kill()  # midway: shards are being written, nothing is committed yet
         driver.wait(timeout=30)
     assert not (out / "_SUCCESS").exists() and not (out / "data").exists()
-    assert list(out.glob("_temporary/*/part-*.parquet"))
+    assert list(out.glob("_temporary/*/*/part-*.parquet"))
 
     manifest = run(PreprocessConfig(input=str(src), output=str(out), batch_size=8))
     assert (out / "_SUCCESS").exists() and not (out / "_temporary").exists()
@@ -249,6 +250,59 @@ def test_interrupted_run_leaves_no_success_and_a_rerun_completes(ray_session, at
     sources = pq.read_table(out / "data", columns=["source"])["source"].to_pylist()
     sources += pq.read_table(out / "rejects.parquet")["source"].to_pylist()
     assert sorted(sources) == sorted(str(p) for p in src.rglob("*.pgm"))  # each input exactly once
+
+
+def test_rows_go_in_hash_order_so_shards_mix_identities(local_run):
+    """Within each shard the rows follow a hash of their source, not the identity-sorted listing."""
+    import hashlib
+
+    out, manifest = local_run
+    for f in manifest["files"]:
+        sources = pq.read_table(out / f["path"], columns=["source"])["source"].to_pylist()
+        assert sources == sorted(sources, key=lambda s: hashlib.blake2b(s.encode(), digest_size=8).digest())
+
+
+def test_zero_faces_is_a_failure_with_the_top_reasons(ray_session, bad_inputs, tmp_path, monkeypatch, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "nobody").mkdir(parents=True)
+    for name in ("gradient.png", "text.jpg", "truncated.jpg"):
+        (src / "nobody" / name).write_bytes(bad_inputs[name][0])
+    (src / "nobody" / "copy.png").write_bytes(bad_inputs["gradient.png"][0])
+    with pytest.raises(UserError, match=r"^no face aligned from 4 input\(s\) \(no_face 2, (corrupt 1, "
+                       r"unsupported_format 1|unsupported_format 1, corrupt 1)\); see .*rejects\.parquet$"):
+        run(_cfg(src, out))
+    # Not committed (a rerun would otherwise answer "nothing to do"), but the evidence stays for inspection.
+    assert not (out / "_SUCCESS").exists() and (out / "rejects.parquet").is_file() and (out / "manifest.json").is_file()
+    monkeypatch.setattr(sys, "argv", ["ipsr", "preprocess", "--input", str(src), "--output", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2  # ipsr's exit code for a user-facing failure
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no face aligned from 4 input(s)")
+
+
+def test_gif_first_frame_and_tiff_pages_decode(facenet_test_images):
+    photo = Image.open(facenet_test_images / "paul_rudd" / "1.jpg").convert("RGB").reduce(4)
+    black = Image.new("RGB", photo.size)
+    gif = io.BytesIO()
+    photo.save(gif, "GIF", save_all=True, append_images=[black], duration=100)  # animated: the face comes first
+    decoded = np.asarray(decode(gif.getvalue(), 25_000_000), np.float32)
+    assert decoded.shape == (photo.height, photo.width, 3)
+    assert np.abs(decoded - np.asarray(photo, np.float32)).mean() < 12  # the first frame (palette-quantised)
+    for mode in ("RGB", "L", "I;16", "F"):
+        grey = np.asarray(photo.convert("L"), np.float32)
+        img = {"RGB": photo, "L": photo.convert("L"), "I;16": Image.fromarray((grey * 257).astype(np.uint16)),
+               "F": Image.fromarray(grey / 255)}[mode]
+        tiff = io.BytesIO()
+        img.save(tiff, "TIFF", compression="tiff_lzw" if mode != "F" else None)
+        out = decode(tiff.getvalue(), 25_000_000)
+        assert out.mode == "RGB" and out.size == photo.size, mode
+        expected = np.asarray(photo if mode == "RGB" else photo.convert("L").convert("RGB"), np.float32)
+        assert np.abs(np.asarray(out, np.float32) - expected).max() <= 1.5, mode
+    big = io.BytesIO()
+    Image.new("L", (6000, 5000)).save(big, "TIFF", compression="tiff_lzw")  # small file, 30 MP declared
+    with pytest.raises(Rejected) as rej:
+        decode(big.getvalue(), 25_000_000)
+    assert rej.value.reason == "too_large"
 
 
 def test_cuda_without_a_gpu_is_a_user_error(ray_session, preprocess_src, tmp_path):
@@ -316,7 +370,15 @@ def test_default_split_leaves_two_val_and_two_test_identities(identities):
 # --- configuration and the command line ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["val", "val=x", "val=-0.1", "train=0.5", "val=0.6,test=0.5"])
+def test_a_whole_dataset_can_be_held_out_as_test():
+    names = [f"n{i:06d}" for i in range(50)]
+    assert parse_split("test=1.0") == {"test": 1.0}
+    assert set(assign_splits(names, parse_split("test=1.0")).values()) == {"test"}
+    halves = assign_splits(names, parse_split("val=0.5,test=0.5"))
+    assert set(halves.values()) == {"val", "test"}
+
+
+@pytest.mark.parametrize("bad", ["val", "val=x", "val=-0.1", "train=0.5", "val=0.6,test=0.5", "test=1.5"])
 def test_bad_split_strings_are_rejected(bad):
     with pytest.raises(UserError, match="split"):
         build_config(PreprocessConfig, env_prefix="IPSR_TEST_", input="a", output="b", split=bad)
@@ -379,3 +441,25 @@ def test_module_entry_point_reports_user_errors(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: invalid PreprocessConfig: split: unknown split 'holdout': "
                                                 "only val and test take a fraction (train gets the rest)"]
+
+
+def test_synthetic_vggface2_tree_local_and_s3(s3, tmp_path):
+    """bench/synth_faces.py: VGGFace2's layout and list file, the same bytes locally and on S3, listable by the job."""
+    from bench.synth_faces import synthesize
+
+    synthesize(str(tmp_path / "v"), 12, per_identity=5, workers=1)
+    names = (tmp_path / "v" / "train_list.txt").read_text().split()
+    assert names[:6] == ["n000001/0001_01.jpg", "n000001/0002_02.jpg", "n000001/0003_03.jpg", "n000001/0004_01.jpg",
+                         "n000001/0005_02.jpg", "n000002/0001_01.jpg"] and len(names) == 12
+    for name in names:
+        with Image.open(tmp_path / "v" / "train" / name) as img:
+            assert img.format == "JPEG" and 200 <= max(img.size) <= 300
+    s3.create_bucket(Bucket="synth")
+    synthesize("s3://synth/vgg", 12, per_identity=5, workers=1)
+    for name in names[::5]:
+        body = s3.get_object(Bucket="synth", Key=f"vgg/train/{name}")["Body"].read()
+        assert body == (tmp_path / "v" / "train" / name).read_bytes()  # a pure function of (seed, index)
+    cfg = _cfg("s3://synth/vgg/train", "s3://synth/out", manifest="s3://synth/vgg/train_list.txt")
+    table, _ = list_inputs(cfg, Storage.from_env())
+    assert table.num_rows == 12 and sorted(set(table.column("identity").to_pylist())) == ["n000001", "n000002",
+                                                                                         "n000003"]
