@@ -6,10 +6,10 @@
 
 Both sources run in the same Ray Train worker, in one process run, with the same ``ipsr_model.training.training_step``
 (per-sample multi-scale degradation on the worker's device, U-Net, frozen FaceNet loss, Adam), the same
-uint8 → device → float conversion (``jobs.train.to_images``) and the same DDP-prepared model:
+uint8 → device → float conversion (``ipsr_model.images.from_uint8``) and the same DDP-prepared model:
 
 - **memory**: the faces, decoded once into a uint8 host tensor before timing; each step takes a random batch.
-- **stream**: ``jobs.train.train_dataset`` — Parquet → PNG decode in Ray Data tasks → ``streaming_split`` →
+- **stream**: ``jobs.train_data.train_dataset`` — Parquet → PNG decode in Ray Data tasks → ``streaming_split`` →
   ``iter_torch_batches`` — exactly what the job streams.
 
 The two alternate in rounds (memory, stream, memory, stream, …), each with untimed warm-up steps, so that
@@ -114,7 +114,7 @@ def bench_loop(cfg: dict) -> None:
     from ipsr_model.training import make_optimizer
     from ipsr_model.unet import UNetGenerator
     from ipsr_model.training import training_step
-    from jobs.train import to_images
+    from ipsr_model.images import from_uint8
     from jobs.train_data import decode_faces
 
     context = ray.train.get_context()
@@ -168,7 +168,7 @@ def bench_loop(cfg: dict) -> None:
                 if i == cfg["warmup"]:
                     sync()
                     start = time.perf_counter()
-                hr = to_images(next(source), memory_format)
+                hr = from_uint8(next(source), memory_format)
                 training_step(model, loss_fn, optimizer, hr, degradation, rng, autocast_dtype=autocast)
             sync()
             rates[name].append(world * batch_size * cfg["steps"] / (time.perf_counter() - start))
@@ -221,7 +221,7 @@ def flops_per_sample(base_channels: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="H100 variant: width 64, bf16, batch 256, 1 GPU worker")
     parser.add_argument("--workers", type=int, default=1)
@@ -236,7 +236,11 @@ def main() -> None:
     parser.add_argument("--identity-weights", default="casia-webface-offline")
     parser.add_argument("--flops-only", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the result here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _args()
     gpu = args.gpu
     base = args.base_channels or (64 if gpu else 16)
     batch = args.batch_size or (256 if gpu else 16)
@@ -259,7 +263,7 @@ def main() -> None:
     from ipsr_model.weights import fetch_identity_weights, ipsr_home
     from ipsr_platform.config import TrainConfig
     from ipsr_platform.storage import Storage
-    from jobs.train import inspect_dataset, train_dataset
+    from jobs.train_data import inspect_dataset, train_dataset
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
     weights = str(fetch_identity_weights(args.identity_weights)) if Path(args.identity_weights).suffix == "" else args.identity_weights

@@ -30,8 +30,13 @@ def to_tensor(images: Image.Image | np.ndarray | list) -> torch.Tensor:
     if isinstance(images, (Image.Image, np.ndarray)):
         images = [images]
     arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return batch / 127.5 - 1.0
+    return from_uint8(torch.from_numpy(np.stack(arrays)))
+
+
+def from_uint8(pixels: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """uint8 NHWC (on any device, e.g. a training batch already on the GPU) -> float32 NCHW in [-1, 1]."""
+    images = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return images.contiguous(memory_format=memory_format)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -77,6 +77,10 @@ class PreprocessConfig(BaseModel):
     max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
     rows_per_shard: int = Field(4096, ge=1, description="Faces per output Parquet file.")
     io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
+    object_store_mb: int | None = Field(
+        None, ge=64, description="Object-store budget of the pipeline in MiB (default 256 per actor, at least 512): "
+        "reads faster than the aligners wait instead of queueing up the dataset."
+    )
     hr_embeddings: str | None = Field(
         None, description="FaceNet weights source: also store each face's embedding (column hr_embedding), which "
         "`ipsr train` uses instead of the HR forward when its weights' sha256 match and identity jitter is 0."
@@ -326,7 +330,8 @@ class EvaluateConfig(BaseModel):
     protocol: Literal["ar", "scface", "lfw", "folder"] = Field("ar", description="Evaluation protocol.")
     models: tuple[str, ...] = Field(
         (), description="Generators to compare: models:/name@alias, models:/name/version, an MLflow run id or a "
-        "checkpoint path (state dict .pt or a training checkpoint directory)."
+        "checkpoint path (state dict .pt or a training checkpoint directory).",
+        json_schema_extra={"flag": "--model", "multiple": True},
     )
     sizes: tuple[str, ...] | None = Field(
         None, description="Probe sizes H×W (synthetic protocols); default: AR 11x8..32x32, LFW 7x6..18x16."
@@ -402,7 +407,8 @@ class ServeConfig(BaseModel):
 
     # Not called `model`: build_config's first parameter has that name. The CLI flag is --model.
     generator: str = Field(
-        "models:/ipsr-unet@champion", description="U-Net to serve: models:/NAME@ALIAS (followed) or models:/NAME/VERSION."
+        "models:/ipsr-unet@champion", description="U-Net to serve: models:/NAME@ALIAS (followed) or models:/NAME/VERSION.",
+        json_schema_extra={"flag": "--model"},
     )
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on every interface).")
     port: int = Field(8000, ge=0, le=65535)

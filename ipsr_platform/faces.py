@@ -9,11 +9,15 @@ a bare GPU box can measure exactly what production runs.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from ipsr_model.errors import UserError
 
 FACE_SIZE = 128
 PNG_LEVEL = 1
@@ -136,6 +140,26 @@ def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
+
+
+# Files taken from identity folders (evaluation, smoke); ``ipsr preprocess`` sniffs the bytes instead.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def natural_key(name: str | Path) -> list:
+    """'2.pgm' before '10.pgm' (on the file name)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", Path(name).name)]
+
+
+def read_image(where: str | Path, data: bytes | None = None, max_pixels: int = 25_000_000) -> Image.Image:
+    """An image of a folder being evaluated (the file ``where``, or its ``data``) → RGB, decoded like every other
+    face (signature and size checked first, EXIF rotation applied), or one ``UserError`` naming it."""
+    try:
+        return decode(Path(where).read_bytes() if data is None else data, max_pixels)
+    except OSError as err:
+        raise UserError(f"cannot read image {where}: {err.strerror or err}") from None
+    except Rejected as err:
+        raise UserError(f"cannot read image {where}: {err.detail}") from None
 
 
 def decode_face(data: bytes) -> Image.Image:

@@ -53,6 +53,14 @@ def load_generator(spec: str, uri: str | None = None, *, allow_pickle: bool = Fa
     return _from_path(spec)
 
 
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` → (NAME, ALIAS, None); ``models:/NAME/VERSION`` → (NAME, None, VERSION)."""
+    match = _MODELS_URI.fullmatch(uri.strip())
+    if not match:
+        raise UserError(f"model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    return match["name"], match["alias"], match["version"]
+
+
 def _mlflow_load(model_uri: str, uri: str, allow_pickle: bool = False) -> torch.nn.Module:
     import tempfile
 
@@ -113,7 +121,7 @@ def _from_path(spec: str) -> LoadedGenerator:
 
     path = Path(spec).expanduser()
     if path.is_dir():
-        path = path / "state.pt"  # a training checkpoint directory (jobs/train.py STATE_FILE)
+        path = path / "state.pt"  # a training checkpoint directory (jobs/train_worker.py STATE_FILE)
     if not path.is_file():
         raise UserError(f"model {spec!r}: no such file, run id or models:/ URI")
     try:

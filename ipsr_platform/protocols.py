@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ipsr_model.degradation import parse_size, resize
 from ipsr_model.errors import UserError
 from ipsr_model.images import square_face, to_tensor
 from ipsr_model.unet import IMAGE_SIZE
-from ipsr_platform.smoke import IMAGE_SUFFIXES, natural_key
+from ipsr_platform.faces import IMAGE_SUFFIXES, decode_face, natural_key, read_image
 from ipsr_platform.storage import Storage, is_s3, join, normalize
 
 log = logging.getLogger(__name__)
@@ -72,18 +71,6 @@ class _Face:
     load: Callable[[], Image.Image]
 
 
-def _open(path: Path) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
-
-    return load
-
-
 def _identity_folders(root: Path) -> dict[str, list[_Face]]:
     if not root.is_dir():
         raise UserError(f"--data {root}: no such directory")
@@ -91,7 +78,7 @@ def _identity_folders(root: Path) -> dict[str, list[_Face]]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
         if files:
-            out[folder.name] = [_Face(p.name, _open(p)) for p in files]
+            out[folder.name] = [_Face(p.name, lambda p=p: read_image(p)) for p in files]
     return out
 
 
@@ -103,13 +90,7 @@ def _s3_identity_folders(uri: str, storage: Storage) -> dict[str, list[_Face]]:
         raise UserError(f"--data {uri}: no such prefix")
 
     def load(path: str) -> Callable[[], Image.Image]:
-        def read() -> Image.Image:
-            try:
-                return Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB")
-            except (UnidentifiedImageError, OSError) as err:
-                raise UserError(f"cannot read image {path}: {err}") from None
-
-        return read
+        return lambda: read_image(path, storage.read_bytes(path))
 
     out = {}
     for folder in sorted((i for i in storage.list(uri) if i.type == pafs.FileType.Directory), key=lambda i: i.path):
@@ -131,7 +112,7 @@ def _aligned_dataset(uri: str, storage: Storage, split: str | None = None) -> di
         raise UserError(f"--data {uri}: the {split!r} split is empty (see manifest.json counts)")
     out: dict[str, list[_Face]] = {}
     for png, identity, source in zip(table["image"], table["identity"], table["source"]):
-        out.setdefault(identity, []).append(_Face(source, lambda png=png: Image.open(io.BytesIO(png)).convert("RGB")))
+        out.setdefault(identity, []).append(_Face(source, lambda png=png: decode_face(png)))
     for faces in out.values():
         faces.sort(key=lambda f: natural_key(Path(f.name)))
     return dict(sorted(out.items()))
@@ -244,7 +225,7 @@ def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list
             path = root / row["path"]
             if not path.is_file():
                 raise UserError(f"--probe-map {map_path}: {path} does not exist")
-            groups.setdefault(row["group"], {}).setdefault(row["identity"], []).append(_Face(path.name, _open(path)))
+            groups.setdefault(row["group"], {}).setdefault(row["identity"], []).append(_Face(path.name, lambda path=path: read_image(path)))
         return dict(sorted(groups.items()))
     probes_dir = root / "probes"
     if not probes_dir.is_dir():

@@ -12,7 +12,6 @@ A rerun reuses the aligned dataset (the preprocess output is committed once per 
 from __future__ import annotations
 
 import hashlib
-import io
 import secrets
 import time
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from rich.table import Table
 
 from ipsr_model.errors import UserError
 from ipsr_platform import console as terminal
+from ipsr_platform.faces import decode_face, encode_png
 
 REGISTERED_NAME = "ipsr-quickstart"
 EXPERIMENT = "ipsr-quickstart"
@@ -33,21 +33,10 @@ SPLIT = {"val": 0.2, "test": 0.2}
 HTTP_TIMEOUT_S = 120
 
 
-def run_quickstart(
-    *,
-    data: Path | None,
-    output: Path | None,
-    limit: int | None,
-    max_steps: int,
-    base_channels: int,
-    batch_size: int,
-    identity_weights: str,
-    serve: bool,
-    keep_serving: bool,
-    port: int,
-) -> dict[str, Any]:
+def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None, max_steps: int, base_channels: int,
+                   batch_size: int, identity_weights: str, serve: bool, keep_serving: bool, port: int) -> dict[str, Any]:
     from ipsr_model.weights import ipsr_home
-    from ipsr_platform import datasets, tracking
+    from ipsr_platform import tracking
 
     console = Console(file=terminal.out())
     timings: dict[str, float] = {}
@@ -58,17 +47,7 @@ def run_quickstart(
         console.rule(f"[bold]{name}[/] — {text}")
         return time.perf_counter()
 
-    # 1. data
-    if data is None:
-        console.print(
-            "no --data given: downloading LFW (13,233 faces, 173 MB, sha256-checked) into "
-            f"{ipsr_home() / 'datasets'}; pass --data DIR to use your own identity folders"
-        )
-        data = datasets.lfw()
-    data = data.expanduser().resolve()
-    if not data.is_dir():
-        raise UserError(f"--data {data}: no such directory (expected identity folders DIR/<identity>/<image>)")
-
+    data = _data(console, data)
     # Ray's detail would drown the five stages: it goes to the log file `ipsr quickstart` prints (unless --verbose).
     from ipsr_platform import cluster
 
@@ -105,17 +84,7 @@ def run_quickstart(
 
     # 4. evaluate + promote
     t = stage("3/5 evaluate", "AR-style rank-1 on the unseen test identities: HR, bicubic, the new model")
-    from ipsr_platform.config import EvaluateConfig
-    from jobs.evaluate import print_summary
-    from jobs.evaluate import run as evaluate
-
-    evaluation = evaluate(
-        EvaluateConfig(
-            data=str(aligned), protocol="ar", split="test", identity_weights=identity_weights, promote=True,
-            register_as=REGISTERED_NAME, experiment=EXPERIMENT, output=str(out / f"evaluation-{stamp}"),
-        )
-    )  # fmt: skip
-    print_summary(evaluation)
+    evaluation = _evaluate(aligned, identity_weights, out / f"evaluation-{stamp}")
     timings["evaluate"] = time.perf_counter() - t
     served = _verdict(console, evaluation["promotion"])
 
@@ -134,6 +103,34 @@ def run_quickstart(
     stage("5/5 done", f"{sum(timings.values()):.0f} s")
     _where_to_look(console, summary, out)
     return summary
+
+
+def _evaluate(aligned: Path, identity_weights: str, output: Path) -> dict[str, Any]:
+    """AR-style rank-1 on the held-out test identities; promotes the new version if it beats @champion."""
+    from ipsr_platform.config import EvaluateConfig
+    from jobs.evaluate import run_and_report
+
+    return run_and_report(EvaluateConfig(
+        data=str(aligned), protocol="ar", split="test", identity_weights=identity_weights, promote=True,
+        register_as=REGISTERED_NAME, experiment=EXPERIMENT, output=str(output),
+    ))  # fmt: skip
+
+
+def _data(console: Console, data: Path | None) -> Path:
+    """The identity folders to run on: ``--data``, or LFW downloaded once."""
+    from ipsr_model.weights import ipsr_home
+    from ipsr_platform import datasets
+
+    if data is None:
+        console.print(
+            "no --data given: downloading LFW (13,233 faces, 173 MB, sha256-checked) into "
+            f"{ipsr_home() / 'datasets'}; pass --data DIR to use your own identity folders"
+        )
+        data = datasets.lfw()
+    data = data.expanduser().resolve()
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such directory (expected identity folders DIR/<identity>/<image>)")
+    return data
 
 
 def _verdict(console: Console, promotion: dict[str, Any]) -> str:
@@ -162,21 +159,14 @@ def _test_faces(aligned: Path) -> tuple[list[str], list[bytes], list[bytes]]:
     pairs = {name: faces for name, faces in read_identities(aligned, split="test")[0].items() if len(faces) >= 2}
     if len(pairs) < 2:
         raise UserError(f"{aligned}: the test split has {len(pairs)} identities with 2 faces; use more identities")
-    return list(pairs), [_png(f[0].load()) for f in pairs.values()], [_png(f[1].load()) for f in pairs.values()]
-
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
+    return list(pairs), [encode_png(f[0].load()) for f in pairs.values()], [encode_png(f[1].load()) for f in pairs.values()]
 
 
 def _small_crop(png: bytes) -> bytes:
     """What a surveillance camera gives: the face at PROBE_SIZE (PIL bicubic, antialiased), as PNG."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(png)) as face:
-        return _png(face.convert("RGB").resize((PROBE_SIZE[1], PROBE_SIZE[0]), Image.Resampling.BICUBIC))
+    return encode_png(decode_face(png).resize((PROBE_SIZE[1], PROBE_SIZE[0]), Image.Resampling.BICUBIC))
 
 
 def _serve_demo(

@@ -7,16 +7,14 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.table import Table
 
-from ipsr_model.degradation import MultiScaleDegradation
+from ipsr_model.degradation import MultiScaleDegradation, parse_size
 from ipsr_model.errors import UserError
 from ipsr_model.identity import IdentityNet
 from ipsr_model.images import square_face, to_tensor
@@ -24,15 +22,11 @@ from ipsr_model.losses import IdentityPreservingLoss
 from ipsr_model.metrics import degraded_rank1
 from ipsr_model.training import make_optimizer, training_step
 from ipsr_model.unet import UNetGenerator
+from ipsr_platform import config
+from ipsr_platform.faces import IMAGE_SUFFIXES, natural_key, read_image
 
-AR_SIZES = ((32, 32), (21, 15), (16, 16), (16, 12), (11, 8), (7, 6))
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".webp"}
+AR_SIZES = tuple(parse_size(s) for s in config.AR_SIZES)  # the one AR list, also `ipsr evaluate`'s default
 BATCH_SIZE = 8
-
-
-def natural_key(path: Path) -> list:
-    """'2.pgm' before '10.pgm'."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def list_identities(root: Path) -> dict[str, list[Path]]:
@@ -54,14 +48,7 @@ def list_identities(root: Path) -> dict[str, list[Path]]:
 
 
 def load_faces(paths: list[Path]) -> torch.Tensor:
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(square_face(image))
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
-    return to_tensor(images)
+    return to_tensor([square_face(read_image(path)) for path in paths])
 
 
 def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: int, seed: int) -> dict:

@@ -80,18 +80,15 @@ def redact(env: dict[str, str]) -> dict[str, str]:
     return {k: ("***" if any(m in k for m in SECRET_MARKERS) else v) for k, v in env.items()}
 
 
-def build_submission(job: str, args: list[str], config_file: Path | None, forward_env: list[str] = (),
-                     warn=print) -> dict[str, Any]:
-    """Entrypoint + runtime_env for ``job``; the job flags are parsed here first so mistakes fail locally."""
+def build_submission(job: str, args: list[str], config_file: Path | None, forward_env: list[str] = (), *,
+                     commands: dict[str, Any], warn=print) -> dict[str, Any]:
+    """Entrypoint + runtime_env for ``job``; the job flags are parsed first by its CLI command (``commands``: the
+    CLI's click commands by name) so mistakes fail locally."""
     import shlex
-
-    import typer.main
-
-    from ipsr_platform import cli
 
     if job not in JOBS:
         raise UserError(f"unknown job {job!r}; expected one of {', '.join(JOBS)}")
-    command = typer.main.get_command(cli.app).commands.get(job)
+    command = commands.get(job)
     if command is None:
         raise UserError(f"job {job!r} is not available in this version of ipsr")
     if "--config" in args:

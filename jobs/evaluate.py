@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from ipsr_model.degradation import degrade
 from ipsr_model.errors import UserError
 from ipsr_model.metrics import cmc_from_ranks, cosine_similarity, mcnemar_exact, probe_ranks, wilson_interval
 from ipsr_platform import console
+from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import EvaluateConfig
 from ipsr_platform.protocols import Protocol, scface_protocol, synthetic_protocol
 from ipsr_platform.storage import is_s3
@@ -576,12 +576,16 @@ def print_summary(summary: dict[str, Any]) -> None:
         screen.print(f"{'promoted' if p['promoted'] else 'not promoted'}: {p['why']}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m jobs.evaluate [flags]``: the same flags as ``ipsr evaluate``."""
-    from ipsr_platform import cli
+def run_and_report(config: EvaluateConfig) -> dict[str, Any]:
+    """``ipsr evaluate``: evaluate, then print the tables."""
+    summary = run(config)
+    print_summary(summary)
+    return summary
 
-    sys.argv = ["ipsr", "evaluate", *(sys.argv[1:] if argv is None else argv)]
-    cli.main()
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m jobs.evaluate [flags]``: the same command as ``ipsr evaluate`` (generated from its config model)."""
+    run_main(job_command("evaluate", run_and_report), argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ import hashlib
 import io
 import json
 import platform
-import sys
 import time
 import uuid
 from collections import Counter
@@ -66,6 +65,7 @@ import pyarrow.parquet as pq
 
 from ipsr_model.errors import UserError
 from ipsr_platform import cluster, console
+from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import SPLITS, PreprocessConfig
 from ipsr_platform.faces import FACE_SIZE, FaceAligner, Rejected, encode_png
 from ipsr_platform.storage import Storage, StorageError, join, normalize
@@ -461,7 +461,34 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
     rows = min(MAX_BLOCK_ROWS, max(cfg.batch_size, -(-inputs.num_rows // (4 * n))))
     blocks = [inputs.slice(i, rows) for i in range(0, inputs.num_rows, rows)]
     io_pool = ray.data.TaskPoolStrategy(size=max(1, -(-n // 4)))
-    ds = (
+    # Local reads are ~10x faster than alignment: without a budget the read outputs queue up in the object store
+    # (measured: 0.25 / 0.65 / 1.1 GB peak at 20k / 50k / 100k images). The dataset keeps a copy of the context
+    # it is built with, so the budget is this job's and the process's own context is restored.
+    context = ray.data.DataContext.get_current()
+    unbounded = context.execution_options.resource_limits
+    budget = (cfg.object_store_mb or max(512, 256 * n)) * 2**20
+    context.execution_options.resource_limits = unbounded.copy(object_store_memory=budget)
+    try:
+        ds = _pipeline(cfg, storage, blocks, tmp, n, io_pool, actor_args, identity_net_sha256)
+    finally:
+        context.execution_options.resource_limits = unbounded
+    tally = Tally()
+    with console.progress("preprocess", inputs.num_rows, "img") as advance:
+        for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            fatal = part.column("fatal").drop_null()
+            if len(fatal):
+                raise StorageError(fatal[0].as_py())  # leaving the loop stops the pipeline; nothing is committed
+            tally.add(part)
+            advance(part.num_rows)
+    return tally
+
+
+def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], tmp: str, n: int, io_pool,
+              actor_args: dict[str, Any], identity_net_sha256: str | None):
+    """read → align (n actors) → write, as one streaming Ray Dataset (not started yet)."""
+    import ray.data
+
+    return (
         ray.data.from_arrow(blocks)
         # Reads and writes wait on storage, not on the CPU: they take no CPU slot, so they run beside the
         # actors that hold every core (with a CPU request they would wait for a free core that never comes).
@@ -484,15 +511,6 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
                      fn_kwargs=dict(storage=storage, tmp=tmp,
                                     columns=FACE_COLUMNS + ["hr_embedding"] * bool(cfg.hr_embeddings)))
     )
-    tally = Tally()
-    with console.progress("preprocess", inputs.num_rows, "img") as advance:
-        for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            fatal = part.column("fatal").drop_null()
-            if len(fatal):
-                raise StorageError(fatal[0].as_py())  # leaving the loop stops the pipeline; nothing is committed
-            tally.add(part)
-            advance(part.num_rows)
-    return tally
 
 
 def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs: pa.Table, names: list[str],
@@ -572,13 +590,9 @@ def _print_summary(manifest: dict[str, Any], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m jobs.preprocess --input SRC --output DST ...``: the same flags as ``ipsr preprocess``."""
-    from ipsr_platform import cli
-
-    sys.argv = ["ipsr", "preprocess", *(sys.argv[1:] if argv is None else argv)]
-    cli.main()
+    """``python -m jobs.preprocess [flags]``: the same command as ``ipsr preprocess`` (generated from its config model)."""
+    run_main(job_command("preprocess", run), argv)
 
 
 if __name__ == "__main__":
     main()
-

@@ -4,7 +4,8 @@ Request path (no pickle anywhere: bodies are JSON or multipart, images are decod
 signature / declared-size checks as ``ipsr preprocess``):
 
     Guard (ASGI)     bearer token (all routes but health and the docs), body cap → 401 / 413 before parsing
-    route            parse images, validate each (400 with a reason per bad image; good ones still answered)
+    route            parse images (``serving.edge``: the HTTP edge), validate each (400 with a reason per bad
+                     image; good ones still answered)
     _infer           @serve.batch across concurrent requests: bicubic → U-Net SR → FaceNet embedding, then
                      cosine top-k against the gallery as one (chunked) matrix product per gallery and batch
 
@@ -15,7 +16,8 @@ probe is an aligned face, centre-square-cropped to 128×128 (``square_face``) an
 The generator comes from the MLflow registry (``models:/NAME@ALIAS`` by default ``ipsr-unet@champion``). A
 background thread re-resolves the alias every ``model_poll_s`` and swaps in a new version; ``user_config``
 (``serve deploy``) changes the model URI or batch size without a restart. Each batch reads the model once, so
-a switch is atomic per batch and every result names the version that produced it.
+a switch is atomic per batch and every result names the version that produced it. Galleries live in the
+append-only store of ``serving.gallery``.
 """
 
 # No `from __future__ import annotations`: Serve's class ingress hands FastAPI wrapped methods whose string
@@ -26,12 +28,7 @@ import ctypes
 import dataclasses
 import gc
 import base64
-import binascii
-import hashlib
-import hmac
-import io
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from ray import serve
@@ -49,14 +46,14 @@ from ipsr_model.identify import best_per_identity, embed
 from ipsr_model.images import square_face, to_pil, to_tensor
 from ipsr_model.unet import IMAGE_SIZE
 from ipsr_platform.config import ServeConfig, build_config
-from ipsr_platform.faces import FaceAligner, Rejected, decode, open_header
+from ipsr_platform.faces import FaceAligner, Rejected, decode, encode_png, open_header
+from ipsr_platform.models import parse_model_uri
 from ipsr_platform.storage import Storage
+from serving.edge import Upload, api, read_uploads, token_sha256
 from serving.gallery import Gallery, GalleryStore, WeightsMismatch
 
 log = logging.getLogger("ipsr.serve")
 
-TOKEN_ENV = "IPSR_SERVE_TOKEN"
-PUBLIC_PATHS = {"/v1/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 # Only these reasons make a request a 400: the client sent something that is not a usable image. A decoded
 # image without a face is a normal enrolment outcome (like in `ipsr preprocess`), reported but not an error.
 INVALID = {"corrupt", "too_large", "unsupported_format", "bad_request"}
@@ -64,75 +61,8 @@ INVALID = {"corrupt", "too_large", "unsupported_format", "bad_request"}
 USER_CONFIG_KEYS = ("generator", "max_batch_size", "batch_wait_timeout_s")
 ALIGN_CHUNK = 8  # enrolment images decoded and aligned at a time
 
-api = FastAPI(
-    title="ipsr identification",
-    description="Identity-preserving super-resolution (IPU-Net) + FaceNet identification. Bearer token on every "
-    "route but /v1/healthz. Images: multipart field `image` (repeatable; enrolment also `identity`, one per "
-    "image, same order) or JSON `{\"images\": [{\"data\": BASE64, \"name\": ..., \"identity\": ...}]}`.",
-    version="1",
-)
 
 
-class _TooLarge(HTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body larger than {limit} bytes")
-
-
-def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-class Guard:
-    """Auth and body cap before any route runs, so a refused request costs no parsing."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        service: Identification = serve.get_replica_context().servable_object
-        path, root = scope["path"], scope.get("root_path", "")
-        path = path[len(root):] if root and path.startswith(root) else path
-        headers = dict(scope["headers"])
-        if path not in PUBLIC_PATHS and not service.authorised(headers.get(b"authorization", b"")):
-            return await _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})(
-                scope, receive, send
-            )
-        limit = service.cfg.max_body_bytes
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            return await _error(400, "bad Content-Length")(scope, receive, send)
-        if declared > limit:
-            return await _error(413, f"request body larger than {limit} bytes")(scope, receive, send)
-        received = 0
-
-        async def capped():  # chunked bodies declare no length: count what actually arrives
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise _TooLarge(limit)
-            return message
-
-        try:
-            await self.app(scope, capped, send)
-        except _TooLarge as err:
-            await _error(413, err.detail)(scope, receive, send)
-
-
-api.add_middleware(Guard)
-
-
-@dataclass
-class Upload:
-    index: int
-    name: str
-    data: bytes | None
-    identity: str | None = None
-    error: Rejected | None = None
-    image_id: str | None = None  # client-chosen: a retried enrolment of the same image is not stored twice
 
 
 @dataclass
@@ -193,26 +123,6 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME@ALIAS`` → (NAME, ALIAS, None); ``models:/NAME/VERSION`` → (NAME, None, VERSION)."""
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif rest.count("/") == 1:
-        name, version = rest.split("/")
-        if name and version.isdigit():
-            return name, None, version
-    raise UserError(f"model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
-
-
-def _png(image: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    to_pil(image)[0].save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
-
-
 @serve.deployment
 @serve.ingress(api)
 class Identification:
@@ -238,13 +148,16 @@ class Identification:
 
     # --- model ---------------------------------------------------------------------------------------------
 
-    def _load(self, uri: str) -> Loaded:
+    def _load(self, uri: str, version: str | None = None) -> Loaded:
+        """Load ``uri``; ``version``: the version its alias was just resolved to (loaded as such: one registry
+        lookup, and no race with an alias that moves in between)."""
         from ipsr_platform import tracking
         from ipsr_platform.models import load_generator
 
         name, alias, _ = parse_model_uri(uri)
         # pt2 (torch.export) only, unless --allow-pickle-models: unpickling runs code stored with the model.
-        loaded = load_generator(uri, self.tracking_uri, allow_pickle=self.cfg.allow_pickle_models)
+        loaded = load_generator(f"models:/{name}/{version}" if version else uri, self.tracking_uri,
+                                allow_pickle=self.cfg.allow_pickle_models)
         sha = loaded.tags.get(tracking.TAG_IDENTITY_NET)
         if sha and sha != self.identity.weights_sha256:
             log.warning("model %s/%s was trained against identity net %s…, serving with %s…", name, loaded.version,
@@ -257,14 +170,13 @@ class Identification:
         from ipsr_platform import tracking
 
         with self.swap_lock:
-            name, alias, version = parse_model_uri(self.model_uri)
-            if not force and alias:
-                current = tracking.version_for_alias(name, alias, self.tracking_uri).version
-                if str(current) == self.model.version and name == self.model.name:
-                    return
-            elif not force:
-                return
-            self.model = self._load(self.model_uri)
+            name, alias, _ = parse_model_uri(self.model_uri)
+            if force:
+                self.model = self._load(self.model_uri)
+            elif alias:
+                current = str(tracking.version_for_alias(name, alias, self.tracking_uri).version)
+                if current != self.model.version or name != self.model.name:
+                    self.model = self._load(self.model_uri, version=current)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.model_poll_s):
@@ -296,16 +208,6 @@ class Identification:
     def __del__(self):
         self._stop.set()
 
-    # --- auth --------------------------------------------------------------------------------------------------
-
-    def authorised(self, header: bytes) -> bool:
-        if self.token_sha256 is None:  # --insecure-no-auth
-            return True
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        return hmac.compare_digest(hashlib.sha256(token.strip().encode()).hexdigest(), self.token_sha256)
-
     # --- images ------------------------------------------------------------------------------------------------
 
     def _decode(self, upload: Upload) -> Image.Image:
@@ -322,55 +224,6 @@ class Identification:
         face = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC) if low else square_face(img)
         sr = low if super_resolve == "auto" else super_resolve == "true"
         return to_tensor(face)[0], sr
-
-    async def _read(self, request: Request, enrol: bool = False) -> list[Upload]:
-        """Images from a multipart form (field ``image``) or JSON ``{"images": [{"data": base64, ...}]}``."""
-        ctype = request.headers.get("content-type", "")
-        uploads: list[Upload] = []
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=self.cfg.max_images, max_fields=self.cfg.max_images + 16)
-            files = form.getlist("image")
-            names = form.getlist("identity")
-            image_ids = form.getlist("image_id")
-            if enrol and len(names) != len(files):
-                raise HTTPException(400, f"{len(files)} images but {len(names)} identity fields: give one per image")
-            if image_ids and len(image_ids) != len(files):
-                raise HTTPException(400, f"{len(files)} images but {len(image_ids)} image_id fields: none or one per image")
-            for i, f in enumerate(files):
-                if isinstance(f, str):
-                    raise HTTPException(400, "field 'image' must be a file upload")
-                uploads.append(Upload(i, f.filename or f"image-{i}", await f.read(), names[i] if enrol else None,
-                                      image_id=str(image_ids[i]) if image_ids else None))
-        elif ctype.startswith("application/json"):
-            try:
-                body = await request.json()
-            except ValueError:
-                raise HTTPException(400, "body is not valid JSON") from None
-            items = body.get("images") if isinstance(body, dict) else None
-            if not isinstance(items, list):
-                raise HTTPException(400, 'JSON body must be {"images": [{"data": BASE64, ...}, ...]}')
-            if len(items) > self.cfg.max_images:
-                raise HTTPException(400, f"{len(items)} images > max_images {self.cfg.max_images} per request")
-            for i, item in enumerate(items):
-                item = item if isinstance(item, dict) else {}
-                upload = Upload(i, str(item.get("name") or f"image-{i}"), None, item.get("identity"),
-                                image_id=None if item.get("image_id") is None else str(item["image_id"]))
-                try:
-                    upload.data = base64.b64decode(str(item.get("data", "")), validate=True)
-                except (binascii.Error, ValueError):
-                    upload.error = Rejected("bad_request", "'data' is not valid base64")
-                uploads.append(upload)
-        else:
-            raise HTTPException(415, "send multipart/form-data (field 'image') or application/json")
-        if not uploads:
-            raise HTTPException(400, "no images in the request")
-        for upload in uploads:
-            if enrol and not upload.error and (not isinstance(upload.identity, str) or not upload.identity.strip()
-                                               or len(upload.identity) > 256):
-                upload.error = Rejected("bad_request", "every image needs an 'identity' (1-256 characters)")
-            if upload.image_id is not None and not 1 <= len(upload.image_id) <= 256:
-                upload.error = Rejected("bad_request", "'image_id' must be 1-256 characters")
-        return uploads
 
     # --- galleries ---------------------------------------------------------------------------------------------
 
@@ -522,7 +375,7 @@ class Identification:
         per image that was not; 400 only when nothing in the request was usable. An image whose ``image_id`` the
         gallery already holds is ``already_enrolled``, not stored again: retrying a request is safe."""
         self._check_name(name)
-        uploads = await self._read(request, enrol=True)
+        uploads = await read_uploads(request, self.cfg, enrol=True)
         index = await asyncio.to_thread(self._gallery, name, True)
         self._comparable(name, index)
         repeated = self._repeated(uploads, index)
@@ -606,7 +459,7 @@ class Identification:
         if index is None or not index.names:
             raise HTTPException(404, f"gallery {name!r} not found (enrol into it first)")
         self._comparable(name, index)
-        uploads = await self._read(request)
+        uploads = await read_uploads(request, self.cfg)
         k = top_k or self.cfg.top_k
 
         def probe(upload: Upload):
@@ -619,7 +472,7 @@ class Identification:
     @api.post("/v1/superresolve")
     async def superresolve(self, request: Request):
         """Probe(s) → SR faces: one probe → image/png; several → JSON with base64 PNGs."""
-        uploads = await self._read(request)
+        uploads = await read_uploads(request, self.cfg)
 
         def probe(upload: Upload):
             image, _ = self._probe_face(upload, "true")
@@ -655,7 +508,7 @@ class Identification:
             else:
                 answer = done[upload.index]
                 if "image" in answer:
-                    answer["image"] = base64.b64encode(_png(answer["image"])).decode()
+                    answer["image"] = base64.b64encode(encode_png(to_pil(answer["image"])[0])).decode()
                 entry.update(answer)
             results.append(entry)
         return results
@@ -676,29 +529,6 @@ class Identification:
 
 
 # --- building the application --------------------------------------------------------------------------------
-
-
-def token_sha256(cfg: ServeConfig) -> str | None:
-    """sha256 of the bearer token (from --token-file or $IPSR_SERVE_TOKEN): only the hash reaches the replicas
-    and the Serve config; None only with --insecure-no-auth."""
-    token = None
-    if cfg.token_file:
-        try:
-            token = open(os.path.expanduser(cfg.token_file), encoding="utf-8").read().strip()
-        except OSError as err:
-            raise UserError(f"cannot read token file {cfg.token_file}: {err.strerror}") from None
-    elif os.environ.get(TOKEN_ENV, "").strip():
-        token = os.environ[TOKEN_ENV].strip()
-    if token:
-        if len(token) < 16:
-            raise UserError("the bearer token must be at least 16 characters")
-        return hashlib.sha256(token.encode()).hexdigest()
-    if cfg.insecure_no_auth:
-        log.warning("serving WITHOUT authentication (--insecure-no-auth): local use only")
-        return None
-    raise UserError(
-        f"no bearer token configured: set ${TOKEN_ENV} or --token-file (or --insecure-no-auth for local use only)"
-    )
 
 
 def replica_resources(cfg: ServeConfig) -> dict[str, Any]:

@@ -114,7 +114,10 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     from ipsr_model.unet import UNetGenerator
     from ipsr_platform import tracking
     from ipsr_platform.storage import Storage
-    from jobs.train import inspect_dataset, load_state, to_images, train
+    from ipsr_model.images import from_uint8
+    from jobs.train import train
+    from jobs.train_data import inspect_dataset
+    from jobs.train_worker import load_state
 
     s3.create_bucket(Bucket="ckpts")
     config = make_config(faces_dataset, facenet_path, epochs=2, storage="s3://ckpts/runs")
@@ -173,7 +176,7 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pytorch.load_model("models:/ipsr-unet@candidate")
     data = inspect_dataset(config, Storage.from_env())
-    faces = to_images(torch.from_numpy(data.val_probe[:3].copy()))
+    faces = from_uint8(torch.from_numpy(data.val_probe[:3].copy()))
     low = degrade(faces, (16, 12))
     with torch.no_grad():
         sr = loaded(low)
@@ -342,12 +345,12 @@ def test_gpu_step_path_bf16_channels_last_runs_on_cpu(facenet_path):
     from ipsr_model.training import make_optimizer
     from ipsr_model.unet import UNetGenerator
     from ipsr_model.training import training_step
-    from jobs.train import to_images
+    from ipsr_model.images import from_uint8
 
     identity_net = IdentityNet(facenet_path).to(memory_format=torch.channels_last)
     generator = UNetGenerator(4).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(generator)
-    hr = to_images(torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8), torch.channels_last)
+    hr = from_uint8(torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8), torch.channels_last)
     assert hr.is_contiguous(memory_format=torch.channels_last) and -1 <= hr.min() and hr.max() <= 1
     before = [p.detach().clone() for p in generator.parameters()]
     terms = training_step(
@@ -445,7 +448,8 @@ def test_preprocess_hr_embeddings_feed_training(ray_session, att_faces, facenet_
     from ipsr_platform.faces import decode_face
     from ipsr_platform.storage import Storage
     from jobs.preprocess import run
-    from jobs.train import hr_embeddings_use, inspect_dataset, train
+    from jobs.train import train
+    from jobs.train_data import hr_embeddings_use, inspect_dataset
 
     out = tmp_path / "aligned"
     manifest = run(PreprocessConfig(input=str(att_faces), output=str(out), limit=160, split={"val": 0.35},
