@@ -179,10 +179,11 @@ def _serve_demo(
 
     from ipsr_platform.config import ServeConfig
     from serving import app as serving
+    from serving.edge import TOKEN_ENV
 
     names, gallery, probes = _test_faces(aligned)
-    token = os.environ.get(serving.TOKEN_ENV) or secrets.token_hex(24)
-    os.environ[serving.TOKEN_ENV] = token
+    token = os.environ.get(TOKEN_ENV) or secrets.token_hex(24)
+    os.environ[TOKEN_ENV] = token
     cfg = ServeConfig(
         generator=f"models:/{REGISTERED_NAME}@{alias}", port=port, identity_weights=identity_weights,
         galleries=str(out / "galleries"),
@@ -217,7 +218,7 @@ def _serve_demo(
         console.print(f"served model version {answer.json().get('model', {}).get('version')}: rank-1 {rank1:.3f} "
                       f"over {len(names)} probes")  # fmt: skip
         if keep_serving:
-            console.print(f"serving at {url}/v1 (token in ${serving.TOKEN_ENV}; docs {url}/docs) — Ctrl-C stops")
+            console.print(f"serving at {url}/v1 (token in ${TOKEN_ENV}; docs {url}/docs) — Ctrl-C stops")
             serving.wait_until_stopped()
         return {"url": url, "gallery": gallery_name, "probes": len(names), "rank1": rank1, "alias": alias}
     finally:
