@@ -11,7 +11,7 @@ Pipeline (one streaming Ray Data job, nothing materialised in the driver except 
 
 Inputs enter the pipeline in a pseudo-random order (a hash of the source path), not identity by identity: every
 shard of the train split then mixes identities, so training batches do too (VGGFace2 has ~360 images per
-identity; identity-sorted shards and a 256-row shuffle buffer gave batches of one or two people). The order is
+identity; identity-sorted shards left each batch a few people, whatever the file shuffle and the local buffer). The order is
 reproducible, and costs nothing: no global shuffle of the pixels ever happens.
 
 Every listed input ends up either aligned or in rejects.parquet with one of ``REASONS``:
@@ -428,7 +428,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     storage.delete(join(out, TEMPORARY))
     _print_summary(manifest, out)
     if not manifest["counts"]["aligned"]:  # left uncommitted, for inspection: a rerun rebuilds it
-        top = Counter(tally.reasons).most_common(3)
+        top = tally.reasons.most_common(3)
         raise UserError(f"no face aligned from {manifest['counts']['seen']} input(s) (" +
                         ", ".join(f"{reason} {n}" for reason, n in top) + f"); see {join(out, 'rejects.parquet')}")
     storage.write_bytes(join(out, SUCCESS), b"")
@@ -532,15 +532,13 @@ def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs:
                pa.table({c: pa.array([], pa.string()) for c in REJECT_COLUMNS})).sort_by("source")
 
     # Stable names in a stable order, numbered within each split; moves run in parallel (one copy each on S3).
-    shards = sorted(tally.shards)
-    files = []
+    moves, files = [], []  # (scratch name, committed path), and the manifest's shard list
     for split in SPLITS:
-        mine = [s for s in shards if s.startswith(f"{split}/")]
-        files += [{"path": f"data/{split}/part-{i:05d}.parquet", "split": split, "rows": tally.shards[s]}
-                  for i, s in enumerate(mine)]
-    shards = [s for split in SPLITS for s in shards if s.startswith(f"{split}/")]
+        for i, shard in enumerate(s for s in sorted(tally.shards) if s.startswith(f"{split}/")):
+            moves.append((shard, f"data/{split}/part-{i:05d}.parquet"))
+            files.append({"path": moves[-1][1], "split": split, "rows": tally.shards[shard]})
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda sf: storage.move(join(tmp, sf[0]), join(out, sf[1]["path"])), zip(shards, files)))
+        list(pool.map(lambda m: storage.move(join(tmp, m[0]), join(out, m[1])), moves))
     storage.call("write", join(out, "rejects.parquet"), lambda fs, path: pq.write_table(rejects, path, filesystem=fs))
 
     import PIL
