@@ -197,7 +197,7 @@ def main() -> None:
         if not (home / "weights" / f.name).exists():
             (home / "weights" / f.name).symlink_to(f)
     os.environ["IPSR_HOME"] = str(home)
-    context = ray.init(include_dashboard=True, log_to_driver=False)
+    context = ray.init(include_dashboard=False, log_to_driver=False)  # the dashboard and its agents take ~10 % of 2 cores
     cpus = ray.cluster_resources()["CPU"]
     env = dict(os.environ, RAY_ADDRESS=context.address_info["gcs_address"], IPSR_HOME=str(home))
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -444,7 +444,8 @@ class ServeConfig(BaseModel):
     )
     top_k: int = Field(5, ge=1, le=1000, description="Default matches per probe.")
     gallery_chunk: int = Field(65536, ge=1, description="Gallery rows per matrix product.")
-    gallery_refresh_s: float = Field(5.0, ge=0, description="How stale another replica's enrolment may look.")
+    gallery_refresh_s: float = Field(5.0, ge=0, description="Seconds between a replica's background checks for what "
+                                     "others enrolled or removed (0: on every request).")
     model_poll_s: float = Field(30.0, gt=0, description="Seconds between alias look-ups (alias moves hot-swap).")
     request_timeout_s: float = Field(60.0, gt=0)
 

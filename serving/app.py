@@ -99,18 +99,47 @@ class GalleryIndex:
     """A gallery on the replica's device, with identities as dense codes for the per-identity max."""
 
     gallery: Gallery
-    embeddings: torch.Tensor  # [N, D]
+    embeddings: torch.Tensor  # [N, D]: the first N rows of `room`'s matrix
     codes: torch.Tensor  # [N] long, index into names
-    names: list[str]
-    checked_at: float = field(default_factory=time.monotonic)
+    names: list[str]  # sorted, then identities first enrolled after the load in their order of arrival
+    code_of: dict[str, int]  # names → code; only ever added to, so indexes of one lineage share it
+    room: tuple[torch.Tensor, torch.Tensor]  # matrix and codes with spare rows: an enrolment rarely copies them
 
     @classmethod
     def build(cls, gallery: Gallery, device: torch.device, dtype: str = "float16") -> "GalleryIndex":
         names, codes = np.unique(gallery.identities.astype(str), return_inverse=True)
         matrix = torch.tensor(gallery.embeddings, dtype=getattr(torch, dtype), device=device)
-        # The index keeps the matrix; the float32 rows it came from are dropped (at 1M faces: 2 GB).
-        kept = dataclasses.replace(gallery, embeddings=np.empty((0, gallery.embeddings.shape[1]), np.float32))
-        return cls(kept, matrix, torch.from_numpy(codes).long().to(device), names.tolist())
+        codes = torch.from_numpy(codes).long().to(device)
+        return cls(_without_rows(gallery), matrix, codes, names.tolist(), dict(zip(names.tolist(), range(len(names)))),
+                   (matrix, codes))
+
+    def extended(self, delta: Gallery) -> "GalleryIndex":
+        """This index with the rows of ``delta`` (`GalleryStore.added_since`) appended: no re-read of the rest.
+
+        New rows go into the spare rows past this index's end (an index in use by a batch reads only up to its
+        own end), so a million-face matrix is copied once per ~N/8 enrolled faces, not once per enrolment."""
+        names = self.names + [n for n in dict.fromkeys(delta.identities.tolist()) if n not in self.code_of]
+        self.code_of.update(zip(names[len(self.names):], range(len(self.names), len(names))))
+        n, m = len(self.embeddings), len(delta)
+        matrix, codes = self.room
+        if n + m > len(matrix):
+            matrix = torch.empty((n + max(m, n // 8), self.embeddings.shape[1]), dtype=matrix.dtype, device=matrix.device)
+            codes = torch.empty(len(matrix), dtype=torch.long, device=codes.device)
+            matrix[:n], codes[:n] = self.embeddings, self.codes
+        matrix[n : n + m] = torch.from_numpy(delta.embeddings).to(matrix.device, matrix.dtype)
+        codes[n : n + m] = torch.tensor([self.code_of[i] for i in delta.identities.tolist()], dtype=torch.long)
+        old = self.gallery
+        gallery = dataclasses.replace(
+            old, identities=np.concatenate([old.identities, delta.identities]),
+            sources=np.concatenate([old.sources, delta.sources]),
+            image_ids=np.concatenate([old.image_ids, delta.image_ids]),
+            identity_net_sha256=old.identity_net_sha256 or delta.identity_net_sha256, stamp=delta.stamp)
+        return GalleryIndex(gallery, matrix[: n + m], codes[: n + m], names, self.code_of, (matrix, codes))
+
+
+def _without_rows(gallery: Gallery) -> Gallery:
+    """The index keeps its matrix; the float32 rows it came from are dropped (at 1M faces: 2 GB)."""
+    return dataclasses.replace(gallery, embeddings=np.empty((0, gallery.embeddings.shape[1]), np.float32))
 
 
 def _return_freed_memory() -> None:
@@ -143,8 +172,11 @@ class Identification:
         self.galleries: dict[str, GalleryIndex] = {}
         self.swap_lock = threading.Lock()
         self._aligner = None
+        self.gallery_lock = threading.Lock()  # one load or update at a time (they would read the same files)
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="ipsr-model-poll", daemon=True).start()
+        if self.cfg.gallery_refresh_s > 0:
+            threading.Thread(target=self._watch_galleries, name="ipsr-gallery-refresh", daemon=True).start()
 
     # --- model ---------------------------------------------------------------------------------------------
 
@@ -228,29 +260,49 @@ class Identification:
     # --- galleries ---------------------------------------------------------------------------------------------
 
     def _gallery(self, name: str, fresh: bool = False) -> GalleryIndex | None:
-        """The cached gallery, re-read when another replica (or a previous life of this one) changed it; ``fresh``
-        looks now (after this replica's own write, or before answering what a gallery holds)."""
+        """The cached gallery (kept current by `_watch_galleries`); ``fresh`` looks at the store now (after this
+        replica's own write, or before answering what a gallery holds). Identify never waits on a listing."""
         cached = self.galleries.get(name)
-        if cached and not fresh and time.monotonic() - cached.checked_at < self.cfg.gallery_refresh_s:
-            return cached
-        if cached and self.store.stamp(name) == cached.gallery.stamp:
-            cached.checked_at = time.monotonic()
+        if cached and not fresh and self.cfg.gallery_refresh_s > 0:
             return cached
         try:
-            gallery = self.store.load(name)
+            with self.gallery_lock:
+                return self._update_gallery(name)
         except WeightsMismatch as err:
             raise HTTPException(409, f"gallery {name!r}: {err}") from None
+
+    def _update_gallery(self, name: str) -> GalleryIndex | None:
+        """Bring the cached index up to date: append only what was enrolled since (the common case), else reload."""
+        cached = self.galleries.get(name)
+        delta = self.store.added_since(name, cached.gallery) if cached else None
+        if delta is not None and delta.stamp == cached.gallery.stamp:
+            return cached
+        if delta is not None:
+            self.galleries[name] = index = cached.extended(delta)
+            return index
+        gallery = self.store.load(name)
         if gallery is None:
             self.galleries.pop(name, None)
             return None
         index = GalleryIndex.build(gallery, self.device, self.cfg.gallery_dtype)
         del gallery
         self.galleries[name] = index  # the previous index, if any, is freed here
+        del cached
         _return_freed_memory()
         # A million-row gallery is millions of long-lived objects; the cyclic GC would re-scan them all at every
         # full collection, a pause in the middle of someone's request. They live until the next reload anyway.
         gc.freeze()
         return index
+
+    def _watch_galleries(self) -> None:
+        """Every ``gallery_refresh_s``: pick up what other replicas enrolled or removed, off the request path."""
+        while not self._stop.wait(self.cfg.gallery_refresh_s):
+            for name in list(self.galleries):
+                try:
+                    with self.gallery_lock:
+                        self._update_gallery(name)
+                except Exception:  # noqa: BLE001 - storage briefly unreachable, or a mismatch: next round
+                    log.exception("gallery %r refresh failed; still serving what was read before", name)
 
     def _comparable(self, name: str, index: GalleryIndex | None) -> None:
         """409 when the gallery's embeddings come from another FaceNet than this replica's: not comparable."""
@@ -417,10 +469,10 @@ class Identification:
         if index is None:
             raise HTTPException(404, f"gallery {name!r} not found")
         counts = np.bincount(index.codes.cpu().numpy(), minlength=len(index.names))
-        page = range(offset, min(offset + limit, len(index.names)))
+        by_name = np.argsort(np.asarray(index.names, dtype=object), kind="stable")[offset : offset + limit]
         return {"gallery": name, "size": len(index.gallery), "identities": len(index.names),
                 "identity_net_sha256": index.gallery.identity_net_sha256,
-                "page": [{"identity": index.names[i], "faces": int(counts[i])} for i in page]}
+                "page": [{"identity": index.names[i], "faces": int(counts[i])} for i in by_name]}
 
     @api.delete("/v1/galleries/{name}")
     async def gallery_delete(self, name: str) -> dict:

@@ -16,6 +16,7 @@ named after the newest one it merged, and removes only those files: a write that
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -23,7 +24,6 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,7 @@ def _new_name() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex}"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Gallery:
     identities: np.ndarray  # [N] str
     embeddings: np.ndarray  # [N, D] float32, L2-normalised
@@ -137,16 +137,42 @@ class GalleryStore:
                 deletes))
         return self._merge(tables, tombstones, (tuple(segments), tuple(deletes), legacy))
 
+    def added_since(self, name: str, gallery: Gallery) -> Gallery | None:
+        """Only the rows enrolled since ``gallery`` was read (with the new stamp; none when nothing changed), merged
+        as `load` would merge them after its rows; None when more than that changed and a full `load` is needed.
+
+        Enrolments only add segments, named by time: when the old segments are a prefix of the new listing, no
+        tombstone or legacy file changed and every tombstone predates the new segments, the old rows stand as
+        they are, so a replica reads kilobytes instead of re-reading a million-face gallery per enrolment."""
+        segments, deletes, legacy = self.listing(name)
+        old_segments, old_deletes, old_legacy = gallery.stamp
+        added = segments[len(old_segments):]
+        if (tuple(segments[:len(old_segments)]) != old_segments or (tuple(deletes), legacy) != (old_deletes, old_legacy)
+                or (added and deletes and deletes[-1] >= added[0])):
+            return None
+        stamp = (tuple(segments), tuple(deletes), legacy)
+        if not added:
+            return dataclasses.replace(Gallery.empty(), identity_net_sha256=gallery.identity_net_sha256, stamp=stamp)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            tables = list(pool.map(lambda s: self._read_segment(name, s), added))
+        delta = self._merge(tables, [], stamp, held=gallery.image_id_set)
+        if gallery.identity_net_sha256 and delta.identity_net_sha256 not in ("", gallery.identity_net_sha256):
+            raise WeightsMismatch("gallery segments were embedded by 2 identity networks")
+        return delta
+
     @staticmethod
-    def _merge(tables: list[pa.Table], tombstones: list[tuple[str, dict]], stamp: tuple) -> Gallery:
+    def _merge(tables: list[pa.Table], tombstones: list[tuple[str, dict]], stamp: tuple,
+               held: frozenset = frozenset()) -> Gallery:
+        """One gallery from segments in name order: rows older than their identity's tombstone are hidden, and a
+        row whose image_id came earlier (or is in ``held``: rows merged before) is a retry, not kept again."""
         rows = [t.select(["identity", "embedding", "source", "image_id", "identity_net_sha256", "segment"])
                 for t in tables if t.num_rows]
         if not rows:
-            return Gallery.empty()
+            return dataclasses.replace(Gallery.empty(), stamp=stamp)
         table = pa.concat_tables(rows, promote_options="permissive")
         identity, segment = table.column("identity").to_pylist(), table.column("segment").to_pylist()
         image_id = table.column("image_id").to_pylist()
-        keep, seen = np.ones(table.num_rows, bool), set()
+        keep, seen = np.ones(table.num_rows, bool), set(held)
         removed = {}
         for when, body in tombstones:
             removed[body["identity"]] = max(removed.get(body["identity"], ""), when)

@@ -336,6 +336,27 @@ def test_alias_switch_without_restart(server, champion):
         tracking.set_alias("ipsr-unet", "champion", champion["version"])
 
 
+def test_another_replicas_enrolment_is_found_by_identify_alone(server, gallery, orl):
+    """A segment another replica wrote (here: written to the store directly) is found within a bounded time by
+    identify requests alone, which never read the store: the replica's background refresh picks it up."""
+    from ipsr_model.weights import ipsr_home
+    from ipsr_platform.storage import Storage
+    from serving.gallery import GalleryStore
+
+    store = GalleryStore(str(ipsr_home() / "galleries"), Storage.from_env())
+    s1 = store.load(gallery)
+    row = s1.identities.tolist().index("s1")
+    store.append(gallery, ["s1-twin"], s1.embeddings[row : row + 1], ["twin.pgm"], [None], s1.identity_net_sha256)
+
+    def twin_found() -> bool:
+        matches = identify(server, gallery, {"s1": orl["s1"][1]}, top_k=2).json()["results"][0]["matches"]
+        return {m["identity"] for m in matches} == {"s1", "s1-twin"}
+
+    wait_for(twin_found, 30, "the other replica's enrolment")
+    r = requests.delete(f"{server}/v1/galleries/{gallery}/identities/s1-twin", headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["removed_faces"] == 1
+
+
 def test_gallery_survives_replica_restart(server, gallery, orl, ray_session):
     import ray
 
@@ -420,6 +441,61 @@ def test_gallery_store_is_append_only(where, s3, tmp_path):
     assert store.load("orl") is None
     with pytest.raises(Exception, match="names a folder"):
         store.folder("../etc")
+
+
+def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
+    """What another replica enrolled is merged onto the cached index alone — same answers as a full reload —, and
+    anything else (a removal, a compaction, a segment named before the newest) falls back to the full reload."""
+    from ipsr_model.identify import best_per_identity
+    from ipsr_platform.storage import Storage
+    from serving.app import GalleryIndex
+    from serving.gallery import GalleryStore, WeightsMismatch
+
+    store = GalleryStore(str(tmp_path / "galleries"), Storage.from_env())
+    e = torch.nn.functional.normalize(torch.randn(9, 512, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
+    store.append("g", ["b", "a"], e[:2], ["1", "2"], ["img-1", None], "sha")
+    index = GalleryIndex.build(store.load("g"), torch.device("cpu"), "float32")
+    assert store.added_since("g", index.gallery).stamp == index.gallery.stamp  # nothing new: nothing read
+
+    store.append("g", ["c", "a"], e[2:4], ["3", "4"], ["img-3", "img-1"], "sha")  # img-1 again: a retry
+    store.append("g", ["d"], e[4:5], ["5"], [None], "sha")
+    read = []
+    store._read_segment, original = (lambda *a: read.append(a) or original(*a)), store._read_segment
+    delta = store.added_since("g", index.gallery)
+    assert len(read) == 2 and delta.identities.tolist() == ["c", "d"]  # the retried img-1 is not kept twice
+    grown, full = index.extended(delta), GalleryIndex.build(store.load("g"), torch.device("cpu"), "float32")
+    assert grown.gallery.stamp == full.gallery.stamp and len(grown.gallery) == len(full.gallery) == 4
+    for model in (grown, full):  # the same rows, the same best identity per probe, whatever the code order
+        best = best_per_identity(torch.from_numpy(e[[0, 1, 2, 4]]), model.embeddings, model.codes, len(model.names))
+        assert [model.names[i] for i in best.argmax(1).tolist()] == ["b", "a", "c", "d"]
+    assert sorted(grown.names) == sorted(full.names) and grown.gallery.image_id_set == full.gallery.image_id_set
+    # Spare rows: at 16 faces the first enrolment makes room for 2, the next one lands in place; an index still in
+    # use by a batch keeps exactly its own rows.
+    many = torch.nn.functional.normalize(torch.randn(18, 512, generator=torch.Generator().manual_seed(1)), dim=1)
+    store.append("h", [f"p{i}" for i in range(16)], many[:16].numpy(), [""] * 16, [None] * 16, "sha")
+    first = GalleryIndex.build(store.load("h"), torch.device("cpu"), "float32")
+    store.append("h", ["p0"], many[16:17].numpy(), [""], [None], "sha")
+    second = first.extended(store.added_since("h", first.gallery))
+    store.append("h", ["new"], many[17:18].numpy(), [""], [None], "sha")
+    third = second.extended(store.added_since("h", second.gallery))
+    assert third.room[0].data_ptr() == second.room[0].data_ptr() != first.room[0].data_ptr()
+    assert (len(first.embeddings), len(second.embeddings), len(third.embeddings)) == (16, 17, 18)
+    torch.testing.assert_close(third.embeddings, many)
+    assert [third.names[c] for c in third.codes.tolist()] == [f"p{i}" for i in range(16)] + ["p0", "new"]
+
+    store.delete_identity("g", "c")
+    assert store.added_since("g", grown.gallery) is None  # a removal hides old rows: reload
+    before = store.load("g")
+    segment = store.listing("g")[0][0]  # a writer whose clock is behind: its segment sorts before the newest
+    store.storage.write_bytes(f"{store.folder('g')}/segments/{segment}-late.parquet",
+                              store.storage.read_bytes(f"{store.folder('g')}/segments/{segment}.parquet"))
+    assert store.added_since("g", before) is None
+    store.compact("g")
+    assert store.added_since("g", store.load("g")) is not None and store.added_since("g", before) is None
+    before = store.load("g")
+    store.append("g", ["e"], e[5:6], ["6"], [None], "other-sha")
+    with pytest.raises(WeightsMismatch):
+        store.added_since("g", before)
 
 
 def test_pinned_version_through_the_documented_user_config(server, server_config, champion):
