@@ -260,7 +260,6 @@ class Aligner:
             row["done_at"] = done_at
         return pa.Table.from_pylist(out, schema=ALIGNED_SCHEMA)
 
-
     def _embed(self, rows: list[dict]) -> None:
         """The embedding of the stored face itself (its PNG decoded), so training's HR input is bit-identical."""
         import torch
