@@ -122,11 +122,13 @@ class GalleryIndex:
         self.code_of.update(zip(names[len(self.names):], range(len(self.names), len(names))))
         n, m = len(self.embeddings), len(delta)
         matrix, codes = self.room
-        if n + m > len(matrix):
-            matrix = torch.empty((n + max(m, n // 8), self.embeddings.shape[1]), dtype=matrix.dtype, device=matrix.device)
+        if n + m > len(matrix):  # (an empty gallery may have no width yet: the new rows give it)
+            matrix = torch.empty((n + max(m, n // 8), delta.embeddings.shape[1]), dtype=matrix.dtype,
+                                 device=matrix.device)
             codes = torch.empty(len(matrix), dtype=torch.long, device=codes.device)
-            matrix[:n], codes[:n] = self.embeddings, self.codes
-        matrix[n : n + m] = torch.from_numpy(delta.embeddings).to(matrix.device, matrix.dtype)
+            if n:
+                matrix[:n], codes[:n] = self.embeddings, self.codes
+        matrix[n : n + m] = torch.tensor(delta.embeddings, dtype=matrix.dtype).to(matrix.device)
         codes[n : n + m] = torch.tensor([self.code_of[i] for i in delta.identities.tolist()], dtype=torch.long)
         old = self.gallery
         gallery = dataclasses.replace(

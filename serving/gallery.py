@@ -187,12 +187,14 @@ class GalleryStore:
             raise WeightsMismatch(f"gallery segments were embedded by {len(shas)} identity networks")
         if not keep.all():  # a filter copies every column: only when something is hidden
             table = table.filter(pa.array(keep))
-        # Per-chunk views of Arrow's buffers (no copy), joined once: at a million faces each copy is 2 GB.
-        chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in table.column("embedding").chunks]
-        flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        # Per-chunk views of Arrow's buffers (no copy), joined once: at a million faces each copy is 2 GB. Every
+        # row may be hidden (the last person removed, or only retries new): an empty gallery of the same width.
+        chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in table.column("embedding").chunks if len(c)]
+        flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else np.empty(0, np.float32)
         return Gallery(
             identities=np.asarray(table.column("identity").to_pylist(), dtype=object),
-            embeddings=flat.astype(np.float32, copy=False).reshape(table.num_rows, -1),
+            embeddings=flat.astype(np.float32, copy=False).reshape(table.num_rows,
+                                                                    table.schema.field("embedding").type.list_size),
             sources=np.asarray(table.column("source").to_pylist(), dtype=object),
             image_ids=np.asarray(table.column("image_id").to_pylist(), dtype=object),
             identity_net_sha256=shas.pop(),

@@ -482,6 +482,14 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
     assert (len(first.embeddings), len(second.embeddings), len(third.embeddings)) == (16, 17, 18)
     torch.testing.assert_close(third.embeddings, many)
     assert [third.names[c] for c in third.codes.tolist()] == [f"p{i}" for i in range(16)] + ["p0", "new"]
+    # The last person removed: an empty gallery (it used to fail to load), and enrolling into it works again.
+    store.append("solo", ["x"], e[:1], ["x.png"], ["img-x"], "sha")
+    store.delete_identity("solo", "x")
+    empty = GalleryIndex.build(store.load("solo"), torch.device("cpu"), "float16")
+    assert empty.names == [] and tuple(empty.embeddings.shape) == (0, 512)
+    store.append("solo", ["y"], e[1:2], ["y.png"], [None], "sha")
+    again = empty.extended(store.added_since("solo", empty.gallery))
+    assert again.names == ["y"] and tuple(again.embeddings.shape) == (1, 512)
 
     store.delete_identity("g", "c")
     assert store.added_since("g", grown.gallery) is None  # a removal hides old rows: reload
