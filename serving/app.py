@@ -107,11 +107,11 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, gallery: Gallery, device: torch.device, dtype: str = "float16") -> "GalleryIndex":
-        names, codes = np.unique(gallery.identities.astype(str), return_inverse=True)
+        unique, codes = np.unique(gallery.identities.astype(str), return_inverse=True)
+        names = unique.tolist()
         matrix = torch.tensor(gallery.embeddings, dtype=getattr(torch, dtype), device=device)
         codes = torch.from_numpy(codes).long().to(device)
-        return cls(_without_rows(gallery), matrix, codes, names.tolist(), dict(zip(names.tolist(), range(len(names)))),
-                   (matrix, codes))
+        return cls(_without_rows(gallery), matrix, codes, names, {n: c for c, n in enumerate(names)}, (matrix, codes))
 
     def extended(self, delta: Gallery) -> "GalleryIndex":
         """This index with the rows of ``delta`` (`GalleryStore.added_since`) appended: no re-read of the rest.

@@ -16,7 +16,6 @@ named after the newest one it merged, and removes only those files: a write that
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import json
@@ -24,6 +23,7 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,7 @@ def _new_name() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex}"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class Gallery:
     identities: np.ndarray  # [N] str
     embeddings: np.ndarray  # [N, D] float32, L2-normalised
@@ -74,9 +74,9 @@ class Gallery:
         return frozenset(i for i in self.image_ids.tolist() if i is not None)
 
     @staticmethod
-    def empty() -> Gallery:
+    def empty(identity_net_sha256: str = "", stamp: tuple = ()) -> Gallery:
         none = np.empty(0, dtype=object)
-        return Gallery(none, np.empty((0, 0), np.float32), none, none, "")
+        return Gallery(none, np.empty((0, 0), np.float32), none, none, identity_net_sha256, stamp)
 
 
 def _table(identities, embeddings: np.ndarray, sources, image_ids, sha256: str) -> pa.Table:
@@ -113,10 +113,6 @@ class GalleryStore:
                          if f.startswith(f"{DELETES}/") and f.endswith(".json"))
         return segments, deletes, LEGACY in files
 
-    def stamp(self, name: str) -> tuple:
-        segments, deletes, legacy = self.listing(name)
-        return (tuple(segments), tuple(deletes), legacy)
-
     def _read_segment(self, name: str, segment: str) -> pa.Table:
         path = join(self.folder(name), LEGACY if segment == LEGACY_NAME else f"{SEGMENTS}/{segment}.parquet")
         table = pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
@@ -152,7 +148,7 @@ class GalleryStore:
             return None
         stamp = (tuple(segments), tuple(deletes), legacy)
         if not added:
-            return dataclasses.replace(Gallery.empty(), identity_net_sha256=gallery.identity_net_sha256, stamp=stamp)
+            return Gallery.empty(gallery.identity_net_sha256, stamp)
         with ThreadPoolExecutor(max_workers=16) as pool:
             tables = list(pool.map(lambda s: self._read_segment(name, s), added))
         delta = self._merge(tables, [], stamp, held=gallery.image_id_set)
@@ -168,7 +164,7 @@ class GalleryStore:
         rows = [t.select(["identity", "embedding", "source", "image_id", "identity_net_sha256", "segment"])
                 for t in tables if t.num_rows]
         if not rows:
-            return dataclasses.replace(Gallery.empty(), stamp=stamp)
+            return Gallery.empty(stamp=stamp)
         table = pa.concat_tables(rows, promote_options="permissive")
         identity, segment = table.column("identity").to_pylist(), table.column("segment").to_pylist()
         image_id = table.column("image_id").to_pylist()
