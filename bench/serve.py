@@ -13,9 +13,11 @@ deployments alternate at each concurrency level, only one under load at a time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import io
 import os
+import shutil
 import platform
 import socket
 import statistics
@@ -46,6 +48,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     home = Path(tempfile.mkdtemp(prefix="ipsr-bench-serve-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # a 1M-face gallery is 2 GB: no run may leave one
     from ipsr_model.weights import _classify, fetch_identity_weights
 
     weights = args.identity_weights

@@ -16,8 +16,10 @@ enrols a face every ``--enrol-every`` seconds (a live gallery).
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -101,7 +103,7 @@ def measure_enrol(url: str, auth: dict, faces: list[bytes], n: int) -> dict:
                           data=[("identity", f"enrolled-{i}")], headers=auth, timeout=600)
         r.raise_for_status()
         latencies.append((time.perf_counter() - began) * 1000)
-    return {"p50": statistics.median(latencies), "max": max(latencies)}
+    return {"p50": statistics.median(latencies), "max": max(latencies), "each": [round(ms) for ms in latencies]}
 
 
 def serve_and_measure(root: str, dtype: str, weights: str, probes: list[bytes], args, port: int,
@@ -129,7 +131,8 @@ def serve_and_measure(root: str, dtype: str, weights: str, probes: list[bytes], 
     out["rss_mib"] = replica_rss_mib(app)
     if args.enrolments:
         out["enrol"] = measure_enrol(url.replace("/identify", "/enroll"), auth, faces, args.enrolments)
-        print(f"{dtype} enrol 1 face: p50 {out['enrol']['p50']:.1f} ms, max {out['enrol']['max']:.1f} ms", flush=True)
+        print(f"{dtype} enrol 1 face: p50 {out['enrol']['p50']:.1f} ms, max {out['enrol']['max']:.1f} ms; each (ms, in "
+              f"order) {out['enrol']['each']}", flush=True)
     if args.enrol_every:
         out["busy"] = identify_while_enrolling(url, auth, probes, faces, args)
         print(f"{dtype} batch  1 while enrolling every {args.enrol_every} s: p50 {out['busy']['p50']:.1f} ms, "
@@ -177,6 +180,7 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
 
     home = Path(tempfile.mkdtemp(prefix="ipsr-bench-gallery-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # a 1M-face gallery is 2 GB: no run may leave one
     from ipsr_model.weights import fetch_identity_weights
 
     from ipsr_model.weights import load_identity_weights

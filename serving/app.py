@@ -109,9 +109,14 @@ class GalleryIndex:
     def build(cls, gallery: Gallery, device: torch.device, dtype: str = "float16") -> "GalleryIndex":
         unique, codes = np.unique(gallery.identities.astype(str), return_inverse=True)
         names = unique.tolist()
-        matrix = torch.tensor(gallery.embeddings, dtype=getattr(torch, dtype), device=device)
-        codes = torch.from_numpy(codes).long().to(device)
-        return cls(_without_rows(gallery), matrix, codes, names, {n: c for c, n in enumerate(names)}, (matrix, codes))
+        # Spare rows from the start (as `extended` grows it): the first enrolments after a load copy nothing.
+        rows, dim = gallery.embeddings.shape
+        matrix = torch.empty((rows + rows // 8, dim), dtype=getattr(torch, dtype), device=device)
+        matrix[:rows] = torch.from_numpy(gallery.embeddings)
+        room = (matrix, torch.empty(len(matrix), dtype=torch.long, device=device))
+        room[1][:rows] = torch.from_numpy(codes)
+        return cls(_without_rows(gallery), matrix[:rows], room[1][:rows], names, {n: c for c, n in enumerate(names)},
+                   room)
 
     def extended(self, delta: Gallery) -> "GalleryIndex":
         """This index with the rows of ``delta`` (`GalleryStore.added_since`) appended: no re-read of the rest.

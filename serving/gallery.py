@@ -91,6 +91,21 @@ def _table(identities, embeddings: np.ndarray, sources, image_ids, sha256: str) 
     })  # fmt: skip
 
 
+def _read_rows(fs: pafs.FileSystem, path: str) -> tuple[pa.Table, np.ndarray]:
+    """Embeddings streamed in batches into one array: reading a million-face segment whole peaks at 8.4 GB (its
+    bytes, Arrow's decoded column and the decoder's buffers for a 2 GB matrix) and 2.8 GB this way; the GBs freed
+    after a whole read also cost this VM's kernel stalls of up to 1.5 s."""
+    with fs.open_input_file(path) as f:
+        file = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
+        field = file.schema_arrow.field("embedding")
+        table = file.read(columns=[n for n in file.schema_arrow.names if n != "embedding"])
+        embeddings, at = np.empty((file.metadata.num_rows, field.type.list_size), np.float32), 0
+        for batch in file.iter_batches(batch_size=1 << 16, columns=["embedding"]):
+            embeddings[at : at + batch.num_rows] = batch.column(0).flatten().to_numpy().reshape(batch.num_rows, -1)
+            at += batch.num_rows
+    return table, embeddings
+
+
 class GalleryStore:
     def __init__(self, root: str, storage: Storage):
         self.root = normalize(root)
@@ -113,12 +128,13 @@ class GalleryStore:
                          if f.startswith(f"{DELETES}/") and f.endswith(".json"))
         return segments, deletes, LEGACY in files
 
-    def _read_segment(self, name: str, segment: str) -> pa.Table:
+    def _read_segment(self, name: str, segment: str) -> tuple[pa.Table, np.ndarray]:
+        """(the segment's rows without their embeddings, the embeddings as float32 [rows, D])."""
         path = join(self.folder(name), LEGACY if segment == LEGACY_NAME else f"{SEGMENTS}/{segment}.parquet")
-        table = pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
+        table, embeddings = self.storage.call("read", path, _read_rows)
         if "image_id" not in table.column_names:
             table = table.append_column("image_id", pa.nulls(table.num_rows, pa.string()))
-        return table.append_column("segment", pa.array([segment] * table.num_rows, pa.string()))
+        return table.append_column("segment", pa.array([segment] * table.num_rows, pa.string())), embeddings
 
     def load(self, name: str) -> Gallery | None:
         """The merged gallery, or None when nothing was ever enrolled (or it was deleted)."""
@@ -127,11 +143,11 @@ class GalleryStore:
         if not names:
             return None
         with ThreadPoolExecutor(max_workers=16) as pool:  # S3: many small objects, latency-bound
-            tables = list(pool.map(lambda s: self._read_segment(name, s), names))
+            segments_read = list(pool.map(lambda s: self._read_segment(name, s), names))
             tombstones = list(pool.map(
                 lambda d: (d, json.loads(self.storage.read_bytes(join(self.folder(name), f"{DELETES}/{d}.json")))),
                 deletes))
-        return self._merge(tables, tombstones, (tuple(segments), tuple(deletes), legacy))
+        return self._merge(segments_read, tombstones, (tuple(segments), tuple(deletes), legacy))
 
     def added_since(self, name: str, gallery: Gallery) -> Gallery | None:
         """Only the rows enrolled since ``gallery`` was read (with the new stamp; none when nothing changed), merged
@@ -150,22 +166,22 @@ class GalleryStore:
         if not added:
             return Gallery.empty(gallery.identity_net_sha256, stamp)
         with ThreadPoolExecutor(max_workers=16) as pool:
-            tables = list(pool.map(lambda s: self._read_segment(name, s), added))
-        delta = self._merge(tables, [], stamp, held=gallery.image_id_set)
+            read = list(pool.map(lambda s: self._read_segment(name, s), added))
+        delta = self._merge(read, [], stamp, held=gallery.image_id_set)
         if gallery.identity_net_sha256 and delta.identity_net_sha256 not in ("", gallery.identity_net_sha256):
             raise WeightsMismatch("gallery segments were embedded by 2 identity networks")
         return delta
 
     @staticmethod
-    def _merge(tables: list[pa.Table], tombstones: list[tuple[str, dict]], stamp: tuple,
+    def _merge(segments: list[tuple[pa.Table, np.ndarray]], tombstones: list[tuple[str, dict]], stamp: tuple,
                held: frozenset = frozenset()) -> Gallery:
         """One gallery from segments in name order: rows older than their identity's tombstone are hidden, and a
         row whose image_id came earlier (or is in ``held``: rows merged before) is a retry, not kept again."""
-        rows = [t.select(["identity", "embedding", "source", "image_id", "identity_net_sha256", "segment"])
-                for t in tables if t.num_rows]
-        if not rows:
+        segments = [(t, e) for t, e in segments if t.num_rows]
+        if not segments:
             return Gallery.empty(stamp=stamp)
-        table = pa.concat_tables(rows, promote_options="permissive")
+        table = pa.concat_tables([t.select(["identity", "source", "image_id", "identity_net_sha256", "segment"])
+                                  for t, _ in segments], promote_options="permissive")
         identity, segment = table.column("identity").to_pylist(), table.column("segment").to_pylist()
         image_id = table.column("image_id").to_pylist()
         keep, seen = np.ones(table.num_rows, bool), set(held)
@@ -181,16 +197,14 @@ class GalleryStore:
         shas = set(table.column("identity_net_sha256").unique().to_pylist())
         if len(shas) > 1:
             raise WeightsMismatch(f"gallery segments were embedded by {len(shas)} identity networks")
-        if not keep.all():  # a filter copies every column: only when something is hidden
-            table = table.filter(pa.array(keep))
-        # Per-chunk views of Arrow's buffers (no copy), joined once: at a million faces each copy is 2 GB. Every
-        # row may be hidden (the last person removed, or only retries new): an empty gallery of the same width.
-        chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in table.column("embedding").chunks if len(c)]
-        flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else np.empty(0, np.float32)
+        # One segment (a compacted gallery) is used as read: at a million faces each copy is 2 GB. Every row may be
+        # hidden (the last person removed, or only retries new): an empty gallery of the same width.
+        embeddings = segments[0][1] if len(segments) == 1 else np.concatenate([e for _, e in segments])
+        if not keep.all():  # a filter copies: only when something is hidden
+            table, embeddings = table.filter(pa.array(keep)), embeddings[keep]
         return Gallery(
             identities=np.asarray(table.column("identity").to_pylist(), dtype=object),
-            embeddings=flat.astype(np.float32, copy=False).reshape(table.num_rows,
-                                                                    table.schema.field("embedding").type.list_size),
+            embeddings=embeddings,
             sources=np.asarray(table.column("source").to_pylist(), dtype=object),
             image_ids=np.asarray(table.column("image_id").to_pylist(), dtype=object),
             identity_net_sha256=shas.pop(),

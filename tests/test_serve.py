@@ -469,19 +469,20 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
         best = best_per_identity(torch.from_numpy(e[[0, 1, 2, 4]]), model.embeddings, model.codes, len(model.names))
         assert [model.names[i] for i in best.argmax(1).tolist()] == ["b", "a", "c", "d"]
     assert sorted(grown.names) == sorted(full.names) and grown.gallery.image_id_set == full.gallery.image_id_set
-    # Spare rows: at 16 faces the first enrolment makes room for 2, the next one lands in place; an index still in
-    # use by a batch keeps exactly its own rows.
-    many = torch.nn.functional.normalize(torch.randn(18, 512, generator=torch.Generator().manual_seed(1)), dim=1)
+    # Spare rows: an index built at 16 faces has room for 2 more, so the next two enrolments land in place and the
+    # third grows it (by N/8); an index still in use by a batch keeps exactly its own rows.
+    many = torch.nn.functional.normalize(torch.randn(19, 512, generator=torch.Generator().manual_seed(1)), dim=1)
     store.append("h", [f"p{i}" for i in range(16)], many[:16].numpy(), [""] * 16, [None] * 16, "sha")
-    first = GalleryIndex.build(store.load("h"), torch.device("cpu"), "float32")
-    store.append("h", ["p0"], many[16:17].numpy(), [""], [None], "sha")
-    second = first.extended(store.added_since("h", first.gallery))
-    store.append("h", ["new"], many[17:18].numpy(), [""], [None], "sha")
-    third = second.extended(store.added_since("h", second.gallery))
-    assert third.room[0].data_ptr() == second.room[0].data_ptr() != first.room[0].data_ptr()
-    assert (len(first.embeddings), len(second.embeddings), len(third.embeddings)) == (16, 17, 18)
-    torch.testing.assert_close(third.embeddings, many)
-    assert [third.names[c] for c in third.codes.tolist()] == [f"p{i}" for i in range(16)] + ["p0", "new"]
+    indexes = [GalleryIndex.build(store.load("h"), torch.device("cpu"), "float32")]
+    for i, who in zip(range(16, 19), ["p0", "new", "last"]):
+        store.append("h", [who], many[i : i + 1].numpy(), [""], [None], "sha")
+        indexes.append(indexes[-1].extended(store.added_since("h", indexes[-1].gallery)))
+    first, second, third, fourth = (index.room[0].data_ptr() for index in indexes)
+    assert first == second == third != fourth
+    assert [len(index.embeddings) for index in indexes] == [16, 17, 18, 19]
+    torch.testing.assert_close(indexes[-1].embeddings, many)
+    assert [indexes[-1].names[c] for c in indexes[-1].codes.tolist()] == [f"p{i}" for i in range(16)] + ["p0", "new",
+                                                                                                        "last"]
     # The last person removed: an empty gallery (it used to fail to load), and enrolling into it works again.
     store.append("solo", ["x"], e[:1], ["x.png"], ["img-x"], "sha")
     store.delete_identity("solo", "x")
