@@ -69,13 +69,14 @@ def path(args: argparse.Namespace, key: str, seed: int) -> Path:
 def evaluate_all(args: argparse.Namespace) -> dict:
     """One `ipsr evaluate` pass (its own functions, no MLflow) over every run, each arm a seed group."""
     from ipsr_platform.config import EvaluateConfig
-    from jobs.evaluate import build_protocol, build_recognizers, evaluate, load_methods, load_models, seed_table, statistics
+    from ipsr_platform.scoring import score
+    from jobs.evaluate import build_protocol, build_recognizers, load_methods, load_models, seed_table, statistics
 
     config = EvaluateConfig(data=str(args.data), protocol="folder", identities=UNSEEN, sizes=SIZES)
     protocol = build_protocol(config)
     specs = [f"{key}={path(args, key, seed)}" for key, (_, _, seeds) in ARMS.items() for seed in seeds]
     methods = load_methods(protocol, load_models(specs))
-    ranks, _ = evaluate(protocol, methods, build_recognizers(config))
+    ranks, _ = score(protocol, methods, build_recognizers(config))
     columns = [c.name for c in protocol.columns]
     out: dict = {"columns": columns, "probes": len(protocol.columns[0].labels), "recognizers": {}}
     for rec in config.recognizers:

@@ -7,10 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-from .degradation import degrade, format_size
 
 
 def cosine_similarity(probes: torch.Tensor, gallery: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
@@ -105,39 +102,3 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(structural_similarity_index_measure(images.float(), reference.float(), data_range=2.0))
-
-
-@torch.no_grad()
-def embed(identity_net: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Embeddings of a batch of [-1, 1] faces, computed in chunks."""
-    return torch.cat([identity_net(chunk) for chunk in images.split(batch_size)])
-
-
-@torch.no_grad()
-def degraded_rank1(
-    identity_net: nn.Module,
-    gallery: torch.Tensor,
-    gallery_labels: torch.Tensor,
-    probes: torch.Tensor,
-    probe_labels: torch.Tensor,
-    sizes: tuple[tuple[int, int], ...],
-    restore: nn.Module | None = None,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """Rank-1 of HR probes ("HR") and of probes degraded to each size ("16x12", ...) against an HR gallery.
-
-    `restore` (e.g. a U-Net in eval mode) is applied to the degraded probes; without it they stay bicubic.
-    """
-    gallery_embeddings = embed(identity_net, gallery, batch_size)
-
-    def score(images: torch.Tensor) -> float:
-        similarity = cosine_similarity(embed(identity_net, images, batch_size), gallery_embeddings)
-        return rank1(similarity, probe_labels, gallery_labels)
-
-    result = {"HR": score(probes)}
-    for size in sizes:
-        low = degrade(probes, size)
-        if restore is not None:
-            low = torch.cat([restore(chunk) for chunk in low.split(batch_size)])
-        result[format_size(size)] = score(low)
-    return result

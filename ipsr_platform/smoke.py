@@ -19,11 +19,11 @@ from ipsr_model.errors import UserError
 from ipsr_model.identity import IdentityNet
 from ipsr_model.images import square_face, to_tensor
 from ipsr_model.losses import IdentityPreservingLoss
-from ipsr_model.metrics import degraded_rank1
 from ipsr_model.training import make_optimizer, training_step
 from ipsr_model.unet import UNetGenerator
 from ipsr_platform import config
 from ipsr_platform.faces import IMAGE_SUFFIXES, natural_key, read_image
+from ipsr_platform.scoring import rank1_by_size
 
 AR_SIZES = tuple(parse_size(s) for s in config.AR_SIZES)  # the one AR list, also `ipsr evaluate`'s default
 BATCH_SIZE = 8
@@ -68,7 +68,7 @@ def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: i
     train_faces = load_faces(train_paths)
 
     started = time.perf_counter()
-    bicubic = degraded_rank1(identity_net, gallery, labels, probes, labels, AR_SIZES)
+    bicubic = rank1_by_size(identity_net, gallery, probes, labels, AR_SIZES)
 
     generator = UNetGenerator(base_channels, residual=True)  # the ipsr train default
     loss_fn = IdentityPreservingLoss(identity_net)
@@ -80,7 +80,7 @@ def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: i
         batch = train_faces[torch.randint(len(train_faces), (BATCH_SIZE,), generator=rng)]
         losses.append(training_step(generator, loss_fn, optimizer, batch, degradation, rng).as_floats())
     generator.eval()
-    trained = degraded_rank1(identity_net, gallery, labels, probes, labels, AR_SIZES, restore=generator)
+    trained = rank1_by_size(identity_net, gallery, probes, labels, AR_SIZES, restore=generator)
     elapsed = time.perf_counter() - started
 
     table = Table(title=f"AR-style rank-1 (gallery: first image, probe: second image; {len(names)} identities)")

@@ -31,41 +31,25 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ipsr_model.degradation import degrade
 from ipsr_model.errors import UserError
-from ipsr_model.metrics import cmc_from_ranks, cosine_similarity, mcnemar_exact, probe_ranks, wilson_interval
+from ipsr_model.metrics import cmc_from_ranks, mcnemar_exact, wilson_interval
 from ipsr_platform import console
 from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import EvaluateConfig
 from ipsr_platform.protocols import Protocol, scface_protocol, synthetic_protocol
+from ipsr_platform.scoring import BICUBIC, HR, Embedder, Method, rank1_table, score
 from ipsr_platform.storage import is_s3
 
 log = logging.getLogger(__name__)
 
-HR, BICUBIC = "hr", "bicubic"
 RECOGNIZER_TITLES = {"facenet": "FaceNet (training loss network)", "sface": "SFace (independent)"}
-Embedder = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Method:
-    label: str  # table row / metric key
-    restore: torch.nn.Module | None = None  # a generator; None for hr and bicubic
-    spec: str = ""
-    model: Any = None  # ipsr_platform.models.LoadedGenerator for generators
-    group: str | None = None  # models given as GROUP=SPEC are seeds of one configuration (seed_table)
-
-
 _GROUPED = re.compile(r"(?P<group>[A-Za-z0-9_.-]+)=(?P<spec>.+)")
 
 
@@ -149,94 +133,6 @@ def load_methods(protocol: Protocol, loaded: list[tuple[str | None, Any]]) -> li
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def _embed(recognizer: Embedder, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([F.normalize(recognizer(chunk).float(), dim=1) for chunk in images.split(batch_size)])
-
-
-@torch.no_grad()
-def _restore(method: Method, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([method.restore(chunk.contiguous()).float().clamp(-1, 1) for chunk in images.split(batch_size)])
-
-
-@torch.no_grad()
-def evaluate(
-    protocol: Protocol,
-    methods: list[Method],
-    recognizers: dict[str, Embedder],
-    *,
-    batch_size: int = 32,
-    concat_bicubic: bool = False,
-    grid_faces: int = 0,
-) -> tuple[dict[tuple[str, str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """Per (recognizer, method label, column) the rank of every probe's true identity (0 = rank-1 hit; the CMC,
-    intervals and paired tests all derive from it) and, per column, sample images per method (first faces).
-
-    With ``concat_bicubic`` a generator's probe embedding is [bicubic ; SR] (each L2-normalised) and its gallery
-    embedding [HR ; HR] (SCface protocol 2: [bicubic ; SR] of the gallery too), as the paper does for SCface.
-    """
-    def transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-        low = degrade(images, size) if size is not None else images
-        return low if method.restore is None else _restore(method, low, batch_size)
-
-    # Gallery embeddings: one set per recognizer for an HR gallery; per method when it is low resolution.
-    gallery: dict[tuple[str, str], torch.Tensor] = {}
-    for rec_name, recognizer in recognizers.items():
-        base = _embed(recognizer, protocol.gallery, batch_size)
-        for method in methods:
-            if protocol.gallery_lr and method.restore is not None:
-                own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
-            else:
-                own = base
-            gallery[rec_name, method.label] = torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
-
-    # HR probes (synthetic protocols) are the same faces in every column: embed them once.
-    hr_probes = {
-        r: _embed(recognizer, protocol.columns[0].images, batch_size) for r, recognizer in recognizers.items()
-    } if any(m.label == HR for m in methods) else {}  # fmt: skip
-
-    results: dict[tuple[str, str, str], torch.Tensor] = {}
-    samples: dict[str, list[torch.Tensor]] = {}
-    total = sum(len(column.images) for column in protocol.columns)
-    with console.progress(f"evaluate {protocol.name}", total, "probes") as advance:
-        for column in protocol.columns:
-            # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
-            probes: dict[tuple[str, str], list[torch.Tensor]] = {}
-            for start in range(0, len(column.images), batch_size):
-                chunk = column.images[start : start + batch_size]
-                images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
-                if start == 0 and grid_faces:
-                    samples[column.name] = [images.get(m.label, chunk)[:grid_faces] for m in methods]
-                for rec_name, recognizer in recognizers.items():
-                    embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
-                    for label, value in embedded.items():
-                        if concat_bicubic and label != BICUBIC:
-                            value = torch.cat([embedded[BICUBIC], value], 1)
-                        probes.setdefault((rec_name, label), []).append(value)
-                advance(len(chunk))
-            for rec_name in recognizers:
-                for method in methods:
-                    if method.label == HR:
-                        embeddings = hr_probes[rec_name]
-                    else:
-                        embeddings = torch.cat(probes[rec_name, method.label])
-                    similarity = cosine_similarity(embeddings, gallery[rec_name, method.label])
-                    results[rec_name, method.label, column.name] = probe_ranks(
-                        similarity, column.labels, protocol.gallery_labels
-                    )
-    return results, samples
-
-
-def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, float]]:
-    """method → column → rank-1, plus the mean over the columns."""
-    table = {}
-    for method in methods:
-        row = {c: float((results[recognizer, method.label, c] == 0).float().mean()) for c in columns}
-        row["mean"] = sum(row.values()) / len(columns)
-        table[method.label] = row
-    return table
 
 
 def statistics(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, dict]]:
@@ -488,7 +384,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     protocol = build_protocol(config)
     methods = load_methods(protocol, loaded)
     recognizers = build_recognizers(config)
-    results, samples = evaluate(
+    results, samples = score(
         protocol, methods, recognizers, batch_size=config.batch_size, concat_bicubic=config.concat,
         grid_faces=config.grid_faces,
     )  # fmt: skip

@@ -355,11 +355,9 @@ class _Validator:
         self.grid_faces = self.probe[: plan.grid_faces]
 
     def rank1(self, restore: torch.nn.Module | None) -> dict[str, float]:
-        from ipsr_model.metrics import degraded_rank1
+        from ipsr_platform.scoring import rank1_by_size
 
-        return degraded_rank1(
-            self.identity_net, self.gallery, self.labels, self.probe, self.labels, self.sizes, restore=restore
-        )
+        return rank1_by_size(self.identity_net, self.gallery, self.probe, self.labels, self.sizes, restore=restore)
 
     @torch.no_grad()
     def grid(self, generator: torch.nn.Module) -> Image.Image:

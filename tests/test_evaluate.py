@@ -82,10 +82,11 @@ def assert_valid_cmc(curve: torch.Tensor, gallery_size: int) -> None:
 @pytest.mark.slow
 def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     """All 40 ORL people, AR-style: HR ≥ 0.95 with both recognizers, bicubic = the foundation baseline
-    (ipsr_model.metrics.degraded_rank1, as `ipsr smoke` prints it), a trained model's row, valid CMCs, outputs
+    (ipsr_platform.scoring.rank1_by_size, as `ipsr smoke` and training's validation report it, on faces read
+    by smoke's loader), a trained model's row, valid CMCs, outputs
     on disk and in MLflow."""
     from ipsr_model.identity import IdentityNet
-    from ipsr_model.metrics import degraded_rank1
+    from ipsr_platform.scoring import rank1_by_size
     from ipsr_platform import tracking
     from ipsr_platform.smoke import list_identities, load_faces
     from jobs.evaluate import run
@@ -112,8 +113,8 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     probes = load_faces([identities[n][1] for n in names])
     from ipsr_model.degradation import parse_size
 
-    foundation = degraded_rank1(IdentityNet("casia-webface-offline"), gallery, labels, probes, labels,
-                                tuple(parse_size(s) for s in sizes))  # fmt: skip
+    foundation = rank1_by_size(IdentityNet("casia-webface-offline"), gallery, probes, labels,
+                               tuple(parse_size(s) for s in sizes))
     for size in sizes:
         assert summary["rank1"]["facenet"]["bicubic"][size] == pytest.approx(foundation[size], abs=1e-6)
     assert summary["rank1"]["facenet"]["hr"]["32x32"] == pytest.approx(foundation["HR"], abs=1e-6)
@@ -148,7 +149,8 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
 def test_seed_groups_aggregate_mean_std_and_per_seed_tests(tmp_path):
     """Models given as GROUP=SPEC are seeds: mean ± std of rank-1, each seed's McNemar p, a verdict only when every
     seed is significant the same way."""
-    from jobs.evaluate import BICUBIC, Method, format_seed_cell, seed_table, split_group, statistics
+    from ipsr_platform.scoring import BICUBIC, Method
+    from jobs.evaluate import format_seed_cell, seed_table, split_group, statistics
 
     assert split_group("eq2=/runs/a.pt") == ("eq2", "/runs/a.pt")
     assert split_group("models:/ipsr-unet@champion") == (None, "models:/ipsr-unet@champion")
@@ -224,7 +226,8 @@ def test_promotion_fails_closed(home_with_weights, att_faces, monkeypatch):
     from ipsr_model.unet import UNetGenerator
     from ipsr_platform import tracking
     from ipsr_platform.models import load_generator
-    from jobs.evaluate import BICUBIC, Method, build_protocol, promote
+    from ipsr_platform.scoring import BICUBIC, Method
+    from jobs.evaluate import build_protocol, promote
 
     torch.manual_seed(0)
     for _ in range(3):
@@ -249,7 +252,8 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
     protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""
     from ipsr_model.metrics import cmc_from_ranks
-    from jobs.evaluate import BICUBIC, Method, build_protocol, evaluate, rank1_table
+    from ipsr_platform.scoring import BICUBIC, Method, rank1_table, score
+    from jobs.evaluate import build_protocol
     from ipsr_model.sface import SFaceNet
 
     root = tmp_path / "scface"
@@ -269,7 +273,7 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     assert cfg.concat  # the paper's SCface setting
     protocol = build_protocol(cfg)
     assert [c.name for c in protocol.columns] == ["d1", "d2"] and not protocol.synthetic
-    results, _ = evaluate(protocol, methods, recognizers, concat_bicubic=True)
+    results, _ = score(protocol, methods, recognizers, concat_bicubic=True)
     for ranks in results.values():
         assert_valid_cmc(cmc_from_ranks(ranks, 10), gallery_size=10)
     table = rank1_table(results, "sface", methods, ["d1", "d2"])
@@ -277,7 +281,7 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
 
     protocol2 = build_protocol(config(data=str(root), protocol="scface", gallery_group="d2"))
     assert protocol2.gallery_lr and [c.name for c in protocol2.columns] == ["d1"]
-    results2, _ = evaluate(protocol2, methods, recognizers, concat_bicubic=True)
+    results2, _ = score(protocol2, methods, recognizers, concat_bicubic=True)
     for ranks in results2.values():
         assert_valid_cmc(cmc_from_ranks(ranks, 10), gallery_size=10)
 

@@ -1,0 +1,138 @@
+"""The one scorer: rank of every probe's identity per (recognizer, method, probe column) of a protocol.
+
+`ipsr evaluate` builds its tables, intervals and paired tests from it; training's validation and `ipsr smoke` read
+rank-1 off it through `rank1_by_size`, so the three report the same number for the same faces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ipsr_model.degradation import degrade, format_size
+from ipsr_model.metrics import cosine_similarity, probe_ranks
+from ipsr_platform import console
+from ipsr_platform.protocols import ProbeColumn, Protocol
+
+HR, BICUBIC = "hr", "bicubic"
+Embedder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Method:
+    label: str  # table row / metric key
+    restore: torch.nn.Module | None = None  # a generator; None for hr and bicubic
+    spec: str = ""
+    model: Any = None  # ipsr_platform.models.LoadedGenerator for generators
+    group: str | None = None  # models given as GROUP=SPEC are seeds of one configuration (seed_table)
+
+
+@torch.no_grad()
+def _embed(recognizer: Embedder, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([F.normalize(recognizer(chunk).float(), dim=1) for chunk in images.split(batch_size)])
+
+
+@torch.no_grad()
+def _restore(method: Method, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([method.restore(chunk.contiguous()).float().clamp(-1, 1) for chunk in images.split(batch_size)])
+
+
+@torch.no_grad()
+def score(
+    protocol: Protocol,
+    methods: list[Method],
+    recognizers: dict[str, Embedder],
+    *,
+    batch_size: int = 32,
+    concat_bicubic: bool = False,
+    grid_faces: int = 0,
+    progress: bool = True,
+) -> tuple[dict[tuple[str, str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Per (recognizer, method label, column) the rank of every probe's true identity (0 = rank-1 hit; the CMC,
+    intervals and paired tests all derive from it) and, per column, sample images per method (first faces).
+
+    With ``concat_bicubic`` a generator's probe embedding is [bicubic ; SR] (each L2-normalised) and its gallery
+    embedding [HR ; HR] (SCface protocol 2: [bicubic ; SR] of the gallery too), as the paper does for SCface.
+    """
+    def transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        low = degrade(images, size) if size is not None else images
+        return low if method.restore is None else _restore(method, low, batch_size)
+
+    # Gallery embeddings: one set per recognizer for an HR gallery; per method when it is low resolution.
+    gallery: dict[tuple[str, str], torch.Tensor] = {}
+    for rec_name, recognizer in recognizers.items():
+        base = _embed(recognizer, protocol.gallery, batch_size)
+        for method in methods:
+            if protocol.gallery_lr and method.restore is not None:
+                own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
+            else:
+                own = base
+            gallery[rec_name, method.label] = torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
+
+    # HR probes (synthetic protocols) are the same faces in every column: embed them once.
+    hr_probes = {
+        r: _embed(recognizer, protocol.columns[0].images, batch_size) for r, recognizer in recognizers.items()
+    } if any(m.label == HR for m in methods) else {}  # fmt: skip
+
+    results: dict[tuple[str, str, str], torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    total = sum(len(column.images) for column in protocol.columns)
+    with console.progress(f"evaluate {protocol.name}", total, "probes") if progress else _silent() as advance:
+        for column in protocol.columns:
+            # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
+            probes: dict[tuple[str, str], list[torch.Tensor]] = {}
+            for start in range(0, len(column.images), batch_size):
+                chunk = column.images[start : start + batch_size]
+                images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
+                if start == 0 and grid_faces:
+                    samples[column.name] = [images.get(m.label, chunk)[:grid_faces] for m in methods]
+                for rec_name, recognizer in recognizers.items():
+                    embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
+                    for label, value in embedded.items():
+                        if concat_bicubic and label != BICUBIC:
+                            value = torch.cat([embedded[BICUBIC], value], 1)
+                        probes.setdefault((rec_name, label), []).append(value)
+                advance(len(chunk))
+            for rec_name in recognizers:
+                for method in methods:
+                    if method.label == HR:
+                        embeddings = hr_probes[rec_name]
+                    else:
+                        embeddings = torch.cat(probes[rec_name, method.label])
+                    similarity = cosine_similarity(embeddings, gallery[rec_name, method.label])
+                    results[rec_name, method.label, column.name] = probe_ranks(
+                        similarity, column.labels, protocol.gallery_labels
+                    )
+    return results, samples
+
+
+def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, float]]:
+    """method → column → rank-1, plus the mean over the columns."""
+    table = {}
+    for method in methods:
+        row = {c: float((results[recognizer, method.label, c] == 0).float().mean()) for c in columns}
+        row["mean"] = sum(row.values()) / len(columns)
+        table[method.label] = row
+    return table
+
+
+@contextlib.contextmanager
+def _silent() -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def rank1_by_size(recognizer: Embedder, gallery: torch.Tensor, probes: torch.Tensor, labels: torch.Tensor,
+                  sizes: tuple[tuple[int, int], ...], restore: torch.nn.Module | None = None) -> dict[str, float]:
+    """AR-style rank-1 (gallery and probes: one HR face per identity, in ``labels`` order) of HR probes ("HR")
+    and of probes degraded to each size ("16x12", …), restored by ``restore`` or left bicubic."""
+    columns = [ProbeColumn(format_size(size), probes, labels, size) for size in sizes]
+    protocol = Protocol("ar", gallery, labels, columns, [str(i) for i in labels.tolist()])
+    methods = [Method(HR), Method("model", restore) if restore is not None else Method(BICUBIC)]
+    table = rank1_table(score(protocol, methods, {"r": recognizer}, progress=False)[0], "r", methods,
+                        [c.name for c in columns])
+    return {"HR": table[HR][columns[0].name]} | {c.name: table[methods[1].label][c.name] for c in columns}
