@@ -115,7 +115,7 @@ def bench_loop(cfg: dict) -> None:
     from ipsr_model.unet import UNetGenerator
     from ipsr_model.training import training_step
     from ipsr_model.images import from_uint8
-    from jobs.train_data import decode_faces
+    from ipsr_platform.faces import decode_faces
 
     context = ray.train.get_context()
     world = context.get_world_size()

@@ -1,7 +1,8 @@
 """Face I/O, one home for every reader of face images: safe decode (signature sniffing, size checks before any
 pixel is decoded), ``Rejected``, letterbox, square crop, PNG encode, and the batched MTCNN aligner.
 
-Used by ``ipsr preprocess`` (inside its Ray actors), ``ipsr serve`` (enrolment) and ``bench/device_check.py``.
+Used by ``ipsr preprocess`` (inside its Ray actors), ``ipsr train``'s input (``decode_faces``), ``ipsr serve``
+(enrolment), evaluation protocols, ``ipsr smoke`` and ``bench/device_check.py``.
 No Ray, no MLflow, no config models: numpy + Pillow, and torch/facenet-pytorch only when an aligner is built, so
 a bare GPU box can measure exactly what production runs.
 """
@@ -165,6 +166,17 @@ def read_image(where: str | Path, data: bytes | None = None, max_pixels: int = 2
 def decode_face(data: bytes) -> Image.Image:
     """An encoded 128×128 face crop (the aligner's PNG) → RGB image."""
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def decode_faces(blobs) -> np.ndarray:
+    """Encoded 128×128 faces (a dataset's PNG/JPEG bytes) → uint8 NHWC RGB; the training input's hot path."""
+    out = np.empty((len(blobs), FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        with Image.open(io.BytesIO(blob)) as image:
+            if image.size != (FACE_SIZE, FACE_SIZE):
+                raise ValueError(f"dataset face {i} is {image.size[0]}x{image.size[1]}, expected 128x128")
+            out[i] = np.asarray(image.convert("RGB"))
+    return out
 
 
 # --- alignment --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """`ipsr train`'s data: the preprocess output checked and read (``inspect_dataset``: shards per split, the AR-style
-validation pairs), the ``train`` split as a Ray Dataset, and the face decoding its Ray Data tasks run.
+validation pairs), the ``train`` split as a Ray Dataset, and the batch function its Ray Data tasks run (the faces
+decoded by ``ipsr_platform.faces.decode_faces``).
 
 Kept free of torch (numpy + Pillow + pyarrow only): every fresh Ray Data worker process imports this module, and a
 torch import costs those processes seconds before the first batch reaches training.
@@ -8,35 +9,21 @@ torch import costs those processes seconds before the first batch reaches traini
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from ipsr_model.errors import UserError
+from ipsr_platform.faces import decode_faces
 from ipsr_platform.storage import Storage, join, normalize
 
 if TYPE_CHECKING:
     from ipsr_platform.config import TrainConfig
 
 REQUIRED_COLUMNS = ("image", "identity", "label", "split", "source")
-
-IMAGE_SIDE = 128
-
-
-def decode_faces(blobs) -> np.ndarray:
-    """Encoded 128×128 faces (PNG/JPEG bytes) → uint8 NHWC RGB."""
-    out = np.empty((len(blobs), IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
-    for i, blob in enumerate(blobs):
-        with Image.open(io.BytesIO(blob)) as image:
-            if image.size != (IMAGE_SIDE, IMAGE_SIDE):
-                raise ValueError(f"dataset face {i} is {image.size[0]}x{image.size[1]}, expected 128x128")
-            out[i] = np.asarray(image.convert("RGB"))
-    return out
 
 
 def decode_batch(batch: dict[str, np.ndarray], embeddings: bool = False) -> dict[str, np.ndarray]:

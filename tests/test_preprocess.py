@@ -472,3 +472,15 @@ def test_synthetic_vggface2_tree_local_and_s3(s3, tmp_path):
     table, _ = list_inputs(cfg, Storage.from_env())
     assert table.num_rows == 12 and sorted(set(table.column("identity").to_pylist())) == ["n000001", "n000002",
                                                                                          "n000003"]
+
+
+def test_dataset_faces_decode_to_uint8_and_a_face_of_another_size_is_refused():
+    """`decode_faces` is what training reads the shards with: the aligner's PNG back to the same pixels, and a
+    crop that is not 128×128 (another tool's output) named, not resized behind the user's back."""
+    from ipsr_platform.faces import decode_faces, encode_png
+
+    face = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    out = decode_faces([encode_png(face)])
+    assert out.dtype == np.uint8 and out.shape == (1, 128, 128, 3) and (out[0] == np.asarray(face)).all()
+    with pytest.raises(ValueError, match="dataset face 1 is 96x112, expected 128x128"):
+        decode_faces([encode_png(face), encode_png(Image.new("RGB", (96, 112)))])
