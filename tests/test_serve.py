@@ -448,7 +448,7 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
     anything else (a removal, a compaction, a segment named before the newest) falls back to the full reload."""
     from ipsr_model.identify import best_per_identity
     from ipsr_platform.storage import Storage
-    from serving.app import GalleryIndex
+    from serving.index import GalleryIndex
     from serving.gallery import GalleryStore, WeightsMismatch
 
     store = GalleryStore(str(tmp_path / "galleries"), Storage.from_env())
