@@ -65,10 +65,6 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.identities)
 
-    @property
-    def identity_count(self) -> int:
-        return len(set(self.identities.tolist()))
-
     @functools.cached_property
     def image_id_set(self) -> frozenset:
         return frozenset(i for i in self.image_ids.tolist() if i is not None)
