@@ -23,6 +23,7 @@ append-only store of ``serving.gallery``; each replica keeps them as ``serving.i
 # No `from __future__ import annotations`: Serve's class ingress hands FastAPI wrapped methods whose string
 # annotations it cannot resolve, and `request: Request` would turn into a query parameter.
 import asyncio
+import contextlib
 import gc
 import base64
 import logging
@@ -45,9 +46,9 @@ from ipsr_model.unet import IMAGE_SIZE
 from ipsr_platform.config import ServeConfig, build_config
 from ipsr_platform.faces import FaceAligner, Rejected, decode, encode_png, open_header
 from ipsr_platform.models import parse_model_uri
-from ipsr_platform.storage import Storage
+from ipsr_platform.storage import Storage, StorageError
 from serving.edge import Upload, api, read_uploads, token_sha256
-from serving.gallery import GalleryStore, WeightsMismatch
+from serving.gallery import GalleryStore, UnreadableSegment, WeightsMismatch
 from serving.index import GalleryIndex, return_freed_memory
 
 log = logging.getLogger("ipsr.serve")
@@ -90,6 +91,20 @@ class Loaded:
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
                 "identity_net_sha256": self.identity_net_sha256, "loaded_at": self.loaded_at}
+
+
+@contextlib.contextmanager
+def _store_errors(name: str):
+    """The gallery store's failures as one-line HTTP answers instead of a bare 500. (Defined before the deployment:
+    Serve pickles the class when it is decorated, with the module globals that exist at that point.)"""
+    try:
+        yield
+    except WeightsMismatch as err:
+        raise HTTPException(409, f"gallery {name!r}: {err}") from None
+    except StorageError as err:  # unreachable after the storage retries: worth trying again later
+        raise HTTPException(503, f"gallery {name!r}: {err}") from None
+    except UnreadableSegment as err:
+        raise HTTPException(500, f"gallery {name!r}: {err}") from None
 
 
 @serve.deployment
@@ -205,11 +220,8 @@ class Identification:
         cached = self.galleries.get(name)
         if cached and not fresh and self.cfg.gallery_refresh_s > 0:
             return cached
-        try:
-            with self.gallery_lock:
-                return self._update_gallery(name)
-        except WeightsMismatch as err:
-            raise HTTPException(409, f"gallery {name!r}: {err}") from None
+        with _store_errors(name), self.gallery_lock:
+            return self._update_gallery(name)
 
     def _update_gallery(self, name: str) -> GalleryIndex | None:
         """Bring the cached index up to date: append only what was enrolled since (the common case), else reload."""
@@ -374,11 +386,15 @@ class Identification:
         todo = [u for u in uploads if u.index not in repeated]
         good, embeddings = await asyncio.to_thread(self._enrol_faces, todo, aligned)
         if good:
-            await asyncio.to_thread(
-                self.store.append, name, [u.identity.strip() for u in good], embeddings.numpy(),
-                [u.name for u in good], [u.image_id for u in good], self.identity.weights_sha256,
-            )  # fmt: skip
-            index = await asyncio.to_thread(self._gallery, name, True)
+            with _store_errors(name):
+                await asyncio.to_thread(
+                    self.store.append, name, [u.identity.strip() for u in good], embeddings.numpy(),
+                    [u.name for u in good], [u.image_id for u in good], self.identity.weights_sha256,
+                )  # fmt: skip
+            try:
+                index = await asyncio.to_thread(self._gallery, name, True)
+            except HTTPException as err:  # stored: answer it; this replica catches up at its next refresh
+                log.warning("enrolled into %r, but reading it back failed: %s", name, err.detail)
         rejects = [{"index": u.index, "name": u.name, "reason": u.error.reason, "detail": u.error.detail}
                    for u in uploads if u.error]
         body = {"gallery": name, "enrolled": len(good), "already_enrolled": len(repeated), "rejected": len(rejects),
@@ -420,7 +436,8 @@ class Identification:
         self._check_name(name)
         if await asyncio.to_thread(self._gallery, name, True) is None:
             raise HTTPException(404, f"gallery {name!r} not found")
-        await asyncio.to_thread(self.store.delete, name)
+        with _store_errors(name):
+            await asyncio.to_thread(self.store.delete, name)
         self.galleries.pop(name, None)
         return {"gallery": name, "deleted": True}
 
@@ -432,7 +449,8 @@ class Identification:
         rows = int((index.gallery.identities == identity).sum()) if index is not None else 0
         if not rows:
             raise HTTPException(404, f"identity {identity!r} is not in gallery {name!r}")
-        await asyncio.to_thread(self.store.delete_identity, name, identity)
+        with _store_errors(name):
+            await asyncio.to_thread(self.store.delete_identity, name, identity)
         await asyncio.to_thread(self._gallery, name, True)
         return {"gallery": name, "identity": identity, "removed_faces": rows}
 

@@ -49,6 +49,10 @@ class WeightsMismatch(UserError):
     """Embeddings made by another identity network: not comparable (HTTP 409)."""
 
 
+class UnreadableSegment(UserError):
+    """A gallery file that is not a gallery segment (truncated, foreign, hand-edited): named, not a bare 500."""
+
+
 def _new_name() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex}"
 
@@ -127,7 +131,11 @@ class GalleryStore:
     def _read_segment(self, name: str, segment: str) -> tuple[pa.Table, np.ndarray]:
         """(the segment's rows without their embeddings, the embeddings as float32 [rows, D])."""
         path = join(self.folder(name), LEGACY if segment == LEGACY_NAME else f"{SEGMENTS}/{segment}.parquet")
-        table, embeddings = self.storage.call("read", path, _read_rows)
+        try:
+            table, embeddings = self.storage.call("read", path, _read_rows)
+        except (pa.ArrowException, ValueError, KeyError) as err:  # not Parquet, or no fixed-size embedding column
+            raise UnreadableSegment(f"{path} is not a readable gallery segment ({type(err).__name__}: {err}); "
+                                    "restore it or delete that file") from None
         if "image_id" not in table.column_names:
             table = table.append_column("image_id", pa.nulls(table.num_rows, pa.string()))
         return table.append_column("segment", pa.array([segment] * table.num_rows, pa.string())), embeddings

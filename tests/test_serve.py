@@ -596,6 +596,27 @@ def test_gallery_of_other_weights_is_409(server, env, orl):
     assert enrol.status_code == 409
 
 
+def test_an_unreadable_gallery_file_is_named_not_a_bare_500(server, env, orl):
+    """A segment that is not Parquet (truncated, hand-edited): every route on that gallery says which file, the
+    store says it to `ipsr gallery compact` as a one-line error; deleting the file makes the gallery usable again."""
+    import numpy as np
+
+    from ipsr_platform.storage import Storage
+    from serving.gallery import GalleryStore, UnreadableSegment
+
+    store = GalleryStore(str(env["home"] / "galleries"), Storage.from_env())
+    store.append("broken", ["x"], np.eye(1, 512, dtype=np.float32), ["x.png"], [None], "0" * 64)
+    bad = f"{store.folder('broken')}/segments/{store.listing('broken')[0][0]}-late.parquet"
+    store.storage.write_bytes(bad, b"PAR1 not a parquet file")
+    with pytest.raises(UnreadableSegment, match="-late.parquet is not a readable gallery segment"):
+        store.compact("broken")
+    url = f"{server}/v1/galleries/broken"
+    for r in (requests.get(url, headers=AUTH, timeout=TIMEOUT), identify(server, "broken", {"s1": orl["s1"][1]})):
+        assert r.status_code == 500 and "-late.parquet is not a readable gallery segment" in r.json()["detail"], r.text
+    store.storage.delete(bad)
+    assert requests.get(url, headers=AUTH, timeout=TIMEOUT).json()["size"] == 1
+
+
 def test_112x96_probe_is_low_resolution(server, gallery, orl, att_faces):
     """The paper's largest probe size, 112x96, is below the model's 128x128 on every side: upsampled and
     super-resolved, like ORL's 92x112 originals; a face of 128 or more is identified as it is."""
