@@ -3,14 +3,15 @@ object store, listing, output sizes, time to the first training step and the dat
 
     python bench/rehearsal.py --sizes 20000,50000,100000 --work /tmp/rehearsal   # hours of CPU on 2 cores
 
-For each N: ``bench/synth_faces.py`` writes ``work/src-N`` (360 images per identity, kept for reruns); a private
-Ray head (all CPUs, no dashboard) is started in this process; ``python -m jobs.preprocess`` runs as a child process
+For each N: ``bench/synth_faces.py`` writes ``work/src-N`` (360 images per identity, kept for reruns); a private Ray
+head (all CPUs, no dashboard) is started in this process; ``python -m jobs.preprocess`` runs as a child process
 joined to it (so its own memory is the driver's), sampled every 0.5 s for its peak RSS (``VmHWM``) and every 5 s for
-the object store's used bytes (Ray's memory summary); then the **data-only ingest**: ``jobs.train_data.train_dataset`` — the training
-input pipeline (Parquet read, PNG decode, batching, local shuffle) with no model — iterated here for ``--ingest``
-faces at batch 64, rate over the last three quarters of them, per CPU core of the cluster; then ``python -m jobs.train`` for
-``--steps`` steps (width 16, batch 16, one worker, the real FaceNet loss) and its time from process start to the
-first logged step (``--log-every 1``; the MLflow metric's timestamp).
+the object store's used bytes (Ray's memory summary); then the **data-only ingest**:
+``jobs.train_data.train_dataset`` — the training input pipeline (Parquet read, PNG decode, batching, local shuffle)
+with no model — iterated here for ``--ingest`` faces at batch 64, rate over the last three quarters of them, per CPU
+core of the cluster; then ``python -m jobs.train`` for ``--steps`` steps (width 16, batch 16, one worker, the real
+FaceNet loss) and its time from process start to the first logged step (``--log-every 1``; the MLflow metric's
+timestamp).
 
 Writes ``OUT/rehearsal.json`` (one row per N), ``OUT/rehearsal.md`` (the table) and ``OUT/rehearsal.png`` (N vs time
 and memory). Numbers are this machine's; see bench/RESULTS.md.
@@ -197,7 +198,8 @@ def main() -> None:
         if not (home / "weights" / f.name).exists():
             (home / "weights" / f.name).symlink_to(f)
     os.environ["IPSR_HOME"] = str(home)
-    context = ray.init(include_dashboard=False, log_to_driver=False)  # the dashboard and its agents cost 7-9 % of the rate on 2 cores
+    # No dashboard: it and its agents cost 7-9 % of the rate on 2 cores.
+    context = ray.init(include_dashboard=False, log_to_driver=False)
     cpus = ray.cluster_resources()["CPU"]
     env = dict(os.environ, RAY_ADDRESS=context.address_info["gcs_address"], IPSR_HOME=str(home))
     env.pop("MLFLOW_TRACKING_URI", None)

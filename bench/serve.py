@@ -17,8 +17,8 @@ import atexit
 import base64
 import io
 import os
-import shutil
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -48,7 +48,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     home = Path(tempfile.mkdtemp(prefix="ipsr-bench-serve-"))
-    atexit.register(shutil.rmtree, home, ignore_errors=True)  # a 1M-face gallery is 2 GB: no run may leave one
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # no run leaves its registry and gallery behind
     from ipsr_model.weights import _classify, fetch_identity_weights
 
     weights = args.identity_weights

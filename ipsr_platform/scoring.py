@@ -7,7 +7,7 @@ rank-1 off it through `rank1_by_size`, so the three report the same number for t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +82,7 @@ def score(
     results: dict[tuple[str, str, str], torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
     total = sum(len(column.images) for column in protocol.columns)
-    with console.progress(f"evaluate {protocol.name}", total, "probes") if progress else _silent() as advance:
+    with console.progress(f"evaluate {protocol.name}", total, "probes") if progress else contextlib.nullcontext(lambda n: None) as advance:
         for column in protocol.columns:
             # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
             probes: dict[tuple[str, str], list[torch.Tensor]] = {}
@@ -119,11 +119,6 @@ def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: 
         row["mean"] = sum(row.values()) / len(columns)
         table[method.label] = row
     return table
-
-
-@contextlib.contextmanager
-def _silent() -> Iterator[Callable[[int], None]]:
-    yield lambda n: None
 
 
 def rank1_by_size(recognizer: Embedder, gallery: torch.Tensor, probes: torch.Tensor, labels: torch.Tensor,

@@ -93,8 +93,7 @@ def _table(identities, embeddings: np.ndarray, sources, image_ids, sha256: str) 
 
 def _read_rows(fs: pafs.FileSystem, path: str) -> tuple[pa.Table, np.ndarray]:
     """Embeddings streamed in batches into one array: reading a million-face segment whole peaks at 8.4 GB (its
-    bytes, Arrow's decoded column and the decoder's buffers for a 2 GB matrix) and 2.8 GB this way; the GBs freed
-    after a whole read also cost this VM's kernel stalls of up to 1.5 s."""
+    bytes, Arrow's decoded column and the decoder's buffers for a 2 GB matrix) and 2.8 GB this way."""
     with fs.open_input_file(path) as f:
         file = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
         field = file.schema_arrow.field("embedding")

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from serving.gallery import Gallery
@@ -76,8 +77,6 @@ def _without_rows(gallery: Gallery) -> Gallery:
 def return_freed_memory() -> None:
     """Hand freed memory back to the OS (glibc's heap and Arrow's pool keep it otherwise): a gallery load's
     transient copies would stay in the replica's RSS."""
-    import pyarrow as pa
-
     pa.default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
