@@ -82,7 +82,8 @@ def score(
     results: dict[tuple[str, str, str], torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
     total = sum(len(column.images) for column in protocol.columns)
-    with console.progress(f"evaluate {protocol.name}", total, "probes") if progress else contextlib.nullcontext(lambda n: None) as advance:
+    bar = console.progress(f"evaluate {protocol.name}", total, "probes") if progress else None
+    with bar or contextlib.nullcontext(lambda n: None) as advance:
         for column in protocol.columns:
             # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
             probes: dict[tuple[str, str], list[torch.Tensor]] = {}

@@ -308,9 +308,10 @@ def write_stage(batch: pa.Table, storage: Storage, tmp: str, columns: list[str])
 
 
 class Stage:
-    """A stage function in a long-lived actor. As plain tasks, reads and writes paid a new Python process (~1.5 s of
-    CPU) almost every time: the MTCNN actors hold every CPU, so Ray kills any other idle worker after 1 s (its
-    soft limit is one worker per CPU), and the next task starts a fresh one (measured: ~10 per 20k images)."""
+    """A stage function in a long-lived actor (Ray Data runs only callable classes in actors). As plain tasks, reads
+    and writes paid a new Python process (~1.5 s of CPU) almost every time: the MTCNN actors hold every CPU, so Ray
+    kills any other idle worker after 1 s (its soft limit is one worker per CPU), and the next task starts a fresh
+    one (measured: ~10 per 20k images)."""
 
     def __init__(self, fn, kwargs: dict[str, Any]):
         self.fn, self.kwargs = fn, kwargs
@@ -471,7 +472,7 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
     # inputs get up to MAX_BLOCK_ROWS per block to keep the number of tasks (and the scheduling cost) low.
     rows = min(MAX_BLOCK_ROWS, max(cfg.batch_size, -(-inputs.num_rows // (4 * n))))
     blocks = [inputs.slice(i, rows) for i in range(0, inputs.num_rows, rows)]
-    io_pool = max(1, -(-n // 4))  # reader actors, and as many writers
+    io_actors = max(1, -(-n // 4))  # readers, and as many writers
     # Local reads are ~10x faster than alignment: without a budget the read outputs queue up in the object store
     # (measured: 0.25 / 0.65 / 1.1 GB peak at 20k / 50k / 100k images). The dataset keeps a copy of the context
     # it is built with, so the budget is this job's and the process's own context is restored.
@@ -480,7 +481,7 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
     budget = (cfg.object_store_mb or max(512, 256 * n)) * 2**20
     context.execution_options.resource_limits = unbounded.copy(object_store_memory=budget)
     try:
-        ds = _pipeline(cfg, storage, blocks, tmp, n, io_pool, actor_args, identity_net_sha256)
+        ds = _pipeline(cfg, storage, blocks, tmp, n, io_actors, actor_args, identity_net_sha256)
     finally:
         context.execution_options.resource_limits = unbounded
     tally = Tally()
@@ -494,7 +495,7 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
     return tally
 
 
-def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], tmp: str, n: int, io_pool: int,
+def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], tmp: str, n: int, io_actors: int,
               actor_args: dict[str, Any], identity_net_sha256: str | None):
     """read → align (n actors) → write, as one streaming Ray Dataset (not started yet)."""
     import ray.data
@@ -505,7 +506,7 @@ def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], t
         # actors that hold every core (with a CPU request they would wait for a free core that never comes), in a
         # small fixed pool of actors (``Stage``): one reader's thread pool keeps several aligners fed.
         .map_batches(Stage, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                     compute=ray.data.ActorPoolStrategy(size=io_pool),
+                     compute=ray.data.ActorPoolStrategy(size=io_actors),
                      fn_constructor_kwargs=dict(fn=read_stage, kwargs=dict(storage=storage, max_bytes=cfg.max_bytes,
                                                                            io_threads=cfg.io_threads)))
         .map_batches(
@@ -520,7 +521,7 @@ def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], t
             **actor_args,
         )
         .map_batches(Stage, batch_size=cfg.rows_per_shard, batch_format="pyarrow", num_cpus=0,
-                     compute=ray.data.ActorPoolStrategy(size=io_pool),
+                     compute=ray.data.ActorPoolStrategy(size=io_actors),
                      fn_constructor_kwargs=dict(fn=write_stage, kwargs=dict(
                          storage=storage, tmp=tmp, columns=FACE_COLUMNS + ["hr_embedding"] * bool(cfg.hr_embeddings))))
     )
