@@ -48,7 +48,7 @@ from ipsr_platform.faces import FaceAligner, Rejected, decode, encode_png, open_
 from ipsr_platform.models import parse_model_uri
 from ipsr_platform.storage import Storage, StorageError
 from serving.edge import Upload, api, read_uploads, token_sha256
-from serving.gallery import GalleryStore, UnreadableSegment, WeightsMismatch
+from serving.gallery import GalleryStore, UnreadableSegment, WeightsMismatch, check_name
 from serving.index import GalleryIndex, return_freed_memory
 
 log = logging.getLogger("ipsr.serve")
@@ -59,9 +59,6 @@ INVALID = {"corrupt", "too_large", "unsupported_format", "bad_request"}
 # The deployment's user_config, as serve_config.yaml, infra/kuberay/rayservice.yaml and the README document it.
 USER_CONFIG_KEYS = ("generator", "max_batch_size", "batch_wait_timeout_s")
 ALIGN_CHUNK = 8  # enrolment images decoded and aligned at a time
-
-
-
 
 
 @dataclass
@@ -197,14 +194,14 @@ class Identification:
 
     # --- images ------------------------------------------------------------------------------------------------
 
-    def _decode(self, upload: Upload) -> Image.Image:
+    def _within_bytes(self, upload: Upload) -> bytes:
         if len(upload.data) > self.cfg.max_image_bytes:
             raise Rejected("too_large", f"{len(upload.data)} bytes > max_image_bytes {self.cfg.max_image_bytes}")
-        return decode(upload.data, self.cfg.max_image_pixels)
+        return upload.data
 
     def _probe_face(self, upload: Upload, super_resolve: str) -> tuple[torch.Tensor, bool]:
         """128×128 face tensor [3, H, W] and whether it gets super-resolved."""
-        img = self._decode(upload)
+        img = decode(self._within_bytes(upload), self.cfg.max_image_pixels)
         low = max(img.size) <= self.cfg.lr_max_side
         # A low-resolution crop is a whole face at a fraction of 128², possibly non-square (16x12): stretch it
         # back, as the degradation's bicubic up does. An HR probe keeps its aspect: centre square crop.
@@ -227,11 +224,10 @@ class Identification:
         """Bring the cached index up to date: append only what was enrolled since (the common case), else reload."""
         cached = self.galleries.get(name)
         delta = self.store.added_since(name, cached.gallery) if cached else None
-        if delta is not None and delta.stamp == cached.gallery.stamp:
-            return cached
         if delta is not None:
-            self.galleries[name] = index = cached.extended(delta)
-            return index
+            if delta.stamp != cached.gallery.stamp:
+                self.galleries[name] = cached = cached.extended(delta)
+            return cached
         gallery = self.store.load(name)
         if gallery is None:
             self.galleries.pop(name, None)
@@ -272,9 +268,7 @@ class Identification:
             if upload.error is not None:
                 continue
             try:
-                if len(upload.data) > self.cfg.max_image_bytes:
-                    raise Rejected("too_large", f"{len(upload.data)} bytes > max_image_bytes {self.cfg.max_image_bytes}")
-                w, h = open_header(upload.data, self.cfg.max_image_pixels).size
+                w, h = open_header(self._within_bytes(upload), self.cfg.max_image_pixels).size
                 if pixels + w * h > self.cfg.max_request_pixels:
                     raise Rejected("too_large", f"the request's images exceed max_request_pixels "
                                                 f"{self.cfg.max_request_pixels}: send fewer per request")
@@ -530,8 +524,6 @@ class Identification:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        from serving.gallery import check_name
-
         try:
             check_name(name)
         except UserError as err:
@@ -559,12 +551,11 @@ def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict 
 
     sha = token_sha256(cfg)
     gallery_root = cfg.galleries or str(ipsr_home() / "galleries")
-    resources = replica_resources(cfg)
     deployment = Identification.options(
         name=name,
         # Only when asked for: a fixed count would clash with an autoscaling_config from serve_config.yaml.
         **({"num_replicas": cfg.num_replicas} if cfg.num_replicas > 1 else {}),
-        ray_actor_options=resources,
+        ray_actor_options=replica_resources(cfg),
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         user_config=user_config if user_config is not None else {"max_batch_size": cfg.max_batch_size,
@@ -576,11 +567,8 @@ def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict 
 def app_builder(args: dict):
     """``serve run serving.app:app_builder key=value`` / ``import_path`` in serve_config.yaml: ServeConfig
     fields from ``args`` (< no YAML here; ``IPSR_SERVE_*`` env is read first, args win)."""
-    cfg = build_config(ServeConfig, env_prefix="IPSR_SERVE_", **{k: v for k, v in (args or {}).items()})
+    cfg = build_config(ServeConfig, env_prefix="IPSR_SERVE_", **(args or {}))
     return build_app(cfg)
-
-
-APP_NAME = "ipsr"
 
 
 def deploy(cfg: ServeConfig, echo=print) -> str:
@@ -596,7 +584,7 @@ def deploy(cfg: ServeConfig, echo=print) -> str:
         cfg = cfg.model_copy(update={"identity_weights": str(fetch_identity_weights(cfg.identity_weights))})
     cluster.connect()
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(cfg), name="ipsr", route_prefix="/")
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{shown}:{cfg.port}"
     echo(f"ipsr serving {cfg.generator} at {url}/v1 (docs: {url}/docs)")
@@ -606,11 +594,9 @@ def deploy(cfg: ServeConfig, echo=print) -> str:
 def wait_until_stopped(stop: threading.Event | None = None) -> None:
     """Block until Ctrl-C (or until ``stop`` is set)."""
     stop = stop or threading.Event()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         while not stop.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        pass
 
 
 def undeploy() -> None:
