@@ -185,10 +185,6 @@ class Identification:
             self.model_uri = uri
             self._refresh(force=True)
 
-    def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("no model loaded")
-
     def __del__(self):
         self._stop.set()
 
@@ -536,10 +532,8 @@ class Identification:
 def replica_resources(cfg: ServeConfig) -> dict[str, Any]:
     """Ray resources of one replica: a whole GPU with --device cuda unless a share is given (CUDA without a
     reservation would share a GPU Ray does not know is in use)."""
-    resources: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica}
-    if cfg.device == "cuda":
-        resources["num_gpus"] = cfg.gpus_per_replica or 1
-    return resources
+    gpus = {"num_gpus": cfg.gpus_per_replica or 1} if cfg.device == "cuda" else {}
+    return {"num_cpus": cfg.cpus_per_replica, **gpus}
 
 
 def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict | None = None):
