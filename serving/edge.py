@@ -5,7 +5,6 @@ before any route, so a refused request costs no parsing), and upload parsing (mu
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' annotations at runtime.
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -53,13 +52,11 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         service = serve.get_replica_context().servable_object  # the deployment: its token hash and limits
-        path, root = scope["path"], scope.get("root_path", "")
-        path = path[len(root):] if root and path.startswith(root) else path
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
         headers = dict(scope["headers"])
         if path not in PUBLIC_PATHS and not authorised(headers.get(b"authorization", b""), service.token_sha256):
-            return await _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})(
-                scope, receive, send
-            )
+            denied = _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            return await denied(scope, receive, send)
         limit = service.cfg.max_body_bytes
         try:
             declared = int(headers.get(b"content-length", b"0"))
@@ -99,14 +96,12 @@ def authorised(header: bytes, token_sha256: str | None) -> bool:
 def token_sha256(cfg: ServeConfig) -> str | None:
     """sha256 of the bearer token (from --token-file or $IPSR_SERVE_TOKEN): only the hash reaches the replicas
     and the Serve config; None only with --insecure-no-auth."""
-    token = None
+    token = os.environ.get(TOKEN_ENV, "").strip()
     if cfg.token_file:
         try:
             token = open(os.path.expanduser(cfg.token_file), encoding="utf-8").read().strip()
         except OSError as err:
             raise UserError(f"cannot read token file {cfg.token_file}: {err.strerror}") from None
-    elif os.environ.get(TOKEN_ENV, "").strip():
-        token = os.environ[TOKEN_ENV].strip()
     if token:
         if len(token) < 16:
             raise UserError("the bearer token must be at least 16 characters")
@@ -127,7 +122,6 @@ class Upload:
     identity: str | None = None
     error: Rejected | None = None
     image_id: str | None = None  # client-chosen: a retried enrolment of the same image is not stored twice
-
 
 
 async def read_uploads(request: Request, cfg: ServeConfig, enrol: bool = False) -> list[Upload]:
@@ -164,7 +158,7 @@ async def read_uploads(request: Request, cfg: ServeConfig, enrol: bool = False) 
                             image_id=None if item.get("image_id") is None else str(item["image_id"]))
             try:
                 upload.data = base64.b64decode(str(item.get("data", "")), validate=True)
-            except (binascii.Error, ValueError):
+            except ValueError:  # binascii.Error is a ValueError
                 upload.error = Rejected("bad_request", "'data' is not valid base64")
             uploads.append(upload)
     else:
