@@ -40,8 +40,9 @@ class GalleryIndex:
         matrix[:rows] = torch.from_numpy(gallery.embeddings)
         room = (matrix, torch.empty(len(matrix), dtype=torch.long, device=device))
         room[1][:rows] = torch.from_numpy(codes)
-        return cls(_without_rows(gallery), matrix[:rows], room[1][:rows], names, {n: c for c, n in enumerate(names)},
-                   room)
+        # The index keeps its matrix; the float32 rows it came from are dropped (at 1M faces: 2 GB).
+        gallery = dataclasses.replace(gallery, embeddings=np.empty((0, dim), np.float32))
+        return cls(gallery, matrix[:rows], room[1][:rows], names, {n: c for c, n in enumerate(names)}, room)
 
     def extended(self, delta: Gallery) -> "GalleryIndex":
         """This index with the rows of ``delta`` (`GalleryStore.added_since`) appended: no re-read of the rest.
@@ -67,11 +68,6 @@ class GalleryIndex:
             image_ids=np.concatenate([old.image_ids, delta.image_ids]),
             identity_net_sha256=old.identity_net_sha256 or delta.identity_net_sha256, stamp=delta.stamp)
         return GalleryIndex(gallery, matrix[: n + m], codes[: n + m], names, self.code_of, (matrix, codes))
-
-
-def _without_rows(gallery: Gallery) -> Gallery:
-    """The index keeps its matrix; the float32 rows it came from are dropped (at 1M faces: 2 GB)."""
-    return dataclasses.replace(gallery, embeddings=np.empty((0, gallery.embeddings.shape[1]), np.float32))
 
 
 def return_freed_memory() -> None:
