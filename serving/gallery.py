@@ -188,9 +188,7 @@ class GalleryStore:
         identity, segment = table.column("identity").to_pylist(), table.column("segment").to_pylist()
         image_id = table.column("image_id").to_pylist()
         keep, seen = np.ones(table.num_rows, bool), set(held)
-        removed = {}
-        for when, body in tombstones:
-            removed[body["identity"]] = max(removed.get(body["identity"], ""), when)
+        removed = {body["identity"]: when for when, body in tombstones}  # in name order: the last is the newest
         for i in range(table.num_rows):
             if identity[i] in removed and segment[i] < removed[identity[i]]:
                 keep[i] = False
@@ -205,14 +203,9 @@ class GalleryStore:
         embeddings = segments[0][1] if len(segments) == 1 else np.concatenate([e for _, e in segments])
         if not keep.all():  # a filter copies: only when something is hidden
             table, embeddings = table.filter(pa.array(keep)), embeddings[keep]
-        return Gallery(
-            identities=np.asarray(table.column("identity").to_pylist(), dtype=object),
-            embeddings=embeddings,
-            sources=np.asarray(table.column("source").to_pylist(), dtype=object),
-            image_ids=np.asarray(table.column("image_id").to_pylist(), dtype=object),
-            identity_net_sha256=shas.pop(),
-            stamp=stamp,
-        )
+        identities, sources, image_ids = (np.asarray(table.column(c).to_pylist(), dtype=object)
+                                          for c in ("identity", "source", "image_id"))
+        return Gallery(identities, embeddings, sources, image_ids, shas.pop(), stamp)
 
     def append(self, name: str, identities: list[str], embeddings: np.ndarray, sources: list[str],
                image_ids: list[str | None], sha256: str) -> str:
