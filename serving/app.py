@@ -260,9 +260,7 @@ class Identification:
         """The uploads to decode: each within the byte limit, all together within ``max_request_pixels`` declared
         pixels (read from headers, nothing decoded); the rest get a reason."""
         todo, pixels = [], 0
-        for upload in uploads:
-            if upload.error is not None:
-                continue
+        for upload in (u for u in uploads if u.error is None):
             try:
                 w, h = open_header(self._within_bytes(upload), self.cfg.max_image_pixels).size
                 if pixels + w * h > self.cfg.max_request_pixels:
@@ -489,12 +487,11 @@ class Identification:
 
         def prepare():
             probes = {}
-            for upload in uploads:
-                if upload.error is None:
-                    try:
-                        probes[upload.index] = make_probe(upload)
-                    except Rejected as err:
-                        upload.error = err
+            for upload in (u for u in uploads if u.error is None):
+                try:
+                    probes[upload.index] = make_probe(upload)
+                except Rejected as err:
+                    upload.error = err
             return probes
 
         probes = await asyncio.to_thread(prepare)
