@@ -11,8 +11,8 @@ Pipeline (one streaming Ray Data job, nothing materialised in the driver except 
 
 Inputs enter the pipeline in a pseudo-random order (a hash of the source path), not identity by identity: every
 shard of the train split then mixes identities, so training batches do too (VGGFace2 has ~360 images per
-identity; identity-sorted shards left each batch a few people, whatever the file shuffle and the local buffer). The order is
-reproducible, and costs nothing: no global shuffle of the pixels ever happens.
+identity; identity-sorted shards left each batch a few people, whatever the file shuffle and the local buffer).
+The order is reproducible, and costs nothing: no global shuffle of the pixels ever happens.
 
 Every listed input ends up either aligned or in rejects.parquet with one of ``REASONS``:
 
@@ -81,23 +81,18 @@ _OWNED = {SUCCESS, TEMPORARY, "data", "rejects.parquet", "manifest.json"}
 INPUT_SCHEMA = pa.schema([("source", pa.string()), ("identity", pa.string()), ("size", pa.int64())])
 EMBEDDING_DIM = 512  # ipsr_model.identity.EMBEDDING_DIM (not imported: this module loads without torch)
 FACE_COLUMNS = ["image", "identity", "label", "split", "source", "det_prob", "box", "landmarks"]
-ALIGNED_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("identity", pa.string()),
-        ("label", pa.int32()),
-        ("split", pa.string()),
-        ("image", pa.binary()),  # PNG, 128×128 RGB
-        ("det_prob", pa.float32()),
-        ("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
-        ("landmarks", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners: x, y pairs, original pixels
-        ("reason", pa.string()),  # null when aligned
-        ("detail", pa.string()),
-        ("done_at", pa.float64()),  # wall clock when its batch finished: throughput without start-up (not stored)
-        # FaceNet embedding of the aligned face (``--hr-embeddings``): the HR half of the identity loss, precomputed
-        ("hr_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
-    ]
-)
+ALIGNED_SCHEMA = pa.schema([
+    ("source", pa.string()), ("identity", pa.string()), ("label", pa.int32()), ("split", pa.string()),
+    ("image", pa.binary()),  # PNG, 128×128 RGB
+    ("det_prob", pa.float32()),
+    ("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
+    ("landmarks", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners: x, y pairs, original pixels
+    ("reason", pa.string()),  # null when aligned
+    ("detail", pa.string()),
+    ("done_at", pa.float64()),  # wall clock when its batch finished: throughput without start-up (not stored)
+    # FaceNet embedding of the aligned face (``--hr-embeddings``): the HR half of the identity loss, precomputed
+    ("hr_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
+])
 REJECT_COLUMNS = ["source", "identity", "reason", "detail"]
 
 
@@ -157,20 +152,14 @@ def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]
         # sequential pages of 1,000; per-folder listings parallelise.
         with ThreadPoolExecutor(max_workers=32) as pool:
             listings = list(pool.map(lambda d: storage.list(d.path, recursive=True), folders))
-        sources, identities, sizes = [], [], []
-        for folder, entries in zip(folders, listings):
-            for e in entries:
-                if e.type == pafs.FileType.File:
-                    sources.append(e.path)
-                    identities.append(folder.base_name)
-                    sizes.append(e.size if e.size is not None else -1)
-        table = pa.table({"source": sources, "identity": identities, "size": sizes}, schema=INPUT_SCHEMA)
+        files = [(e, folder.base_name) for folder, entries in zip(folders, listings) for e in entries
+                 if e.type == pafs.FileType.File]
+        table = pa.table({"source": [e.path for e, _ in files], "identity": [name for _, name in files],
+                          "size": [-1 if e.size is None else e.size for e, _ in files]}, schema=INPUT_SCHEMA)
     if table.num_rows == 0:
         raise UserError(f"no input files found under {src} (expected SRC/<identity>/<image>)")
-    table = table.sort_by([("identity", "ascending"), ("source", "ascending")])
-    if cfg.limit is not None:
-        table = table.slice(0, cfg.limit)
-    return table, ignored
+    # slice(0, None) keeps every row: no --limit
+    return table.sort_by([("identity", "ascending"), ("source", "ascending")]).slice(0, cfg.limit), ignored
 
 
 def _read_manifest(manifest: str, src: str, storage: Storage) -> pa.Table:
@@ -197,27 +186,24 @@ def _read_manifest(manifest: str, src: str, storage: Storage) -> pa.Table:
 
 def read_stage(batch: pa.Table, storage: Storage, max_bytes: int, io_threads: int) -> pa.Table:
     """Adds ``data`` (bytes) and, for inputs that can't be read, ``reason``/``detail``."""
-    sources, sizes = batch.column("source").to_pylist(), batch.column("size").to_pylist()
 
-    def one(i: int) -> tuple[bytes | None, str | None, str | None]:
-        if sizes[i] > max_bytes:
-            return None, "too_large", f"file is {sizes[i]} bytes > max_bytes {max_bytes}"
+    def one(source: str, size: int) -> tuple[bytes | None, str | None, str | None]:
+        if size > max_bytes:
+            return None, "too_large", f"file is {size} bytes > max_bytes {max_bytes}"
         try:
-            data = storage.read_bytes(sources[i])
+            data = storage.read_bytes(source)
         except StorageError as err:
             return None, "io_error", str(err)
         if len(data) > max_bytes:
             return None, "too_large", f"file is {len(data)} bytes > max_bytes {max_bytes}"
         return data, None, None
 
-    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(sources)))) as pool:
-        results = list(pool.map(one, range(len(sources))))
+    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, batch.num_rows))) as pool:
+        results = list(pool.map(one, batch.column("source").to_pylist(), batch.column("size").to_pylist()))
     data, reasons, details = zip(*results) if results else ((), (), ())
-    return (
-        batch.append_column("data", pa.array(data, pa.binary()))
-        .append_column("reason", pa.array(reasons, pa.string()))
-        .append_column("detail", pa.array(details, pa.string()))
-    )
+    return (batch.append_column("data", pa.array(data, pa.binary()))
+            .append_column("reason", pa.array(reasons, pa.string()))
+            .append_column("detail", pa.array(details, pa.string())))
 
 
 class Aligner:
@@ -247,18 +233,13 @@ class Aligner:
             if isinstance(result, Rejected):
                 out[i].update(reason=result.reason, detail=result.detail)
             else:
-                out[i].update(
-                    image=encode_png(result.face),
-                    det_prob=result.det_prob,
-                    box=result.box.astype(np.float32).tolist(),
-                    landmarks=result.landmarks.astype(np.float32).reshape(-1).tolist(),
-                )
+                out[i].update(image=encode_png(result.face), det_prob=result.det_prob,
+                              box=result.box.astype(np.float32).tolist(),
+                              landmarks=result.landmarks.astype(np.float32).reshape(-1).tolist())
         if self.identity_net is not None:
             self._embed(out)
         done_at = time.time()
-        for row in out:
-            row["done_at"] = done_at
-        return pa.Table.from_pylist(out, schema=ALIGNED_SCHEMA)
+        return pa.Table.from_pylist([dict(row, done_at=done_at) for row in out], schema=ALIGNED_SCHEMA)
 
     def _embed(self, rows: list[dict]) -> None:
         """The embedding of the stored face itself (its PNG decoded), so training's HR input is bit-identical."""
@@ -402,9 +383,9 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     if ignored:
         console.say(f"warning: ignored {ignored} file(s) directly under {normalize(cfg.input)} (not in an identity "
                     "folder)")
-    names = sorted(set(inputs.column("identity").to_pylist()))
-    label_of = {n: i for i, n in enumerate(names)}
     idents = inputs.column("identity").to_pylist()
+    names = sorted(set(idents))
+    label_of = {n: i for i, n in enumerate(names)}
     inputs = inputs.append_column("label", pa.array([label_of[n] for n in idents], pa.int32()))
     split_by_name = assign_splits(names, cfg.split)
     inputs = mixed_order(inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string())))
@@ -422,17 +403,11 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     manifest["hr_embeddings"] = cfg.hr_embeddings and {"identity_weights": cfg.hr_embeddings,
                                                        "identity_net_sha256": identity_net_sha256}
     t_end = time.perf_counter()
-    manifest["timings_s"] = {
-        "list": round(t_listed - t_start, 3),
-        "process": round(t_processed - t_listed, 3),
-        "commit": round(t_end - t_processed, 3),
-        "total": round(t_end - t_start, 3),
-    }
+    manifest["timings_s"] = {"list": round(t_listed - t_start, 3), "process": round(t_processed - t_listed, 3),
+                             "commit": round(t_end - t_processed, 3), "total": round(t_end - t_start, 3)}
     steady = tally.steady_rate()
-    manifest["images_per_s"] = {
-        "end_to_end": round(manifest["counts"]["seen"] / max(t_end - t_start, 1e-9), 2),
-        "steady": round(steady, 2) if steady else None,
-    }
+    manifest["images_per_s"] = {"end_to_end": round(manifest["counts"]["seen"] / max(t_end - t_start, 1e-9), 2),
+                                "steady": round(steady, 2) if steady else None}
     # The manifest (with its timings) goes before _SUCCESS: whoever sees the marker sees the whole manifest. The
     # scratch (orphans of retried tasks) goes after the manifest, so a crash at any point leaves _temporary or
     # manifest.json behind: a rerun recognises the output as its own and rebuilds it.
@@ -454,7 +429,6 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
 
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
-    actor_args: dict[str, Any] = {}
     if cfg.device == "cuda":
         gpus = float(resources.get("GPU", 0))
         if gpus < 1:
@@ -509,17 +483,11 @@ def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], t
                      compute=ray.data.ActorPoolStrategy(size=io_actors),
                      fn_constructor_kwargs=dict(fn=read_stage, kwargs=dict(storage=storage, max_bytes=cfg.max_bytes,
                                                                            io_threads=cfg.io_threads)))
-        .map_batches(
-            Aligner,
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=n),
-            fn_constructor_kwargs=dict(device=cfg.device, detect_size=cfg.detect_size,
-                                       min_face_size=cfg.min_face_size, margin=cfg.margin,
-                                       max_pixels=cfg.max_pixels, threads=1, hr_embeddings=cfg.hr_embeddings,
-                                       identity_net_sha256=identity_net_sha256),
-            **actor_args,
-        )
+        .map_batches(Aligner, batch_size=cfg.batch_size, batch_format="pyarrow",
+                     compute=ray.data.ActorPoolStrategy(size=n), **actor_args, fn_constructor_kwargs=dict(
+                         device=cfg.device, detect_size=cfg.detect_size, min_face_size=cfg.min_face_size,
+                         margin=cfg.margin, max_pixels=cfg.max_pixels, threads=1, hr_embeddings=cfg.hr_embeddings,
+                         identity_net_sha256=identity_net_sha256))
         .map_batches(Stage, batch_size=cfg.rows_per_shard, batch_format="pyarrow", num_cpus=0,
                      compute=ray.data.ActorPoolStrategy(size=io_actors),
                      fn_constructor_kwargs=dict(fn=write_stage, kwargs=dict(
@@ -569,15 +537,9 @@ def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs:
         "rejects": "rejects.parquet",
         "labels": names,  # label i is names[i]; dense over the listed identities, sorted
         "config": cfg.model_dump(),
-        "versions": {
-            "ipsr": version("ipsr"),
-            "python": platform.python_version(),
-            "ray": ray.__version__,
-            "torch": torch.__version__,
-            "facenet-pytorch": version("facenet-pytorch"),
-            "pillow": PIL.__version__,
-            "pyarrow": pa.__version__,
-        },
+        "versions": {"ipsr": version("ipsr"), "python": platform.python_version(), "ray": ray.__version__,
+                     "torch": torch.__version__, "facenet-pytorch": version("facenet-pytorch"),
+                     "pillow": PIL.__version__, "pyarrow": pa.__version__},
     }
 
 
