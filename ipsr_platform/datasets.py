@@ -23,10 +23,10 @@ LFW_SHA256 = "055f7d9c632d7370e6fb4afc7468d40f970c34a80d4c6f50ffec63f5a8d536c0"
 TIMEOUT_S = 60  # per network read; a stalled download fails instead of hanging
 
 
-def lfw(cache: Path | None = None) -> Path:
+def lfw() -> Path:
     """``DIR/<Person_Name>/<Person_Name>_NNNN.jpg`` of LFW (13,233 images, 5,749 people), downloaded once."""
-    cache = cache or ipsr_home() / "datasets"
-    return fetch_archive(os.environ.get("IPSR_LFW_URL", LFW_URL), LFW_SHA256, cache / "lfw", top="lfw")
+    url = os.environ.get("IPSR_LFW_URL", LFW_URL)
+    return fetch_archive(url, LFW_SHA256, ipsr_home() / "datasets" / "lfw", top="lfw")
 
 
 def fetch_archive(url: str, sha256: str, dest: Path, *, top: str) -> Path:

@@ -27,8 +27,8 @@ REQUIRED_COLUMNS = ("image", "identity", "label", "split", "source")
 
 
 def decode_batch(batch: dict[str, np.ndarray], embeddings: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: column ``image`` (bytes) → column ``hr`` (uint8 128×128×3) and ``label``, plus the
-    precomputed ``hr_embedding`` (float32 [512]) when asked."""
+    """Ray Data ``map_batches`` function: column ``image`` (bytes) → column ``hr`` (uint8 128×128×3) and ``label``,
+    plus the precomputed ``hr_embedding`` (float32 [512]) when asked."""
     out = {"hr": decode_faces(batch["image"]), "label": batch["label"].astype(np.int32)}
     if embeddings:
         out["hr_embedding"] = np.stack(list(batch["hr_embedding"])).astype(np.float32)
@@ -62,19 +62,12 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
     # Only the split column is scanned to count; only val rows are materialised (no pixels) to pick pairs.
     n_train = train.count_rows(filter=pc.field("split") == "train")
     gallery, probe, pairs = _val_pairs(uri, val, config.val_identities)
-    return DatasetInfo(
-        uri=uri,
-        shards=by_split.get("train", by_split.get(None, [])),
-        filesystem=fs,
-        manifest_sha256=hashlib.sha256(manifest).hexdigest(),
-        n_train=n_train,
-        val_identities=[p[1] for p in pairs],
-        val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
-        val_gallery=gallery,
-        val_probe=probe,
-        hr_embeddings_sha256=embedded if "hr_embedding" in train.schema.names else None,
-        mixed=None not in by_split,
-    )
+    return DatasetInfo(uri=uri, shards=by_split.get("train", by_split.get(None, [])), filesystem=fs,
+                       manifest_sha256=hashlib.sha256(manifest).hexdigest(), n_train=n_train,
+                       val_identities=[p[1] for p in pairs], val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
+                       val_gallery=gallery, val_probe=probe,
+                       hr_embeddings_sha256=embedded if "hr_embedding" in train.schema.names else None,
+                       mixed=None not in by_split)
 
 
 def _read_manifest(uri: str, storage: Storage) -> tuple[bytes, list[dict] | None, str | None]:
@@ -146,10 +139,8 @@ def _val_pairs(uri: str, val, limit: int) -> tuple[np.ndarray, np.ndarray, list[
     by_identity: dict[str, list[tuple[str, int]]] = {}
     for row in rows:
         by_identity.setdefault(row["identity"], []).append((row["source"], int(row["label"])))
-    pairs = sorted(
-        ((r[0][1], name, r[0][0], r[1][0]) for name, r in ((n, sorted(r)) for n, r in by_identity.items())
-         if len(r) >= 2)
-    )[:limit]  # fmt: skip
+    faces = {name: sorted(r) for name, r in by_identity.items() if len(r) >= 2}  # (source, label), by source
+    pairs = sorted((r[0][1], name, r[0][0], r[1][0]) for name, r in faces.items())[:limit]
     if len(pairs) < 2:
         raise UserError(
             f"--data {uri}: the val split has {len(pairs)} identities with >= 2 faces; validation (one gallery + one "
