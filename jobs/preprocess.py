@@ -424,8 +424,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
 
 def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str,
              identity_net_sha256: str | None) -> Tally:
-    import ray
-    import ray.data
+    import ray.data  # binds ray too
 
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
