@@ -500,10 +500,9 @@ def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs:
         raise RuntimeError(f"internal: {inputs.num_rows} inputs listed but {tally.seen} came out of the pipeline")
     if set(tally.reasons) - set(REASONS):
         raise RuntimeError(f"internal: unknown reject reason in {dict(tally.reasons)}")
-    aligned = sum(tally.shards.values())
     counts = {
         "seen": tally.seen,
-        "aligned": aligned,
+        "aligned": sum(tally.shards.values()),
         "rejected": {r: tally.reasons.get(r, 0) for r in REASONS},
         "splits": {s: tally.splits.get(s, 0) for s in SPLITS},
         "identities": {"listed": len(names), "aligned": len(tally.identities)},
