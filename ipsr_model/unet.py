@@ -19,33 +19,24 @@ DEPTH = 7
 IMAGE_SIZE = 2**DEPTH  # 128: every down block halves the side, the bottleneck is 1x1
 
 
-def _widths(base_channels: int) -> list[int]:
-    """64 -> 64, 128, 256, 512, 512, 512, 512 (pix2pix widths, capped at 8x base)."""
-    return [base_channels * min(2**i, 8) for i in range(DEPTH)]
-
-
 class DownBlock(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, *, batch_norm: bool, bottleneck: bool = False):
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=not batch_norm)
-        ]
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(out_channels))
-        # pix2pix feeds the bottleneck to the decoder through a ReLU; every other encoder output is LeakyReLU.
-        layers.append(nn.ReLU(True) if bottleneck else nn.LeakyReLU(0.2, True))
-        super().__init__(*layers)
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=not batch_norm),
+            *([nn.BatchNorm2d(out_channels)] if batch_norm else []),
+            # pix2pix feeds the bottleneck to the decoder through a ReLU; every other encoder output is LeakyReLU.
+            nn.ReLU(True) if bottleneck else nn.LeakyReLU(0.2, True),
+        )
 
 
 class UpBlock(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, *, dropout: bool):
-        layers: list[nn.Module] = [
+        super().__init__(
             nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
-        ]
-        if dropout:
-            layers.append(nn.Dropout(0.5))
-        layers.append(nn.ReLU(True))
-        super().__init__(*layers)
+            *([nn.Dropout(0.5)] if dropout else []),
+            nn.ReLU(True),
+        )
 
 
 class UNetGenerator(nn.Module):
@@ -68,14 +59,12 @@ class UNetGenerator(nn.Module):
             raise ValueError(f"dropout_blocks must be in [0, {DEPTH - 1}], got {dropout_blocks}")
         self.base_channels = base_channels
         self.residual = residual
-        widths = _widths(base_channels)
+        widths = [base_channels * min(2**i, 8) for i in range(DEPTH)]  # base 64: 64, 128, ..., 512 (pix2pix)
 
-        self.down = nn.ModuleList()
-        previous = in_channels
-        for i, width in enumerate(widths):
-            first, last = i == 0, i == DEPTH - 1
-            self.down.append(DownBlock(previous, width, batch_norm=not (first or last), bottleneck=last))
-            previous = width
+        self.down = nn.ModuleList(
+            DownBlock(previous, width, batch_norm=0 < i < DEPTH - 1, bottleneck=i == DEPTH - 1)
+            for i, (previous, width) in enumerate(zip([in_channels, *widths], widths))
+        )
 
         # Up block j (j = 0 innermost) outputs the width of down block DEPTH-2-j, whose output is then
         # concatenated to it; the last up block maps to the image.
@@ -96,9 +85,8 @@ class UNetGenerator(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         if bool(state.get("residual", False)) != self.residual:  # RuntimeError, like load_state_dict's own
-            raise RuntimeError(
-                f"state dict is for residual={state.get('residual')}, this UNetGenerator has residual={self.residual}"
-            )
+            raise RuntimeError(f"state dict is for residual={state.get('residual')}, "
+                               f"this UNetGenerator has residual={self.residual}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
