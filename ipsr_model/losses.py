@@ -86,9 +86,7 @@ class IdentityPreservingLoss(nn.Module):
         self.embedding_loss = embedding_loss
         self.jitter = jitter
 
-    def forward(
-        self, sr: torch.Tensor, hr: torch.Tensor, hr_embedding: torch.Tensor | None = None
-    ) -> LossTerms:
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor, hr_embedding: torch.Tensor | None = None) -> LossTerms:
         pixel = F.mse_loss(sr, hr)
         if self.embedding_loss == "none":
             embedding = pixel.new_zeros(())

@@ -11,9 +11,6 @@ from torch import nn
 from .degradation import MultiScaleDegradation
 from .losses import IdentityPreservingLoss
 
-# Paper / official code: Adam, lr 2e-4, beta1 0.5.
-DEFAULT_LR = 2e-4
-DEFAULT_BETAS = (0.5, 0.999)
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -36,8 +33,9 @@ def grad_shares(grad_embedding: torch.Tensor, grad_pixel: torch.Tensor) -> tuple
     return grad_embedding / both, grad_pixel / both
 
 
-def make_optimizer(generator: nn.Module, lr: float = DEFAULT_LR, fused: bool | None = None) -> torch.optim.Adam:
-    return torch.optim.Adam(generator.parameters(), lr=lr, betas=DEFAULT_BETAS, fused=fused)
+def make_optimizer(generator: nn.Module, lr: float = 2e-4, fused: bool | None = None) -> torch.optim.Adam:
+    """Paper / official code: Adam, lr 2e-4, beta1 0.5."""
+    return torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999), fused=fused)
 
 
 def make_scheduler(
@@ -63,15 +61,9 @@ def make_scheduler(
 
 
 def training_step(
-    generator: nn.Module,
-    loss_fn: IdentityPreservingLoss,
-    optimizer: torch.optim.Optimizer,
-    hr: torch.Tensor,
-    degradation: MultiScaleDegradation,
-    rng: torch.Generator | None = None,
-    *,
-    autocast_dtype: torch.dtype | None = None,
-    hr_embedding: torch.Tensor | None = None,
+    generator: nn.Module, loss_fn: IdentityPreservingLoss, optimizer: torch.optim.Optimizer, hr: torch.Tensor,
+    degradation: MultiScaleDegradation, rng: torch.Generator | None = None,
+    *, autocast_dtype: torch.dtype | None = None, hr_embedding: torch.Tensor | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> StepStats:
     """Degrade the HR batch per sample, super-resolve it, and take one optimiser step on L.
@@ -91,16 +83,12 @@ def training_step(
         out = sr.detach().float().requires_grad_(True)
         terms = loss_fn(out, hr, hr_embedding)
     grad_pixel = torch.autograd.grad(loss_fn.beta * terms.pixel, out)[0]
-    if terms.embedding.requires_grad:
-        grad_embedding = torch.autograd.grad(terms.embedding, out)[0]
-    else:
-        grad_embedding = torch.zeros_like(out)
+    grad_embedding = (torch.autograd.grad(terms.embedding, out)[0] if terms.embedding.requires_grad
+                      else torch.zeros_like(out))
     optimizer.zero_grad(set_to_none=True)
     sr.backward((grad_embedding + grad_pixel).to(sr.dtype))
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepStats(
-        terms.total.detach(), terms.embedding.detach(), terms.pixel.detach(),
-        grad_embedding.norm(), grad_pixel.norm(),
-    )  # fmt: skip
+    return StepStats(terms.total.detach(), terms.embedding.detach(), terms.pixel.detach(), grad_embedding.norm(),
+                     grad_pixel.norm())
