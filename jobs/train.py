@@ -43,9 +43,6 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
-# ------------------------------------------------------------------------------------------- driver side
-
-
 @contextlib.contextmanager
 def _step_progress(run_id: str, uri: str, steps_per_epoch: int, total_steps: int):
     """A progress bar of optimiser steps while ``trainer.fit()`` blocks: rank 0 logs ``epoch`` to MLflow every
@@ -73,13 +70,6 @@ def _step_progress(run_id: str, uri: str, steps_per_epoch: int, total_steps: int
             thread.join(timeout=10)
 
 
-def _cluster_cpus_gpus() -> tuple[float, float]:
-    import ray
-
-    resources = ray.cluster_resources()
-    return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-
-
 def cpus_per_worker(config: TrainConfig, cluster_cpus: float) -> float:
     """CPUs each training worker claims. The rest is Ray Data's: a trainer that takes every CPU starves ingest.
 
@@ -100,15 +90,6 @@ def _write_json(storage: Storage, uri: str, obj: dict) -> None:
     """Atomic where the filesystem allows (local: write + rename; S3: one PUT is atomic anyway)."""
     storage.write_bytes(uri + ".tmp", json.dumps(obj, indent=2, sort_keys=True).encode())
     storage.move(uri + ".tmp", uri)
-
-
-def _resume_conflicts(saved: dict, config: TrainConfig) -> list[str]:
-    now = config.model_dump(mode="json")
-    return [
-        f"{name} {saved.get(name)!r} -> {now.get(name)!r}"
-        for name in sorted(set(saved) | set(now))
-        if name not in RESUMABLE_FIELDS and saved.get(name) != now.get(name)
-    ]
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -187,7 +168,12 @@ def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, stor
     if not storage.exists(record_uri):
         return None
     record = json.loads(storage.read_bytes(record_uri))
-    conflicts = _resume_conflicts(record["config"], config)
+    saved, now = record["config"], config.model_dump(mode="json")
+    conflicts = [
+        f"{name} {saved.get(name)!r} -> {now.get(name)!r}"
+        for name in sorted(set(saved) | set(now))
+        if name not in RESUMABLE_FIELDS and saved.get(name) != now.get(name)
+    ]
     if conflicts:
         raise UserError(
             f"run {config.run_name!r} in {storage_root} was started with other settings ({'; '.join(conflicts)}); "
@@ -207,8 +193,11 @@ def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, stor
 
 def _size_run(config: TrainConfig, data: DatasetInfo) -> tuple[float, int, int]:
     """(CPUs per worker, steps per epoch, total steps), checked against the cluster and the dataset."""
+    import ray
+
     cluster.connect()
-    cluster_cpus, cluster_gpus = _cluster_cpus_gpus()
+    resources = ray.cluster_resources()
+    cluster_cpus, cluster_gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     cpus = cpus_per_worker(config, cluster_cpus)
     if cpus * config.num_workers > cluster_cpus:
         raise UserError(
@@ -250,12 +239,11 @@ def _start_or_resume(config: TrainConfig, storage: Storage, record_uri: str, rec
         tracking.TAG_GIT_COMMIT: tracking.git_commit(),
         "ipsr.storage": record_uri.rsplit("/", 1)[0],
     }
-    run_id = tracking.create_run(
-        experiment_id, config.run_name, {**config.model_dump(mode="json"), "plan": plan_params}, tags, uri
-    )
+    settings = config.model_dump(mode="json")
+    run_id = tracking.create_run(experiment_id, config.run_name, {**settings, "plan": plan_params}, tags, uri)
     record = {
         "run_name": config.run_name,
-        "config": config.model_dump(mode="json"),
+        "config": settings,
         "mlflow_run_id": run_id,
         "experiment_id": experiment_id,
         "tracking_uri": uri,
@@ -282,13 +270,10 @@ def _fit(config: TrainConfig, plan: Plan, dataset, storage: Storage, storage_roo
         train_loop_config={"config": config.model_dump(mode="json"), "plan": plan},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=config.run_name,
-            storage_path=root_path,
-            storage_filesystem=fs,
+            name=config.run_name, storage_path=root_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
-            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
         ),
         datasets={"train": dataset},
     )
@@ -306,9 +291,8 @@ def _fit(config: TrainConfig, plan: Plan, dataset, storage: Storage, storage_roo
     return result.checkpoint
 
 
-def _log_and_register(
-    config: TrainConfig, state: dict, data: DatasetInfo, identity_sha256: str, run_id: str, uri: str
-) -> str:
+def _log_and_register(config: TrainConfig, state: dict, data: DatasetInfo, identity_sha256: str, run_id: str,
+                      uri: str) -> str:
     """Log the final generator to the run (pt2 + signature + input example) and register it @candidate.
 
     Idempotent per run: a rerun after a crash between registering and finishing reuses the version.
@@ -331,9 +315,8 @@ def _log_and_register(
         **{k: f"{v:.4f}" for k, v in state["metrics"].items() if k.startswith("val")},
     }
     client = tracking.client(uri)
-    existing = [
-        v for v in client.search_model_versions(f"name='{config.register_as}' and run_id='{run_id}'")
-    ] if client.search_registered_models(f"name='{config.register_as}'") else []  # fmt: skip
+    existing = (client.search_model_versions(f"name='{config.register_as}' and run_id='{run_id}'")
+                if client.search_registered_models(f"name='{config.register_as}'") else [])
     if existing:
         version = str(max(int(v.version) for v in existing))
         tracking.tag_version(config.register_as, version, tags, uri)
@@ -354,12 +337,8 @@ def _log_and_register(
         # pt2 (torch.export): no pickle, loads without ipsr installed, and mlflow.pytorch.load_model returns a
         # module that runs batches of any size. (The pickle format would need torch.load(weights_only=False).)
         info = mlflow.pytorch.log_model(
-            generator,
-            name="generator",
-            signature=signature,
-            input_example=example.numpy(),
-            serialization_format="pt2",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            generator, name="generator", signature=signature, input_example=example.numpy(),
+            serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     return tracking.register(info.model_uri, config.register_as, alias=tracking.CANDIDATE, tags=tags, uri=uri)
 
