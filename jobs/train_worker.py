@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 
 from ipsr_model.degradation import MultiScaleDegradation, degrade, parse_size
-from ipsr_model.images import from_uint8, to_uint8
+from ipsr_model.images import from_uint8, to_pil
 from ipsr_model.losses import IdentityPreservingLoss
 from ipsr_platform.config import TrainConfig
 
@@ -82,11 +81,9 @@ def _epoch(w: _Worker, shard) -> None:
     window = _Window(w.device)
     try:
         for _ in range(todo):
-            try:
-                batch = next(batches)
-            except StopIteration:
+            if (batch := next(batches, None)) is None:
                 raise RuntimeError(f"worker {w.rank}: train shard ended after {w.step - epoch * w.plan.steps_per_epoch} "
-                                   f"batches of epoch {epoch + 1}, expected {w.plan.steps_per_epoch}") from None
+                                   f"batches of epoch {epoch + 1}, expected {w.plan.steps_per_epoch}")
             window.add(w.train_step(batch))
             epoch_end = w.step % w.plan.steps_per_epoch == 0 or w.step == w.plan.total_steps
             if w.step % w.config.log_every == 0 or epoch_end:
@@ -238,7 +235,11 @@ class _Worker:
 
     def log_window(self, window: _Window) -> None:
         """Means over the window and over workers (a collective: every rank calls it); rank 0 logs them."""
-        means = _mean_over_workers(window.sums, window.steps)
+        means = window.sums.double() / window.steps
+        if _distributed():
+            torch.distributed.all_reduce(means)
+            means /= torch.distributed.get_world_size()
+        means = means.tolist()  # a host sync: the elapsed time below includes the window's device work
         elapsed = time.perf_counter() - window.start - window.paused
         if self.mlflow is not None:
             self.mlflow.log_metrics(dict(zip(_Window.NAMES, means)) | {
@@ -279,11 +280,12 @@ def checkpoint_and_report(w: _Worker, metrics: dict[str, float]) -> None:
     if w.rank != 0:
         ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)
         return
-    directory = tempfile.mkdtemp(prefix="ipsr-ckpt-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="ipsr-ckpt-", ignore_cleanup_errors=True) as directory:
         torch.save({
             "format": CHECKPOINT_FORMAT,
-            "generator": _to_cpu(w.generator.state_dict()),
+            # on the CPU; ``_extra_state`` (e.g. the U-Net's residual flag) is kept as it is
+            "generator": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                          for k, v in w.generator.state_dict().items()},
             "optimizer": w.optimizer.state_dict(),
             "scheduler": w.scheduler.state_dict(),
             "step": w.step,
@@ -296,8 +298,6 @@ def checkpoint_and_report(w: _Worker, metrics: dict[str, float]) -> None:
             "data_manifest_sha256": w.plan.data_manifest_sha256,
         }, Path(directory) / STATE_FILE)  # fmt: skip
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
@@ -329,20 +329,6 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _mean_over_workers(sums: torch.Tensor, steps: int) -> list[float]:
-    """Per-step means of the summed quantities, averaged over all workers (a collective: every rank calls it)."""
-    means = sums.double() / steps
-    if _distributed():
-        torch.distributed.all_reduce(means)
-        means /= torch.distributed.get_world_size()
-    return means.tolist()
-
-
-def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
-    """A state dict's tensors on the CPU; ``_extra_state`` (e.g. the U-Net's residual flag) is kept as it is."""
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
-
 class _Validator:
     """AR-style rank-1 on the val pairs (rank 0): model and bicubic at each size, plus the PNG grid."""
 
@@ -371,4 +357,4 @@ class _Validator:
             for i in range(len(self.grid_faces)):
                 tiles += [low[i], sr[i], self.grid_faces[i]]
         grid = make_grid(torch.stack(tiles).float().cpu().clamp(-1, 1), nrow=3, padding=2, pad_value=1.0)
-        return Image.fromarray(to_uint8(grid[None])[0])
+        return to_pil(grid[None])[0]
