@@ -69,9 +69,8 @@ class IdentityPreservingLoss(nn.Module):
     random view (``random_view``) of each SR/HR pair instead of the faces as they are.
     """
 
-    def __init__(
-        self, identity_net: nn.Module | None, beta: float = 5.0, embedding_loss: str = "distance", jitter: float = 0.0
-    ):
+    def __init__(self, identity_net: nn.Module | None, beta: float = 5.0, embedding_loss: str = "distance",
+                 jitter: float = 0.0):
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
