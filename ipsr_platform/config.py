@@ -7,6 +7,7 @@ naming the field (``UserError``), not a traceback from deep inside a Ray task.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -57,18 +58,15 @@ class PreprocessConfig(BaseModel):
 
     input: str = Field(description="Identity folders SRC/<identity>/<file>: local path or s3://bucket/prefix.")
     output: str = Field(description="Dataset destination: local path or s3://bucket/prefix.")
-    manifest: str | None = Field(
-        None, description="Optional list of inputs (.txt: one path per line; .parquet: column 'path', optional "
-        "'identity'); relative paths are under `input`. Skips listing."
-    )
+    manifest: str | None = Field(None, description="Optional list of inputs (.txt: one path per line; .parquet: column "
+                                 "'path', optional 'identity'); relative paths are under `input`. Skips listing.")
     limit: int | None = Field(None, ge=1, description="Process only the first N inputs (sorted by identity, path).")
     device: Literal["cpu", "cuda"] = "cpu"
     num_actors: int | None = Field(None, ge=1, description="MTCNN actors; default one per CPU (cpu) or GPU (cuda).")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per MTCNN call.")
     margin: int = Field(16, ge=0, le=96, description="Context around the face, in pixels of the 128×128 output.")
-    split: dict[str, float] = Field(
-        default_factory=lambda: {"val": 0.02, "test": 0.02}, description="Fractions of identities for val/test."
-    )
+    split: dict[str, float] = Field(default_factory=lambda: {"val": 0.02, "test": 0.02},
+                                    description="Fractions of identities for val/test.")
     overwrite: bool = False
     # Detection runs on a letterboxed detect_size² copy (same size → real batches); crops come from the original.
     detect_size: int = Field(160, ge=48, le=2048)
@@ -77,14 +75,12 @@ class PreprocessConfig(BaseModel):
     max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
     rows_per_shard: int = Field(4096, ge=1, description="Faces per output Parquet file.")
     io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
-    object_store_mb: int | None = Field(
-        None, ge=64, description="Object-store budget of the pipeline in MiB (default 256 per actor, at least 512): "
-        "reads faster than the aligners wait instead of queueing up the dataset."
-    )
-    hr_embeddings: str | None = Field(
-        None, description="FaceNet weights source: also store each face's embedding (column hr_embedding), which "
-        "`ipsr train` uses instead of the HR forward when its weights' sha256 match and identity jitter is 0."
-    )
+    object_store_mb: int | None = Field(None, ge=64, description="Object-store budget of the pipeline in MiB (default "
+                                        "256 per actor, at least 512): reads faster than the aligners wait instead of "
+                                        "queueing up the dataset.")
+    hr_embeddings: str | None = Field(None, description="FaceNet weights source: also store each face's embedding "
+                                      "(column hr_embedding), which `ipsr train` uses instead of the HR forward when "
+                                      "its weights' sha256 match and identity jitter is 0.")
 
     @field_validator("split", mode="before")
     @classmethod
@@ -147,32 +143,24 @@ class PlatformConfig(BaseModel):
     home: str | None = Field(None, description="IPSR_HOME: weights, embedded MLflow, runs, galleries.")
 
 
-PLATFORM_ENV = {
-    "ray_address": "RAY_ADDRESS",
-    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
-    "s3_endpoint_url": "AWS_ENDPOINT_URL",
-    "home": "IPSR_HOME",
-}
+PLATFORM_ENV = {"ray_address": "RAY_ADDRESS", "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
+                "s3_endpoint_url": "AWS_ENDPOINT_URL", "home": "IPSR_HOME"}
 
 
 def job_configs() -> dict[str, tuple[type[BaseModel], str]]:
-    """section → (config model, env prefix) for every job this version has."""
-    names = {"preprocess": "PreprocessConfig", "train": "TrainConfig", "evaluate": "EvaluateConfig",
-             "serve": "ServeConfig"}  # fmt: skip
-    return {job: (globals()[cls], f"IPSR_{job.upper()}_") for job, cls in names.items() if cls in globals()}
+    """section → (config model, env prefix) for every job."""
+    models = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig}
+    return {job: (model, f"IPSR_{job.upper()}_") for job, model in models.items()}
 
 
 def _merged(model: type[BaseModel], env_prefix: str, yaml_file: str | Path | None, flags: dict) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if yaml_file is not None:
         data.update(_job_section(read_yaml(yaml_file), env_prefix, str(yaml_file)))
-    elif os.environ.get("IPSR_CONFIG_YAML"):
-        text = os.environ["IPSR_CONFIG_YAML"]
+    elif text := os.environ.get("IPSR_CONFIG_YAML"):
         data.update(_job_section(_load_yaml(text, "the config in $IPSR_CONFIG_YAML"), env_prefix, "$IPSR_CONFIG_YAML"))
-    for name in model.model_fields:
-        env = os.environ.get(f"{env_prefix}{name.upper()}")
-        if env is not None:
-            data[name] = env
+    env = {name: os.environ.get(f"{env_prefix}{name.upper()}") for name in model.model_fields}
+    data.update({name: value for name, value in env.items() if value is not None})
     data.update({k: v for k, v in flags.items() if v is not None})
     return data
 
@@ -190,7 +178,7 @@ def _job_section(loaded: dict[str, Any], env_prefix: str, where: str) -> dict[st
     return section
 
 
-def apply_platform(values: dict[str, Any], where: str) -> PlatformConfig:
+def apply_platform(values: dict[str, Any], where: str) -> None:
     """Validate the ``platform`` section and export it to the environment variables that are still unset."""
     try:
         platform = PlatformConfig.model_validate(values)
@@ -200,7 +188,6 @@ def apply_platform(values: dict[str, Any], where: str) -> PlatformConfig:
         value = getattr(platform, field)
         if value is not None and not os.environ.get(env):
             os.environ[env] = str(value)
-    return platform
 
 
 def _problems(err: ValidationError) -> str:
@@ -251,19 +238,16 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096, description="Faces per worker and step.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     gpu: bool = Field(False, description="One GPU per worker; bf16 autocast + channels_last.")
-    cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs each training worker claims; default leaves CPUs to Ray Data ingest."
-    )
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs each training worker claims; default leaves "
+                                          "CPUs to Ray Data ingest.")
     base_channels: int = Field(64, ge=1, le=512, description="U-Net width (64 = paper).")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     beta: float = Field(5.0, ge=0, description="Weight of the pixel MSE: L = L_embedding + beta * L_pixel.")
     embedding_loss: Literal["distance", "mse", "cosine", "none"] = Field(
-        "distance", description="L_embedding: distance (paper Eq. 2), mse (per element), cosine, none (pixel only)."
-    )
+        "distance", description="L_embedding: distance (paper Eq. 2), mse (per element), cosine, none (pixel only).")
     residual: bool = Field(True, description="SR = clamp(bicubic + U-Net(bicubic)), last layer zero-initialised.")
-    identity_jitter: float = Field(
-        0.05, ge=0, lt=0.5, description="FaceNet sees SR/HR pairs under one random shift/scale/flip of this size."
-    )
+    identity_jitter: float = Field(0.05, ge=0, lt=0.5, description="FaceNet sees SR/HR pairs under one random "
+                                   "shift/scale/flip of this size.")
     lr: float = Field(2e-4, gt=0, le=1.0)
     lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant or cosine to 10 %.")
@@ -289,8 +273,6 @@ class TrainConfig(BaseModel):
     @field_validator("run_name")
     @classmethod
     def _run_name(cls, value: str) -> str:
-        import re
-
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
             raise ValueError(f"use letters, digits, '.', '_' or '-' (it names a folder), got {value!r}")
         return value
@@ -306,9 +288,7 @@ class TrainConfig(BaseModel):
     @property
     def num_epochs(self) -> int | None:
         """Epochs to run, None when --max-steps decides."""
-        if self.max_steps is not None:
-            return None
-        return self.epochs if self.epochs is not None else 10
+        return None if self.max_steps is not None else self.epochs or 10  # epochs >= 1 when given
 
 
 # Probe sizes (H×W) of the paper's tables: AR (Table I) and LFW (Table IV).
@@ -325,33 +305,26 @@ class EvaluateConfig(BaseModel):
 
     data: str = Field(
         description="ar/lfw/folder: identity folders DIR/<identity>/<image> or an `ipsr preprocess` output "
-        "(MTCNN-aligned Parquet); scface: DIR with gallery/<identity>/ and probes/<group>/<identity>/."
-    )
+        "(MTCNN-aligned Parquet); scface: DIR with gallery/<identity>/ and probes/<group>/<identity>/.")
     protocol: Literal["ar", "scface", "lfw", "folder"] = Field("ar", description="Evaluation protocol.")
     models: tuple[str, ...] = Field(
         (), description="Generators to compare: models:/name@alias, models:/name/version, an MLflow run id or a "
         "checkpoint path (state dict .pt or a training checkpoint directory).",
-        json_schema_extra={"flag": "--model", "multiple": True},
-    )
-    sizes: tuple[str, ...] | None = Field(
-        None, description="Probe sizes H×W (synthetic protocols); default: AR 11x8..32x32, LFW 7x6..18x16."
-    )
-    identities: str | None = Field(
-        None, description="Only identities whose folder name matches one of these comma-separated globs (s3[1-9],s40)."
-    )
-    split: Literal["train", "val", "test", "all"] | None = Field(
-        None, description="With an `ipsr preprocess` output as --data: only this split's identities (default test: "
-        "the unseen ones; all = every split)."
-    )
+        json_schema_extra={"flag": "--model", "multiple": True})
+    sizes: tuple[str, ...] | None = Field(None, description="Probe sizes H×W (synthetic protocols); default: AR "
+                                          "11x8..32x32, LFW 7x6..18x16.")
+    identities: str | None = Field(None, description="Only identities whose folder name matches one of these "
+                                   "comma-separated globs (s3[1-9],s40).")
+    split: Literal["train", "val", "test", "all"] | None = Field(None, description="With an `ipsr preprocess` output "
+                                                                 "as --data: only this split's identities (default "
+                                                                 "test: the unseen ones; all = every split).")
     gallery_pattern: str | None = Field(None, description="Glob on file names picking the gallery image (default first).")
     probe_pattern: str | None = Field(None, description="Glob on file names picking the probe image(s) (default: "
                                       "ar the second image, lfw/folder every other image).")
     probe_map: str | None = Field(None, description="scface: CSV with columns path,identity,group instead of probes/.")
     gallery_group: str | None = Field(None, description="scface protocol 2: the probe group used as gallery.")
-    concat_bicubic: bool | None = Field(
-        None, description="Model rows embed bicubic ⊕ SR (concatenated) as the paper does for SCface (default: scface "
-        "only)."
-    )
+    concat_bicubic: bool | None = Field(None, description="Model rows embed bicubic ⊕ SR (concatenated) as the paper "
+                                        "does for SCface (default: scface only).")
     recognizers: tuple[Literal["facenet", "sface"], ...] = Field(("facenet", "sface"), description="Recognizers.")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     max_rank: int = Field(100, ge=1, description="CMC up to this rank (or the gallery size).")
@@ -391,9 +364,7 @@ class EvaluateConfig(BaseModel):
 
     @property
     def probe_sizes(self) -> tuple[str, ...]:
-        if self.sizes is not None:
-            return self.sizes
-        return LFW_SIZES if self.protocol == "lfw" else AR_SIZES
+        return self.sizes or (LFW_SIZES if self.protocol == "lfw" else AR_SIZES)  # sizes is never empty
 
     @property
     def concat(self) -> bool:
@@ -431,17 +402,13 @@ class ServeConfig(BaseModel):
     max_image_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected undecoded.")
     lr_max_side: int = Field(127, ge=1, le=127, description="Probes at most this large on both sides are low-resolution "
                              "(default: anything below the model's 128x128 on every side, e.g. the paper's 112x96).")
-    max_request_pixels: int = Field(
-        64_000_000, ge=1, description="Declared pixels of all images of one request, summed; images beyond are "
-        "rejected undecoded (bounds a request's memory)."
-    )
+    max_request_pixels: int = Field(64_000_000, ge=1, description="Declared pixels of all images of one request, "
+                                    "summed; images beyond are rejected undecoded (bounds a request's memory).")
     gallery_dtype: Literal["float16", "float32"] = Field(
         "float16", description="Gallery matrix on the replica: float16 halves its memory and, matching being "
-        "memory-bound, its scan time (bench/RESULTS.md: 1 probe vs 1M faces p50 134 vs 286 ms on 2 CPUs)."
-    )
-    allow_pickle_models: bool = Field(
-        False, description="Load model versions saved in a pickle-based format (their code runs on load)."
-    )
+        "memory-bound, its scan time (bench/RESULTS.md: 1 probe vs 1M faces p50 134 vs 286 ms on 2 CPUs).")
+    allow_pickle_models: bool = Field(False, description="Load model versions saved in a pickle-based format (their "
+                                      "code runs on load).")
     top_k: int = Field(5, ge=1, le=1000, description="Default matches per probe.")
     gallery_chunk: int = Field(65536, ge=1, description="Gallery rows per matrix product.")
     gallery_refresh_s: float = Field(5.0, ge=0, description="Seconds between a replica's background checks for what "
