@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.main
 
 from ipsr_model.errors import UserError
 from ipsr_platform import commands
@@ -20,7 +21,6 @@ app = typer.Typer(
 )
 weights_app = typer.Typer(help="Identity-network (FaceNet) weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
-
 
 
 @weights_app.command("fetch")
@@ -108,8 +108,6 @@ def submit(
 
     from ipsr_platform import submit as jobs_api
 
-    import typer.main
-
     commands = typer.main.get_command(app).commands  # the job's own flags are checked here, before submitting
     submission = jobs_api.build_submission(job, ctx.args, config, forward_env or [], commands=commands,
                                            warn=lambda line: typer.echo(line, err=True))
@@ -144,31 +142,25 @@ def jobs_list(address: AddressOption) -> None:
 
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: AddressOption) -> None:
-    from ipsr_platform.submit import client
-
-    typer.echo(str(_job_call(lambda: client(address).get_job_status(job_id), job_id).value))
+    typer.echo(str(_job_call(address, job_id, lambda job_client: job_client.get_job_status(job_id)).value))
 
 
 @jobs_app.command("logs")
 def jobs_logs(job_id: str, address: AddressOption) -> None:
-    from ipsr_platform.submit import client
-
-    typer.echo(_job_call(lambda: client(address).get_job_logs(job_id), job_id))
+    typer.echo(_job_call(address, job_id, lambda job_client: job_client.get_job_logs(job_id)))
 
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: AddressOption) -> None:
-    from ipsr_platform.submit import client
-
-    stopped = _job_call(lambda: client(address).stop_job(job_id), job_id)
+    stopped = _job_call(address, job_id, lambda job_client: job_client.stop_job(job_id))
     typer.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
 
 
-def _job_call(fn, job_id: str):
-    from ipsr_platform.submit import API_ERRORS
+def _job_call(address: str, job_id: str, call):
+    from ipsr_platform.submit import API_ERRORS, client
 
     try:
-        return fn()
+        return call(client(address))
     except API_ERRORS as err:  # the Jobs API answers an unknown id with a RuntimeError (HTTP 404)
         raise UserError(f"job {job_id}: {str(err).strip().splitlines()[0]}") from None
 
@@ -191,7 +183,6 @@ def config_show(
     from ipsr_platform import tracking
     from ipsr_platform.config import PLATFORM_ENV, SECTIONS, apply_platform, effective_config, job_configs, read_yaml
 
-    jobs = job_configs()
     wanted = job or list(SECTIONS)
     unknown = [name for name in wanted if name not in SECTIONS]
     if unknown:
@@ -208,11 +199,7 @@ def config_show(
     for name in wanted:
         if name == "platform":
             continue
-        if name not in jobs:
-            out.append(f"{name}: null  # not available in this version\n")
-            continue
-        model, prefix = jobs[name]
-        values, problem = effective_config(model, prefix, config)
+        values, problem = effective_config(*job_configs()[name], config)
         text = yaml.safe_dump({name: values}, sort_keys=False)
         out.append(text + (f"# {name}: not runnable as is — {problem}\n" if problem else ""))
     typer.echo("\n".join(out).rstrip())
