@@ -10,8 +10,8 @@ and as text otherwise (Literals, lists, fractions), so every mistake is one ``er
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
+import pkgutil
 import sys
 import types
 import typing
@@ -83,8 +83,7 @@ def job_command(job: str, runner: Callable[[Any], Any] | str, *, doc: str | None
     from ipsr_platform.config import build_config, job_configs
 
     model, prefix = job_configs()[job]
-    fields = model.model_fields
-    params = [_parameter(name, field) for name, field in fields.items()]
+    params = [_parameter(name, field) for name, field in model.model_fields.items()]
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option(help=f"YAML with any option (< {prefix}* env < flags).")]))
     if quiet:
@@ -95,7 +94,8 @@ def job_command(job: str, runner: Callable[[Any], Any] | str, *, doc: str | None
         yaml_file, verbose = values.pop("config", None), values.pop("verbose", False)
         flags = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         with output(job, verbose) if quiet else contextlib.nullcontext():
-            _resolve(runner)(build_config(model, env_prefix=prefix, yaml_file=yaml_file, **flags))
+            run = runner if callable(runner) else pkgutil.resolve_name(runner)
+            run(build_config(model, env_prefix=prefix, yaml_file=yaml_file, **flags))
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -104,18 +104,14 @@ def job_command(job: str, runner: Callable[[Any], Any] | str, *, doc: str | None
     return command
 
 
-def _resolve(runner: Callable[[Any], Any] | str) -> Callable[[Any], Any]:
-    if callable(runner):
-        return runner
-    module, _, name = runner.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def run_main(app: Callable[..., Any], argv: list[str] | None = None) -> None:
     """Run a typer app or command: a ``UserError`` is one ``error: …`` line and exit status 2; any other error
     keeps its traceback, after a pointer to the log file that holds what led to it."""
+    if not isinstance(app, typer.Typer):
+        command, app = app, typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        app.command()(command)
     try:
-        (app if isinstance(app, typer.Typer) else _single(app))(args=argv)
+        app(args=argv)
     except UserError as err:
         console.say(f"error: {err}", error=True)
         sys.exit(2)
@@ -128,9 +124,3 @@ def run_main(app: Callable[..., Any], argv: list[str] | None = None) -> None:
                 traceback.print_exc(file=file)
             console.say(f"(what led to the error below is in {log})", error=True)
         raise
-
-
-def _single(command: Callable[..., Any]) -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    return app
