@@ -21,11 +21,6 @@ _announced = False
 _last_log: Path | None = None  # the latest log file, for an error message after `quiet` has ended
 
 
-def verbose() -> bool:
-    """Whether library output goes to the terminal (no ``quiet`` call, or ``--verbose``)."""
-    return _log_file is None
-
-
 def log_file() -> Path | None:
     """The log file in use, else the latest one (for an error message printed after ``quiet`` ended)."""
     return _log_file or _last_log
@@ -62,8 +57,7 @@ def quiet(job: str, home: Path, enabled: bool = True) -> Iterator[Path | None]:
     for stream in streams:
         stream.flush()
     saved = os.dup(1), os.dup(2)
-    _out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
-    _err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    _out, _err = (os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace") for fd in (1, 2))
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
@@ -75,10 +69,9 @@ def quiet(job: str, home: Path, enabled: bool = True) -> Iterator[Path | None]:
         yield path
     finally:
         log.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
+        for fd, terminal in zip((1, 2), saved):
+            os.dup2(terminal, fd)
+            os.close(terminal)
         sys.stdout, sys.stderr = streams
         _out.close(), _err.close()
         _log_file = _out = _err = None
@@ -99,7 +92,7 @@ def announce() -> None:
 def progress(description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
     """One rich progress bar with counts and rate; yields ``advance(n)``. Verbose: no bar (the libraries' own
     progress output is live then), ``advance`` does nothing."""
-    if verbose():
+    if _log_file is None:  # no ``quiet``, or --verbose
         yield lambda n: None
         return
     from rich.console import Console
