@@ -12,6 +12,7 @@ A rerun reuses the aligned dataset (the preprocess output is committed once per 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 from datetime import datetime, timezone
@@ -22,7 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ipsr_model.errors import UserError
+from ipsr_model.weights import ipsr_home
+from ipsr_platform import cluster, datasets, tracking
 from ipsr_platform import console as terminal
+from ipsr_platform.config import EvaluateConfig, PreprocessConfig, ServeConfig, TrainConfig
 from ipsr_platform.faces import decode_face, encode_png
 
 REGISTERED_NAME = "ipsr-quickstart"
@@ -35,9 +39,6 @@ HTTP_TIMEOUT_S = 120
 
 def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None, max_steps: int, base_channels: int,
                    batch_size: int, identity_weights: str, serve: bool, keep_serving: bool, port: int) -> dict[str, Any]:
-    from ipsr_model.weights import ipsr_home
-    from ipsr_platform import tracking
-
     console = Console(file=terminal.out())
     timings: dict[str, float] = {}
     out = (output or ipsr_home() / "quickstart").expanduser().resolve()
@@ -49,13 +50,9 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
 
     data = _data(console, data)
     # Ray's detail would drown the five stages: it goes to the log file `ipsr quickstart` prints (unless --verbose).
-    from ipsr_platform import cluster
-
     cluster.connect()
 
-    # 2. preprocess
     t = stage("1/5 preprocess", f"MTCNN alignment of {data} on Ray Data")
-    from ipsr_platform.config import PreprocessConfig
     from jobs.preprocess import run as preprocess
 
     key = hashlib.sha256(f"{data}|{limit}".encode()).hexdigest()[:10]
@@ -66,9 +63,7 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
     console.print(f"aligned dataset: {aligned} (train {splits.get('train', 0)}, val {splits.get('val', 0)}, "
                   f"test {splits.get('test', 0)} faces)", soft_wrap=True)  # fmt: skip
 
-    # 3. train
     t = stage("2/5 train", f"U-Net width {base_channels}, {max_steps} steps on Ray Train (CPU)")
-    from ipsr_platform.config import TrainConfig
     from jobs.train import train
 
     trained = train(
@@ -82,9 +77,13 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
     timings["train"] = time.perf_counter() - t
     console.print(f"registered {REGISTERED_NAME} version {trained['model_version']} @candidate")
 
-    # 4. evaluate + promote
     t = stage("3/5 evaluate", "AR-style rank-1 on the unseen test identities: HR, bicubic, the new model")
-    evaluation = _evaluate(aligned, identity_weights, out / f"evaluation-{stamp}")
+    from jobs.evaluate import run_and_report
+
+    evaluation = run_and_report(EvaluateConfig(  # promotes the new version if it beats @champion
+        data=str(aligned), protocol="ar", split="test", identity_weights=identity_weights, promote=True,
+        register_as=REGISTERED_NAME, experiment=EXPERIMENT, output=str(out / f"evaluation-{stamp}"),
+    ))  # fmt: skip
     timings["evaluate"] = time.perf_counter() - t
     served = _verdict(console, evaluation["promotion"])
 
@@ -94,7 +93,6 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
         "tracking_uri": tracking.tracking_uri(), "timings_s": timings,
     }  # fmt: skip
 
-    # 5. serve
     if serve:
         t = stage("4/5 serve", f"Ray Serve: enrol the test identities, identify {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes")
         summary["serve"] = _serve_demo(aligned, out, stamp, identity_weights, port, keep_serving, console, served)
@@ -105,22 +103,8 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
     return summary
 
 
-def _evaluate(aligned: Path, identity_weights: str, output: Path) -> dict[str, Any]:
-    """AR-style rank-1 on the held-out test identities; promotes the new version if it beats @champion."""
-    from ipsr_platform.config import EvaluateConfig
-    from jobs.evaluate import run_and_report
-
-    return run_and_report(EvaluateConfig(
-        data=str(aligned), protocol="ar", split="test", identity_weights=identity_weights, promote=True,
-        register_as=REGISTERED_NAME, experiment=EXPERIMENT, output=str(output),
-    ))  # fmt: skip
-
-
 def _data(console: Console, data: Path | None) -> Path:
     """The identity folders to run on: ``--data``, or LFW downloaded once."""
-    from ipsr_model.weights import ipsr_home
-    from ipsr_platform import datasets
-
     if data is None:
         console.print(
             "no --data given: downloading LFW (13,233 faces, 173 MB, sha256-checked) into "
@@ -136,8 +120,6 @@ def _data(console: Console, data: Path | None) -> Path:
 def _verdict(console: Console, promotion: dict[str, Any]) -> str:
     """Say plainly whether the new model beat bicubic; return the alias worth serving (champion when there is
     one, else the candidate, with a warning that it is no better than bicubic)."""
-    from ipsr_platform import tracking
-
     if promotion["promoted"]:
         console.print(f"[bold green]the new model beats bicubic[/] and is now {REGISTERED_NAME}@champion ({promotion['why']})")
         return tracking.CHAMPION
@@ -173,21 +155,16 @@ def _serve_demo(
     aligned: Path, out: Path, stamp: str, identity_weights: str, port: int, keep_serving: bool, console: Console,
     alias: str,
 ) -> dict[str, Any]:
-    import os
-
     import requests
 
-    from ipsr_platform.config import ServeConfig
     from serving import app as serving
     from serving.edge import TOKEN_ENV
 
     names, gallery, probes = _test_faces(aligned)
     token = os.environ.get(TOKEN_ENV) or secrets.token_hex(24)
     os.environ[TOKEN_ENV] = token
-    cfg = ServeConfig(
-        generator=f"models:/{REGISTERED_NAME}@{alias}", port=port, identity_weights=identity_weights,
-        galleries=str(out / "galleries"),
-    )  # fmt: skip
+    cfg = ServeConfig(generator=f"models:/{REGISTERED_NAME}@{alias}", port=port, identity_weights=identity_weights,
+                      galleries=str(out / "galleries"))
     url = serving.deploy(cfg, echo=console.print)
     headers = {"Authorization": f"Bearer {token}"}
     try:
