@@ -23,19 +23,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ray.exceptions import AuthenticationError
+
 from ipsr_model.errors import UserError
 
 JOBS = ("preprocess", "train", "evaluate")
 
 # Settings, not secrets: forwarded when set.
-FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "IPSR_S3_ENDPOINT_URL",
-)
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "IPSR_S3_ENDPOINT_URL")
 SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
 CONFIG_ENV = "IPSR_CONFIG_YAML"
 COMMIT_ENV = "IPSR_GIT_COMMIT"
@@ -45,13 +41,7 @@ EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info", "t
             "mlruns", "mlartifacts"]  # fmt: skip
 
 # Unreachable address, HTTP errors (Ray raises RuntimeError for them), a missing or refused token.
-API_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, RuntimeError)
-try:
-    from ray.exceptions import AuthenticationError
-
-    API_ERRORS += (AuthenticationError,)
-except ImportError:  # older Ray without token auth
-    pass
+API_ERRORS = (ConnectionError, RuntimeError, AuthenticationError)
 FOLLOW_TIMEOUT_S = float(os.environ.get("IPSR_FOLLOW_TIMEOUT_S", 7 * 24 * 3600))
 
 
@@ -63,11 +53,9 @@ def source_checkout() -> Path | None:
 
 def auth_token() -> str | None:
     """The Ray auth token, looked up in Ray's order; None when there is none."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return token
-    path_env = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
-    if path_env:
+    if path_env := os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip():
         path = Path(path_env).expanduser()
         if not path.is_file():
             raise UserError(f"RAY_AUTH_TOKEN_PATH={path_env}: no such file")
@@ -88,13 +76,10 @@ def build_submission(job: str, args: list[str], config_file: Path | None, forwar
 
     if job not in JOBS:
         raise UserError(f"unknown job {job!r}; expected one of {', '.join(JOBS)}")
-    command = commands.get(job)
-    if command is None:
-        raise UserError(f"job {job!r} is not available in this version of ipsr")
     if "--config" in args:
         raise UserError("pass --config to `ipsr submit` (before the job name), not as a job flag")
     try:
-        command.make_context(job, list(args))
+        commands[job].make_context(job, list(args))
     except Exception as err:  # click's usage errors: unknown flag, bad value, missing argument
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         raise UserError(f"ipsr {job}: {message}") from None
@@ -147,13 +132,11 @@ def check_access(job_client, address: str) -> None:
         raise UserError(f"Ray cluster at {address}: {_explain(err, auth_token())}") from None
 
 
-def submit(address: str, submission: dict[str, Any], *, submission_id: str | None = None) -> str:
+def submit(address: str, submission: dict[str, Any]) -> str:
     job_client = client(address)
     check_access(job_client, address)
     try:
-        return job_client.submit_job(
-            entrypoint=submission["entrypoint"], runtime_env=submission["runtime_env"], submission_id=submission_id
-        )
+        return job_client.submit_job(entrypoint=submission["entrypoint"], runtime_env=submission["runtime_env"])
     except API_ERRORS as err:
         raise UserError(f"submission to {address} failed: {_explain(err, auth_token())}") from None
 
@@ -176,16 +159,12 @@ def follow(address: str, job_id: str, echo) -> str:
         raise UserError(f"job {job_id} still running after {FOLLOW_TIMEOUT_S:.0f}s of --follow; it keeps running") from None
     # The log stream can end a moment before the status is final.
     deadline = time.monotonic() + 60
-    status = job_client.get_job_status(job_id)
-    while not status.is_terminal() and time.monotonic() < deadline:
+    while not (status := job_client.get_job_status(job_id)).is_terminal() and time.monotonic() < deadline:
         time.sleep(0.5)
-        status = job_client.get_job_status(job_id)
     return str(status.value if isinstance(status, JobStatus) else status)
 
 
 def _explain(err: BaseException, token: str | None) -> str:
-    from ray.exceptions import AuthenticationError
-
     if isinstance(err, AuthenticationError):
         hint = "the token was refused" if token else "no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
         return f"{_first_line(err)} ({hint})"
