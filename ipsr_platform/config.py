@@ -106,16 +106,14 @@ def build_config(model: type[M], *, env_prefix: str, yaml_file: str | Path | Non
     whole platform's, in sections (see ``SECTIONS``); then this job reads its own section and ``platform``
     fills the platform's environment variables that are not set.
     """
-    data = _merged(model, env_prefix, yaml_file, flags)
     try:
-        return model.model_validate(data)
+        return model.model_validate(_merged(model, env_prefix, yaml_file, flags))
     except ValidationError as err:
         raise UserError(f"invalid {model.__name__}: {_problems(err)}") from None
 
 
-def effective_config(
-    model: type[BaseModel], env_prefix: str, yaml_file: str | Path | None = None
-) -> tuple[dict[str, Any], str | None]:
+def effective_config(model: type[BaseModel], env_prefix: str,
+                     yaml_file: str | Path | None = None) -> tuple[dict[str, Any], str | None]:
     """What a job would run with (YAML < env, defaults filled in) and, when it would not validate, why."""
     data = _merged(model, env_prefix, yaml_file, {})
     try:
@@ -168,8 +166,7 @@ def _merged(model: type[BaseModel], env_prefix: str, yaml_file: str | Path | Non
 def _job_section(loaded: dict[str, Any], env_prefix: str, where: str) -> dict[str, Any]:
     if not any(key in SECTIONS for key in loaded):
         return loaded  # one job's options
-    unknown = sorted(set(loaded) - set(SECTIONS))
-    if unknown:
+    if unknown := sorted(set(loaded) - set(SECTIONS)):
         raise UserError(f"{where}: unknown sections {unknown}; expected {', '.join(SECTIONS)}")
     apply_platform(loaded.get("platform") or {}, where)
     section = loaded.get(env_prefix.removeprefix("IPSR_").rstrip("_").lower()) or {}
@@ -379,8 +376,7 @@ class ServeConfig(BaseModel):
     # Not called `model`: build_config's first parameter has that name. The CLI flag is --model.
     generator: str = Field(
         "models:/ipsr-unet@champion", description="U-Net to serve: models:/NAME@ALIAS (followed) or models:/NAME/VERSION.",
-        json_schema_extra={"flag": "--model"},
-    )
+        json_schema_extra={"flag": "--model"})
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on every interface).")
     port: int = Field(8000, ge=0, le=65535)
     token_file: str | None = Field(None, description="File holding the bearer token (else $IPSR_SERVE_TOKEN).")
