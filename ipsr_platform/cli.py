@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 import typer.main
+import yaml
 
 from ipsr_model.errors import UserError
 from ipsr_platform import commands
@@ -103,9 +106,6 @@ def submit(
         "job's record: the cluster should have its own credentials).")] = None,
 ) -> None:
     """Run a job on a Ray cluster through the Jobs API (token auth from RAY_AUTH_TOKEN / its token file)."""
-    import json
-    import os
-
     from ipsr_platform import submit as jobs_api
 
     commands = typer.main.get_command(app).commands  # the job's own flags are checked here, before submitting
@@ -175,10 +175,6 @@ def config_show(
     job: Annotated[Optional[list[str]], typer.Argument(help="Only these sections (default: all).")] = None,
 ) -> None:
     """Print what each job would run with: YAML file < IPSR_* environment (flags are per run, not shown)."""
-    import os
-
-    import yaml
-
     from ipsr_model.weights import ipsr_home
     from ipsr_platform import tracking
     from ipsr_platform.config import PLATFORM_ENV, SECTIONS, apply_platform, effective_config, job_configs, read_yaml
