@@ -65,13 +65,11 @@ def _parameter(name: str, field: Any) -> inspect.Parameter:
     default = None if field.is_required() else field.get_default(call_default_factory=True)
     text = " ".join(filter(None, [field.description, _choices(field.annotation), _default(default)]))
     kind = _flag_type(field.annotation)
-    if kind is bool:  # off by default: a switch; otherwise both spellings, so a YAML "true" can be overridden
-        option = typer.Option(flag if default is False else f"{flag}/--no-{flag[2:]}", help=text)
-        annotation = Annotated[Optional[bool], option]
-    elif extra.get("multiple"):
-        annotation = Annotated[Optional[list[str]], typer.Option(flag, help=text + " Repeatable.")]
-    else:
-        annotation = Annotated[Optional[kind], typer.Option(flag, help=text)]
+    if kind is bool and default is not False:  # off by default: a switch; else both spellings (YAML "true" overridable)
+        flag = f"{flag}/--no-{flag[2:]}"
+    multiple = extra.get("multiple")
+    option = typer.Option(flag, help=(text + " Repeatable.") if multiple else text)
+    annotation = Annotated[Optional[list[str] if multiple else kind], option]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
