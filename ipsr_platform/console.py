@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _log_file: Path | None = None
-_out = None  # the terminal, once `quiet` has pointed the process's own stdout/stderr at the log file
-_err = None
+_out = _err = None  # the terminal, once `quiet` has pointed the process's own stdout/stderr at the log file
 _announced = False
 _last_log: Path | None = None  # the latest log file, for an error message after `quiet` has ended
 
