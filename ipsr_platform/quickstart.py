@@ -66,14 +66,12 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
     t = stage("2/5 train", f"U-Net width {base_channels}, {max_steps} steps on Ray Train (CPU)")
     from jobs.train import train
 
-    trained = train(
-        TrainConfig(
-            data=str(aligned), run_name=f"quickstart-{stamp}", max_steps=max_steps, batch_size=batch_size,
-            base_channels=base_channels, num_workers=1, identity_weights=identity_weights,
-            storage=str(out / "runs"), experiment=EXPERIMENT, register_as=REGISTERED_NAME,
-            checkpoint_every=max_steps, log_every=max(1, max_steps // 10),
-        )
-    )  # fmt: skip
+    trained = train(TrainConfig(
+        data=str(aligned), run_name=f"quickstart-{stamp}", max_steps=max_steps, batch_size=batch_size,
+        base_channels=base_channels, num_workers=1, identity_weights=identity_weights,
+        storage=str(out / "runs"), experiment=EXPERIMENT, register_as=REGISTERED_NAME,
+        checkpoint_every=max_steps, log_every=max(1, max_steps // 10),
+    ))  # fmt: skip
     timings["train"] = time.perf_counter() - t
     console.print(f"registered {REGISTERED_NAME} version {trained['model_version']} @candidate")
 
@@ -182,9 +180,8 @@ def _serve_demo(
         )  # fmt: skip
         answer.raise_for_status()
         results = answer.json()["results"]
-        table = Table(title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1")
-        for column in ("probe (truth)", "top-1", "score", ""):
-            table.add_column(column)
+        table = Table("probe (truth)", "top-1", "score", "",
+                      title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1")
         correct = 0
         for name, result in zip(names, results):
             top = result["matches"][0]
