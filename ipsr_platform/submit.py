@@ -18,6 +18,7 @@ Auth: with Ray token authentication on the cluster, the token comes from ``$RAY_
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,6 @@ def build_submission(job: str, args: list[str], config_file: Path | None, forwar
                      commands: dict[str, Any], warn=print) -> dict[str, Any]:
     """Entrypoint + runtime_env for ``job``; the job flags are parsed first by its CLI command (``commands``: the
     CLI's click commands by name) so mistakes fail locally."""
-    import shlex
-
     if job not in JOBS:
         raise UserError(f"unknown job {job!r}; expected one of {', '.join(JOBS)}")
     if "--config" in args:
@@ -103,8 +102,7 @@ def build_submission(job: str, args: list[str], config_file: Path | None, forwar
             raise UserError(f"config file not found: {config_file}")
         env[CONFIG_ENV] = config_file.read_text()
     runtime_env: dict[str, Any] = {"env_vars": env}
-    checkout = source_checkout()
-    if checkout is not None:
+    if (checkout := source_checkout()) is not None:
         runtime_env |= {"working_dir": str(checkout), "excludes": EXCLUDES}
     return {"entrypoint": shlex.join(["python", "-m", f"jobs.{job}", *args]), "runtime_env": runtime_env}
 
