@@ -7,8 +7,6 @@ embedding outside the gradient tape, so there its identity loss never reaches th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from facenet_pytorch import InceptionResnetV1
 from torch import nn
@@ -23,17 +21,12 @@ EMBEDDING_DIM = 512
 class IdentityNet(nn.Module):
     """[-1, 1] RGB faces of any size -> L2-normalised 512-D FaceNet embeddings."""
 
-    def __init__(
-        self, weights: str = "casia-webface-offline", *, allow_random: bool = False, cache_dir: Path | None = None
-    ):
+    def __init__(self, weights: str = "casia-webface-offline", *, allow_random: bool = False):
         super().__init__()
         self.net = InceptionResnetV1(pretrained=None, classify=False)
-        state_dict, self.weights_sha256 = load_identity_weights(
-            weights, cache_dir=cache_dir, allow_random=allow_random
-        )
+        state_dict, self.weights_sha256 = load_identity_weights(weights, allow_random=allow_random)
         if state_dict is not None:
             self.net.load_state_dict(state_dict, strict=True)
-        self.weights_source = weights
         self.net.requires_grad_(False)
         self.train(False)
 

