@@ -88,16 +88,13 @@ def _s3_identity_folders(uri: str, storage: Storage) -> dict[str, list[_Face]]:
 
     if not storage.is_dir(uri):
         raise UserError(f"--data {uri}: no such prefix")
-
-    def load(path: str) -> Callable[[], Image.Image]:
-        return lambda: read_image(path, storage.read_bytes(path))
-
     out = {}
     for folder in sorted((i for i in storage.list(uri) if i.type == pafs.FileType.Directory), key=lambda i: i.path):
         files = sorted((i for i in storage.list(folder.path) if i.type == pafs.FileType.File
                         and Path(i.base_name).suffix.lower() in IMAGE_SUFFIXES), key=lambda i: natural_key(Path(i.path)))
         if files:
-            out[folder.base_name] = [_Face(i.base_name, load(i.path)) for i in files]
+            out[folder.base_name] = [_Face(i.base_name, lambda p=i.path: read_image(p, storage.read_bytes(p)))
+                                     for i in files]
     return out
 
 
@@ -118,12 +115,6 @@ def _aligned_dataset(uri: str, storage: Storage, split: str | None = None) -> di
     return dict(sorted(out.items()))
 
 
-def is_aligned_dataset(data: str, storage: Storage | None = None) -> bool:
-    """Whether ``data`` (path or s3://) is a committed ``ipsr preprocess`` output."""
-    storage, uri = storage or Storage.from_env(), normalize(str(data))
-    return storage.exists(join(uri, "_SUCCESS")) and storage.is_dir(join(uri, "data"))
-
-
 def read_identities(data: str | Path, split: str | None = None) -> tuple[dict[str, list[_Face]], str]:
     """identity → faces in natural file order, and which split was read, from identity folders or an ``ipsr
     preprocess`` output (local or s3://).
@@ -132,7 +123,7 @@ def read_identities(data: str | Path, split: str | None = None) -> tuple[dict[st
     every split): scoring the identities a model was trained on would flatter it. Identity folders have no split.
     """
     storage, uri = Storage.from_env(), normalize(str(data))
-    if is_aligned_dataset(uri, storage):
+    if storage.exists(join(uri, "_SUCCESS")) and storage.is_dir(join(uri, "data")):  # a committed preprocess output
         chosen = split or "test"
         return _aligned_dataset(uri, storage, None if chosen == "all" else chosen), chosen
     if split not in (None, "all"):
@@ -147,6 +138,10 @@ def _select(identities: dict[str, list[_Face]], globs: str | None) -> dict[str, 
     return {k: v for k, v in identities.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
+def _matching(faces: list[_Face], pattern: str | None) -> list[_Face]:
+    return [f for f in faces if fnmatch.fnmatchcase(f.name, pattern)] if pattern else faces
+
+
 def _faces(faces: list[_Face], side: int = IMAGE_SIZE) -> torch.Tensor:
     return to_tensor([square_face(face.load(), side) for face in faces])
 
@@ -154,40 +149,25 @@ def _faces(faces: list[_Face], side: int = IMAGE_SIZE) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ protocols
 
 
-def synthetic_protocol(
-    name: str,
-    root: str | Path,
-    sizes: tuple[str, ...],
-    *,
-    identities: str | None = None,
-    gallery_pattern: str | None = None,
-    probe_pattern: str | None = None,
-    one_probe: bool,
-    split: str | None = None,
-) -> Protocol:
+def synthetic_protocol(name: str, root: str | Path, sizes: tuple[str, ...], *, identities: str | None = None,
+                       gallery_pattern: str | None = None, probe_pattern: str | None = None, one_probe: bool,
+                       split: str | None = None) -> Protocol:
     """AR (``one_probe``), LFW and folder protocols: HR gallery + HR probes, degraded per column at evaluation."""
     faces_by_identity, split = read_identities(root, split)
     data = _select(faces_by_identity, identities)
-    gallery, probes, gallery_labels, probe_labels, names = [], [], [], [], []
+    gallery, probes, probe_labels, names = [], [], [], []
     skipped = 0
     for identity, faces in data.items():
-        chosen = [f for f in faces if fnmatch.fnmatchcase(f.name, gallery_pattern)] if gallery_pattern else faces
-        if not chosen:
-            skipped += 1
-            continue
-        rest = [f for f in faces if f is not chosen[0]]
-        if probe_pattern:
-            rest = [f for f in rest if fnmatch.fnmatchcase(f.name, probe_pattern)]
+        chosen = _matching(faces, gallery_pattern)
+        rest = _matching([f for f in faces if f is not chosen[0]], probe_pattern) if chosen else []
         if not rest:
-            skipped += 1  # LFW: identities with a single image are not used
+            skipped += 1  # no gallery image or no probe (LFW: identities with a single image are not used)
             continue
-        label = len(names)
+        kept = rest[:1] if one_probe else rest
+        probes += kept
+        probe_labels += [len(names)] * len(kept)
         names.append(identity)
         gallery.append(chosen[0])
-        gallery_labels.append(label)
-        for face in rest[:1] if one_probe else rest:
-            probes.append(face)
-            probe_labels.append(label)
     if len(names) < 2:
         raise UserError(
             f"--data {root}: protocol {name} needs at least 2 identities with a gallery and a probe image "
@@ -201,13 +181,12 @@ def synthetic_protocol(
         note += f"; the preprocess output's {split!r} split" + (" (held-out identities; --split all for every split)"
                                                               if split == "test" else "")
     log.info("protocol %s on %s: %s", name, root, note)
-    return Protocol(name, _faces(gallery), torch.tensor(gallery_labels), columns, names, note=note)
+    return Protocol(name, _faces(gallery), torch.arange(len(names)), columns, names, note=note)
 
 
 def _low_resolution(faces: list[_Face]) -> torch.Tensor:
     """Natural low-resolution faces → 64×64 (PIL bicubic) → 128×128 (the same bicubic kernel)."""
-    small = _faces(faces, SCFACE_PROBE_SIDE)
-    return resize(small, (IMAGE_SIZE, IMAGE_SIZE)).clamp_(-1.0, 1.0)
+    return resize(_faces(faces, SCFACE_PROBE_SIDE), (IMAGE_SIZE, IMAGE_SIZE)).clamp_(-1.0, 1.0)
 
 
 def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list[_Face]]]:
@@ -230,19 +209,11 @@ def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list
     probes_dir = root / "probes"
     if not probes_dir.is_dir():
         raise UserError(f"--data {root}: scface needs probes/<group>/<identity>/<image> (or --probe-map FILE.csv)")
-    for group_dir in sorted(p for p in probes_dir.iterdir() if p.is_dir()):
-        groups[group_dir.name] = _identity_folders(group_dir)
-    return groups
+    return {group.name: _identity_folders(group) for group in sorted(p for p in probes_dir.iterdir() if p.is_dir())}
 
 
-def scface_protocol(
-    root: Path,
-    *,
-    identities: str | None = None,
-    gallery_pattern: str | None = None,
-    probe_map: str | None = None,
-    gallery_group: str | None = None,
-) -> Protocol:
+def scface_protocol(root: Path, *, identities: str | None = None, gallery_pattern: str | None = None,
+                    probe_map: str | None = None, gallery_group: str | None = None) -> Protocol:
     groups = {g: _select(ids, identities) for g, ids in _probe_groups(root, probe_map).items()}
     if gallery_group is not None:  # protocol 2: one distance group is the gallery
         if gallery_group not in groups:
@@ -252,11 +223,8 @@ def scface_protocol(
         mugshots = _select(_identity_folders(root / "gallery"), identities) if (root / "gallery").is_dir() else {}
         if not mugshots:
             raise UserError(f"--data {root}: scface needs gallery/<identity>/<mugshot> folders")
-        gallery_faces = {}
-        for identity, faces in mugshots.items():
-            chosen = [f for f in faces if fnmatch.fnmatchcase(f.name, gallery_pattern)] if gallery_pattern else faces
-            if chosen:
-                gallery_faces[identity] = chosen[0]
+        chosen = {identity: _matching(faces, gallery_pattern) for identity, faces in mugshots.items()}
+        gallery_faces = {identity: faces[0] for identity, faces in chosen.items() if faces}
     names = sorted(gallery_faces)
     label_of = {name: i for i, name in enumerate(names)}
     columns, dropped = [], 0
