@@ -24,10 +24,8 @@ def probe_ranks(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_la
     probe identity must be in the gallery.
     """
     if similarity.shape != (len(probe_labels), len(gallery_labels)):
-        raise ValueError(
-            f"{len(probe_labels)} probe labels for {similarity.shape[0]} similarity rows and "
-            f"{len(gallery_labels)} gallery labels for {similarity.shape[1]} columns"
-        )
+        raise ValueError(f"{len(probe_labels)} probe labels for {similarity.shape[0]} similarity rows and "
+                         f"{len(gallery_labels)} gallery labels for {similarity.shape[1]} columns")
     identities, gallery_index = gallery_labels.unique(return_inverse=True)
     missing = ~torch.isin(probe_labels, identities)
     if missing.any():
@@ -41,12 +39,8 @@ def probe_ranks(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_la
     return ((per_identity >= correct_score).sum(1) - 1).cpu()
 
 
-def cmc(
-    similarity: torch.Tensor,
-    probe_labels: torch.Tensor,
-    gallery_labels: torch.Tensor,
-    max_rank: int | None = None,
-) -> torch.Tensor:
+def cmc(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_labels: torch.Tensor,
+        max_rank: int | None = None) -> torch.Tensor:
     """Cumulative match characteristic: entry k-1 is the fraction of probes whose identity is in the top k."""
     n_identities = len(gallery_labels.unique())
     max_rank = n_identities if max_rank is None else min(max_rank, n_identities)

@@ -43,16 +43,9 @@ def _restore(method: Method, images: torch.Tensor, batch_size: int) -> torch.Ten
 
 
 @torch.no_grad()
-def score(
-    protocol: Protocol,
-    methods: list[Method],
-    recognizers: dict[str, Embedder],
-    *,
-    batch_size: int = 32,
-    concat_bicubic: bool = False,
-    grid_faces: int = 0,
-    progress: bool = True,
-) -> tuple[dict[tuple[str, str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
+def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embedder], *, batch_size: int = 32,
+          concat_bicubic: bool = False, grid_faces: int = 0, progress: bool = True,
+          ) -> tuple[dict[tuple[str, str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
     """Per (recognizer, method label, column) the rank of every probe's true identity (0 = rank-1 hit; the CMC,
     intervals and paired tests all derive from it) and, per column, sample images per method (first faces).
 
@@ -68,10 +61,8 @@ def score(
     for rec_name, recognizer in recognizers.items():
         base = _embed(recognizer, protocol.gallery, batch_size)
         for method in methods:
-            if protocol.gallery_lr and method.restore is not None:
-                own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
-            else:
-                own = base
+            restored = protocol.gallery_lr and method.restore is not None
+            own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size) if restored else base
             gallery[rec_name, method.label] = torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
 
     # HR probes (synthetic protocols) are the same faces in every column: embed them once.
@@ -101,14 +92,10 @@ def score(
                 advance(len(chunk))
             for rec_name in recognizers:
                 for method in methods:
-                    if method.label == HR:
-                        embeddings = hr_probes[rec_name]
-                    else:
-                        embeddings = torch.cat(probes[rec_name, method.label])
-                    similarity = cosine_similarity(embeddings, gallery[rec_name, method.label])
-                    results[rec_name, method.label, column.name] = probe_ranks(
-                        similarity, column.labels, protocol.gallery_labels
-                    )
+                    queries = hr_probes[rec_name] if method.label == HR else torch.cat(probes[rec_name, method.label])
+                    similarity = cosine_similarity(queries, gallery[rec_name, method.label])
+                    results[rec_name, method.label, column.name] = probe_ranks(similarity, column.labels,
+                                                                               protocol.gallery_labels)
     return results, samples
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from ipsr_model.degradation import MultiScaleDegradation, parse_size
 from ipsr_model.errors import UserError
@@ -33,17 +33,12 @@ def list_identities(root: Path) -> dict[str, list[Path]]:
     """identity folder name -> its image files in natural order (identities with >= 2 images only)."""
     if not root.is_dir():
         raise UserError(f"--data {root}: no such directory")
-    folders = {
-        folder.name: sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
-        for folder in sorted(root.iterdir())
-        if folder.is_dir()
-    }
+    folders = {folder.name: sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+               for folder in sorted(root.iterdir()) if folder.is_dir()}
     usable = {name: files for name, files in folders.items() if len(files) >= 2}
     if len(usable) < 2:
-        raise UserError(
-            f"--data {root}: need identity folders (DIR/<identity>/<image>) with >= 2 images each for at least "
-            f"2 identities; found {len(usable)}"
-        )
+        raise UserError(f"--data {root}: need identity folders (DIR/<identity>/<image>) with >= 2 images each for at "
+                        f"least 2 identities; found {len(usable)}")
     return usable
 
 
@@ -83,17 +78,13 @@ def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: i
     trained = rank1_by_size(identity_net, gallery, probes, labels, AR_SIZES, restore=generator)
     elapsed = time.perf_counter() - started
 
-    table = Table(title=f"AR-style rank-1 (gallery: first image, probe: second image; {len(names)} identities)")
-    table.add_column("method")
-    for column in bicubic:
-        table.add_column(column, justify="right")
+    table = Table("method", *(Column(column, justify="right") for column in bicubic),
+                  title=f"AR-style rank-1 (gallery: first image, probe: second image; {len(names)} identities)")
     table.add_row("bicubic", *(f"{value:.3f}" for value in bicubic.values()))
     table.add_row(f"U-Net w{base_channels}, {steps} steps", *(f"{value:.3f}" for value in trained.values()))
     console.print(table)
     first, last = losses[0], losses[-1]
-    console.print(
-        f"training: {steps} steps × batch {BATCH_SIZE} on {len(train_faces)} faces — loss {first['total']:.4f} → "
-        f"{last['total']:.4f} (embedding {first['embedding']:.5f} → {last['embedding']:.5f}, pixel "
-        f"{first['pixel']:.4f} → {last['pixel']:.4f}); {elapsed:.1f} s"
-    )
+    console.print(f"training: {steps} steps × batch {BATCH_SIZE} on {len(train_faces)} faces — loss "
+                  f"{first['total']:.4f} → {last['total']:.4f} (embedding {first['embedding']:.5f} → "
+                  f"{last['embedding']:.5f}, pixel {first['pixel']:.4f} → {last['pixel']:.4f}); {elapsed:.1f} s")
     return {"bicubic": bicubic, "trained": trained, "losses": losses}

@@ -69,29 +69,19 @@ def build_protocol(config: EvaluateConfig) -> Protocol:
         raise UserError("--protocol scface reads a local folder; copy it from S3 first (ar, lfw and folder read s3://)")
     root = config.data if is_s3(config.data) else Path(config.data).expanduser()
     if config.protocol == "scface":
-        return scface_protocol(
-            root, identities=config.identities, gallery_pattern=config.gallery_pattern,
-            probe_map=config.probe_map, gallery_group=config.gallery_group,
-        )  # fmt: skip
-    return synthetic_protocol(
-        config.protocol, root, config.probe_sizes, identities=config.identities,
-        gallery_pattern=config.gallery_pattern, probe_pattern=config.probe_pattern, one_probe=config.protocol == "ar",
-        split=config.split,
-    )  # fmt: skip
+        return scface_protocol(root, identities=config.identities, gallery_pattern=config.gallery_pattern,
+                               probe_map=config.probe_map, gallery_group=config.gallery_group)
+    return synthetic_protocol(config.protocol, root, config.probe_sizes, identities=config.identities,
+                              gallery_pattern=config.gallery_pattern, probe_pattern=config.probe_pattern,
+                              one_probe=config.protocol == "ar", split=config.split)
 
 
 def build_recognizers(config: EvaluateConfig) -> dict[str, Embedder]:
-    recognizers: dict[str, Embedder] = {}
-    for name in config.recognizers:
-        if name == "facenet":
-            from ipsr_model.identity import IdentityNet
+    from ipsr_model.identity import IdentityNet
+    from ipsr_model.sface import SFaceNet
 
-            recognizers[name] = IdentityNet(config.identity_weights)
-        else:
-            from ipsr_model.sface import SFaceNet
-
-            recognizers[name] = SFaceNet()
-    return recognizers
+    return {name: IdentityNet(config.identity_weights) if name == "facenet" else SFaceNet()
+            for name in config.recognizers}
 
 
 def model_specs(config: EvaluateConfig, uri: str) -> list[str]:
@@ -123,8 +113,7 @@ def load_models(specs: list[str], uri: str | None = None) -> list[tuple[str | No
 
 def load_methods(protocol: Protocol, loaded: list[tuple[str | None, Any]]) -> list[Method]:
     """Rows: ``hr`` (synthetic protocols), ``bicubic``, then each loaded generator once."""
-    methods = [Method(HR)] if protocol.synthetic else []
-    methods.append(Method(BICUBIC))
+    methods = [Method(HR), Method(BICUBIC)] if protocol.synthetic else [Method(BICUBIC)]
     for group, model in loaded:
         if any(m.label == model.label for m in methods):  # e.g. @candidate and @champion on one version
             continue
@@ -140,7 +129,7 @@ def statistics(results: dict, recognizer: str, methods: list[Method], columns: l
     only_bicubic, p (exact McNemar)}. The mean over columns gets no interval: its columns share the probes."""
     stats: dict[str, dict[str, dict]] = {}
     for method in methods:
-        row = {}
+        row = stats[method.label] = {}
         for column in columns:
             hits = results[recognizer, method.label, column] == 0
             cell = {"hits": int(hits.sum()), "n": len(hits), "ci95": wilson_interval(int(hits.sum()), len(hits))}
@@ -148,7 +137,6 @@ def statistics(results: dict, recognizer: str, methods: list[Method], columns: l
                 only_model, only_bicubic, p = mcnemar_exact(hits, results[recognizer, BICUBIC, column] == 0)
                 cell |= {"only_model": only_model, "only_bicubic": only_bicubic, "p_vs_bicubic": p}
             row[column] = cell
-        stats[method.label] = row
     return stats
 
 
@@ -161,7 +149,7 @@ def seed_table(stats: dict, methods: list[Method], columns: list[str]) -> dict[s
             groups.setdefault(method.group, []).append(method.label)
     table = {}
     for group, labels in groups.items():
-        row = {}
+        row = table[group] = {}
         for column in columns:
             cells = [stats[label][column] for label in labels]
             rates = [c["hits"] / c["n"] for c in cells]
@@ -172,7 +160,6 @@ def seed_table(stats: dict, methods: list[Method], columns: list[str]) -> dict[s
                 "mean": fmean(rates), "std": stdev(rates) if len(rates) > 1 else 0.0, "seeds": rates,
                 "p_vs_bicubic": [c["p_vs_bicubic"] for c in cells], "verdict": verdict,
             }  # fmt: skip
-        table[group] = row
     return table
 
 
@@ -193,10 +180,8 @@ def format_cell(rank1: float, cell: dict | None) -> str:
 
 
 SEEDS_NOTE = "mean ± std of rank-1 over the group's models; * / † when every seed is better / worse than bicubic (p < 0.05)."
-SIGNIFICANCE_NOTE = (
-    "Cells: rank-1 ±half-width of its 95 % Wilson interval over the probes; * = better, † = worse than bicubic "
-    "on the same probes (exact McNemar test, p < 0.05)."
-)
+SIGNIFICANCE_NOTE = ("Cells: rank-1 ±half-width of its 95 % Wilson interval over the probes; * = better, † = worse "
+                     "than bicubic on the same probes (exact McNemar test, p < 0.05).")
 
 
 # --------------------------------------------------------------------------------------------------- outputs
@@ -236,26 +221,22 @@ def _write_csv(path: Path, protocol: Protocol, results: dict, stats: dict, metho
         for (rec_name, label, column), ranks in results.items():
             at = [float((ranks < k).float().mean()) for k in (1, 5, 10)]
             cell = stats[rec_name][label][column]
-            paired = [cell.get(k, "") for k in ("only_model", "only_bicubic")] + [
-                f"{cell['p_vs_bicubic']:.4g}" if "p_vs_bicubic" in cell else ""
-            ]
+            p = f"{cell['p_vs_bicubic']:.4g}" if "p_vs_bicubic" in cell else ""
+            paired = [cell.get("only_model", ""), cell.get("only_bicubic", ""), p]
             writer.writerow([protocol.name, rec_name, label, spec[label], column, *(f"{v:.4f}" for v in at),
                              len(ranks), *(f"{v:.4f}" for v in cell["ci95"]), *paired])  # fmt: skip
 
 
-def _plot_cmc(
-    path: Path, protocol: Protocol, results: dict, recognizers: list[str], methods: list[Method], max_rank: int
-) -> None:
+def _plot_cmc(path: Path, protocol: Protocol, results: dict, recognizers: list[str], methods: list[Method],
+              max_rank: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     columns = [c.name for c in protocol.columns]
-    fig, axes = plt.subplots(
-        len(recognizers), len(columns), figsize=(3.2 * len(columns), 2.8 * len(recognizers)), squeeze=False,
-        sharex=True, sharey=True,
-    )  # fmt: skip
+    fig, axes = plt.subplots(len(recognizers), len(columns), figsize=(3.2 * len(columns), 2.8 * len(recognizers)),
+                             squeeze=False, sharex=True, sharey=True)
     for i, rec_name in enumerate(recognizers):
         for j, column in enumerate(columns):
             ax = axes[i][j]
@@ -294,11 +275,10 @@ def write_outputs(out: Path, protocol, config, methods, results, samples, tables
     _plot_cmc(out / "cmc.png", protocol, results, list(tables), methods, max_rank)
     for column, images in samples.items():
         _save_grid(out / f"samples_{column}.png", images)
-    payload = {
-        "protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
-        "methods": {m.label: m.spec for m in methods}, "rank1": tables, "statistics": stats,
-        "seed_groups": seeds, "cmc": {f"{r}/{m}/{c}": cmc_from_ranks(v, max_rank).tolist() for (r, m, c), v in results.items()},
-    }  # fmt: skip
+    cmc = {f"{r}/{m}/{c}": cmc_from_ranks(v, max_rank).tolist() for (r, m, c), v in results.items()}
+    payload = {"protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
+               "methods": {m.label: m.spec for m in methods}, "rank1": tables, "statistics": stats,
+               "seed_groups": seeds, "cmc": cmc}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 
 
@@ -312,9 +292,8 @@ def _default_output(protocol: str) -> Path:
 # ------------------------------------------------------------------------------------------------- registry
 
 
-def promotion_decision(
-    candidate: tuple[str, float], bicubic: float, champion: tuple[str, float] | None, metric: str
-) -> tuple[bool, str]:
+def promotion_decision(candidate: tuple[str, float], bicubic: float, champion: tuple[str, float] | None,
+                       metric: str) -> tuple[bool, str]:
     """Whether the candidate ``(name, score)`` may become champion, and why: it must beat bicubic on the same
     evaluation (a model worse than its own input is never served as the best one) and the current champion
     ``(name, score)``, if any; ties keep what is there."""
@@ -327,10 +306,8 @@ def promotion_decision(
     return score > champion[1], f"{metric}: {name} {score:.4f} {verdict} {champion[0]} {champion[1]:.4f} (bicubic {bicubic:.4f})"
 
 
-def promote(
-    config: EvaluateConfig, protocol: Protocol, tables: dict, methods: list[Method], versions: dict[str, str],
-    run_id: str, uri: str,
-) -> dict:
+def promote(config: EvaluateConfig, protocol: Protocol, tables: dict, methods: list[Method], versions: dict[str, str],
+            run_id: str, uri: str) -> dict:
     """Move ``champion`` to ``candidate`` when ``promotion_decision`` allows it (``--promote-recognizer``'s mean
     rank-1). ``versions``: spec → registered version of every model loaded. Fails closed: a registry error, or a
     champion that moved while this evaluation ran, stops it."""
@@ -355,16 +332,13 @@ def promote(
     if promoted:
         now = tracking.version_or_none(name, tracking.CHAMPION, uri)
         if (str(now.version) if now is not None else None) != champ_v:
-            raise UserError(
-                f"{name}@{tracking.CHAMPION} moved to v{now.version if now else '-'} while this evaluation compared "
-                f"against v{champ_v or '-'}; not promoting — evaluate again"
-            )
+            raise UserError(f"{name}@{tracking.CHAMPION} moved to v{now.version if now else '-'} while this evaluation "
+                            f"compared against v{champ_v or '-'}; not promoting — evaluate again")
         tracking.set_alias(name, tracking.CHAMPION, cand_v, uri)
         tracking.client(uri).update_model_version(name, cand_v, description=f"Promoted to champion {stamp} "
                                                   f"(evaluation run {run_id}): {why}.")  # fmt: skip
-    tracking.tag_version(name, cand_v, {
-        "promotion": ("promoted: " if promoted else "not promoted: ") + why, "promotion_eval_run_id": run_id,
-    }, uri)  # fmt: skip
+    verdict = ("promoted: " if promoted else "not promoted: ") + why
+    tracking.tag_version(name, cand_v, {"promotion": verdict, "promotion_eval_run_id": run_id}, uri)
     return decision | {"promoted": promoted, "why": why}
 
 
@@ -384,10 +358,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     protocol = build_protocol(config)
     methods = load_methods(protocol, loaded)
     recognizers = build_recognizers(config)
-    results, samples = score(
-        protocol, methods, recognizers, batch_size=config.batch_size, concat_bicubic=config.concat,
-        grid_faces=config.grid_faces,
-    )  # fmt: skip
+    results, samples = score(protocol, methods, recognizers, batch_size=config.batch_size,
+                             concat_bicubic=config.concat, grid_faces=config.grid_faces)
     columns = [c.name for c in protocol.columns]
     tables = {r: rank1_table(results, r, methods, columns) for r in recognizers}
     stats = {r: statistics(results, r, methods, columns) for r in recognizers}
@@ -414,10 +386,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         from mlflow.entities import Metric
 
         client, now = tracking.client(uri), int(time.time() * 1000)
-        metrics = [
-            Metric(f"rank1/{rec_name}/{label}/{column}", value, now, 0)
-            for rec_name, table in tables.items() for label, row in table.items() for column, value in row.items()
-        ]  # fmt: skip
+        metrics = [Metric(f"rank1/{rec_name}/{label}/{column}", value, now, 0) for rec_name, table in tables.items()
+                   for label, row in table.items() for column, value in row.items()]
         for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[start : start + 1000])
         client.log_artifacts(run_id, str(out))
@@ -433,42 +403,35 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         tracking.set_run_status(run_id, "FAILED", uri)
         raise
     tracking.set_run_status(run_id, "FINISHED", uri)
-    return {
-        "protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables, "statistics": stats,
-        "seed_groups": seeds, "methods": {m.label: m.spec for m in methods}, "output": str(out), "mlflow_run_id": run_id,
-        "promotion": decision, "seconds": time.perf_counter() - started,
-    }  # fmt: skip
+    return {"protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables, "statistics": stats,
+            "seed_groups": seeds, "methods": {m.label: m.spec for m in methods}, "output": str(out),
+            "mlflow_run_id": run_id, "promotion": decision, "seconds": time.perf_counter() - started}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    screen = Console(file=console.out())
+    screen, columns = Console(file=console.out()), summary["columns"]
     screen.print(f"[bold]{summary['protocol']}[/]: {summary['note']}")
     for rec_name, table in summary["rank1"].items():
-        view = Table(title=f"rank-1 — {RECOGNIZER_TITLES[rec_name]}")
-        view.add_column("method")
-        for column in [*summary["columns"], "mean"]:
-            view.add_column(column, justify="right")
+        right = [Column(c, justify="right") for c in [*columns, "mean"]]
+        view = Table("method", *right, title=f"rank-1 — {RECOGNIZER_TITLES[rec_name]}")
         cells = summary["statistics"][rec_name]
         for label, row in table.items():
-            view.add_row(label, *(format_cell(row[c], cells[label].get(c)) for c in [*summary["columns"], "mean"]))
+            view.add_row(label, *(format_cell(row[c], cells[label].get(c)) for c in [*columns, "mean"]))
         screen.print(view)
         if summary["seed_groups"][rec_name]:
-            groups = Table(title=f"seed groups — {RECOGNIZER_TITLES[rec_name]}")
-            for column in ["group", "seeds", *summary["columns"]]:
-                groups.add_column(column, justify="left" if column == "group" else "right")
+            right = [Column(c, justify="right") for c in ["seeds", *columns]]
+            groups = Table("group", *right, title=f"seed groups — {RECOGNIZER_TITLES[rec_name]}")
             for group, row in summary["seed_groups"][rec_name].items():
-                n = str(len(row[summary["columns"][0]]["seeds"]))
-                groups.add_row(group, n, *(format_seed_cell(row[c]) for c in summary["columns"]))
+                groups.add_row(group, str(len(row[columns[0]]["seeds"])), *(format_seed_cell(row[c]) for c in columns))
             screen.print(groups)
             screen.print(SEEDS_NOTE)
     screen.print(SIGNIFICANCE_NOTE)
     screen.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
     console.announce()
-    if summary["promotion"]:
-        p = summary["promotion"]
+    if p := summary["promotion"]:
         screen.print(f"{'promoted' if p['promoted'] else 'not promoted'}: {p['why']}")
 
 
