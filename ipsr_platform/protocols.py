@@ -169,11 +169,9 @@ def synthetic_protocol(name: str, root: str | Path, sizes: tuple[str, ...], *, i
         names.append(identity)
         gallery.append(chosen[0])
     if len(names) < 2:
-        raise UserError(
-            f"--data {root}: protocol {name} needs at least 2 identities with a gallery and a probe image "
-            f"(identity folders DIR/<identity>/<image>); found {len(names)}"
-            + (f" ({skipped} identities lacked one)" if skipped else "")
-        )
+        lacked = f" ({skipped} identities lacked one)" if skipped else ""
+        raise UserError(f"--data {root}: protocol {name} needs at least 2 identities with a gallery and a probe image "
+                        f"(identity folders DIR/<identity>/<image>); found {len(names)}{lacked}")
     hr_probes, labels = _faces(probes), torch.tensor(probe_labels)
     columns = [ProbeColumn(size, hr_probes, labels, parse_size(size)) for size in sizes]
     note = f"{len(names)} identities, {len(probes)} probes" + (f", {skipped} identities skipped" if skipped else "")

@@ -156,10 +156,8 @@ def seed_table(stats: dict, methods: list[Method], columns: list[str]) -> dict[s
             significant = [c["p_vs_bicubic"] < 0.05 for c in cells]
             direction = {c["only_model"] > c["only_bicubic"] for c in cells}
             verdict = ("better" if direction == {True} else "worse" if direction == {False} else "") if all(significant) else ""
-            row[column] = {
-                "mean": fmean(rates), "std": stdev(rates) if len(rates) > 1 else 0.0, "seeds": rates,
-                "p_vs_bicubic": [c["p_vs_bicubic"] for c in cells], "verdict": verdict,
-            }  # fmt: skip
+            row[column] = {"mean": fmean(rates), "std": stdev(rates) if len(rates) > 1 else 0.0, "seeds": rates,
+                           "p_vs_bicubic": [c["p_vs_bicubic"] for c in cells], "verdict": verdict}
     return table
 
 
