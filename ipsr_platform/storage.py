@@ -80,18 +80,14 @@ def is_s3(uri: str) -> bool:
 
 def join(base: str, *parts: str) -> str:
     """Join URI/path segments with '/', for local paths and s3:// alike."""
-    out = base.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
+    return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
 
 
 def normalize(uri: str) -> str:
     """Absolute local path, or the s3:// URI without a trailing slash."""
     if is_s3(uri):
         return uri.rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
+    uri = uri.removeprefix("file://")
     if "://" in uri:
         raise UserError(f"unsupported storage scheme in {uri!r}: use a local path or s3://bucket/prefix")
     return os.path.abspath(os.path.expanduser(uri))
@@ -120,13 +116,10 @@ class Storage:
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """The filesystem and the path inside it (``bucket/key`` for S3)."""
         uri = normalize(uri)
-        if not is_s3(uri):
-            if "local" not in self._fs:
-                self._fs["local"] = pafs.LocalFileSystem()
-            return self._fs["local"], uri
-        if "s3" not in self._fs:
-            self._fs["s3"] = self._make_s3()
-        return self._fs["s3"], uri[len("s3://") :]
+        kind = "s3" if is_s3(uri) else "local"
+        if kind not in self._fs:
+            self._fs[kind] = self._make_s3() if kind == "s3" else pafs.LocalFileSystem()
+        return self._fs[kind], uri.removeprefix("s3://")
 
     def _make_s3(self) -> pafs.FileSystem:
         o = self.s3
