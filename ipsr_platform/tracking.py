@@ -129,26 +129,17 @@ def run_exists(run_id: str, uri: str) -> bool:
     return run.info.lifecycle_stage != "deleted"
 
 
-def register(
-    model_uri: str,
-    name: str,
-    *,
-    alias: str | None = CANDIDATE,
-    tags: dict[str, str] | None = None,
-    uri: str | None = None,
-) -> str:
-    """Register ``model_uri`` as a new version of ``name``, point ``alias`` at it and tag it; returns the
-    version."""
+def register(model_uri: str, name: str, *, alias: str | None = CANDIDATE, tags: dict[str, str] | None = None,
+             uri: str | None = None) -> str:
+    """Register ``model_uri`` as a new version of ``name``, tag it and point ``alias`` at it; returns the version."""
     import mlflow
 
     uri = uri or tracking_uri()
     mlflow.set_registry_uri(uri)
     version = mlflow.register_model(model_uri, name).version
-    c = client(uri)
-    for key, value in (tags or {}).items():
-        c.set_model_version_tag(name, version, key, str(value))
+    tag_version(name, version, tags or {}, uri)
     if alias:
-        c.set_registered_model_alias(name, alias, version)
+        set_alias(name, alias, version, uri)
     return str(version)
 
 
@@ -199,14 +190,10 @@ def git_commit() -> str:
     if os.environ.get("IPSR_GIT_COMMIT"):
         return os.environ["IPSR_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
+    git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=10, check=True)
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
+        sha = git(["git", "rev-parse", "HEAD"]).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
