@@ -14,6 +14,7 @@ a path
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,10 +83,8 @@ def _mlflow_load(model_uri: str, uri: str, allow_pickle: bool = False) -> torch.
     except MlflowException as err:
         raise UserError(f"cannot load {model_uri} from {uri}: {str(err).splitlines()[0]}") from None
     # A pt2 program was exported in eval mode and can't switch; a pickled nn.Module can and must.
-    try:
+    with contextlib.suppress(NotImplementedError, RuntimeError):
         module.eval()
-    except (NotImplementedError, RuntimeError):
-        pass
     return module
 
 
@@ -101,10 +100,8 @@ def _from_registry(spec: str, name: str, alias: str | None, version: str | None,
         except MlflowException:
             raise UserError(f"no registered model version {name}/{version} in {uri}") from None
     module = _mlflow_load(f"models:/{name}/{mv.version}", uri, allow_pickle)
-    return LoadedGenerator(
-        module, spec, _safe(f"{name}-v{mv.version}"), name=name, version=str(mv.version), run_id=mv.run_id,
-        tags=dict(mv.tags or {}),
-    )
+    return LoadedGenerator(module, spec, _safe(f"{name}-v{mv.version}"), name=name, version=str(mv.version),
+                           run_id=mv.run_id, tags=dict(mv.tags or {}))
 
 
 def _from_run(spec: str, uri: str, allow_pickle: bool = False) -> LoadedGenerator:
