@@ -27,7 +27,9 @@ PNG_LEVEL = 1
 # many cameras write). GIF and TIFF are common in face datasets: their first frame / page is the image.
 _FORMATS = ("JPEG", "PNG", "PPM", "WEBP", "BMP", "GIF", "TIFF")
 ACCEPTED = "JPEG, PNG, PGM/PPM, WebP, BMP, GIF, TIFF"
-
+# Leading bytes of the accepted formats; PPM (P1-P6) and WebP (a RIFF container) are told apart in _signature.
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP", b"GIF87a": "GIF", b"GIF89a": "GIF",
+          b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
 
 class Rejected(Exception):
@@ -38,29 +40,16 @@ class Rejected(Exception):
 
 def _signature(data: bytes) -> str | None:
     """The supported format the bytes start with, else None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
     if len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456":
         return "PPM"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    if data[:2] == b"BM":
-        return "BMP"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    return None
+    return next((fmt for magic, fmt in _MAGIC.items() if data.startswith(magic)), None)
 
 
 def _describe(data: bytes) -> str:
     known = {b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF", b"8BPS": "PSD", b"\x00\x00\x00\x0cjP": "JPEG 2000"}
-    for magic, name in known.items():
-        if data.startswith(magic):
-            return f"{name} content"
-    return "not an image"
+    return next((f"{name} content" for magic, name in known.items() if data.startswith(magic)), "not an image")
 
 
 def open_header(data: bytes, max_pixels: int) -> Image.Image:
