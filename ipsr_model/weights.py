@@ -205,9 +205,7 @@ def _check_state_dict(state: dict[str, torch.Tensor], what: str) -> None:
     mismatches = {"missing": [k for k in ref if k not in state], "unexpected": [k for k in state if k not in ref]}
     parts = [f"{len(keys)} {kind} keys ({brief(keys)})" for kind, keys in mismatches.items() if keys]
     if parts:
-        raise UserError(
-            f"{what} does not match facenet-pytorch InceptionResnetV1(classify=False): {'; '.join(parts)}"
-        )
+        raise UserError(f"{what} does not match facenet-pytorch InceptionResnetV1(classify=False): {'; '.join(parts)}")
     wrong = [f"{k} {tuple(state[k].shape)}≠{ref[k]}" for k in ref if tuple(state[k].shape) != ref[k]]
     if wrong:
         raise UserError(f"{what} has tensors of the wrong shape for InceptionResnetV1: {brief(wrong, 3)}")
@@ -248,12 +246,11 @@ def _atomic_save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Non
     buf = io.BytesIO()  # serialise in memory: the archive's inner name then doesn't depend on the temp name
     torch.save({k: v.contiguous() for k, v in state.items()}, buf)
     data = buf.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
     sha_file = _sha_path(target)
     # The pair is valid only when both exist: drop the old checksum first, write the new one last.
     sha_file.unlink(missing_ok=True)
     _atomic_write_bytes(data, target)
-    _atomic_write_bytes(f"{digest}  {target.name}\n".encode(), sha_file)
+    _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {target.name}\n".encode(), sha_file)
 
 
 @contextlib.contextmanager

@@ -109,8 +109,7 @@ def _from_run(spec: str, uri: str, allow_pickle: bool = False) -> LoadedGenerato
     model_uri = spec if spec.startswith("runs:/") else f"runs:/{run_id}/generator"
     if not tracking.run_exists(run_id, uri):
         raise UserError(f"model {spec!r}: no MLflow run {run_id} in {uri}")
-    return LoadedGenerator(_mlflow_load(model_uri, uri, allow_pickle), spec, _safe(f"run-{run_id[:8]}"),
-                           run_id=run_id)
+    return LoadedGenerator(_mlflow_load(model_uri, uri, allow_pickle), spec, _safe(f"run-{run_id[:8]}"), run_id=run_id)
 
 
 def _from_path(spec: str) -> LoadedGenerator:
