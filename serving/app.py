@@ -149,23 +149,19 @@ class Identification:
         log.info("serving %s version %s", uri, loaded.version)
         return Loaded(loaded.module.to(self.device), name, str(loaded.version), alias, sha, loaded.run_id)
 
-    def _refresh(self, force: bool = False) -> None:
-        """Resolve the alias again and swap in a new version (one attribute assignment: atomic per batch)."""
+    def _poll(self) -> None:
+        """Every ``model_poll_s``: resolve the alias again and swap in a new version (one attribute assignment:
+        atomic per batch)."""
         from ipsr_platform import tracking
 
-        with self.swap_lock:
-            name, alias, _ = parse_model_uri(self.model_uri)
-            if force:
-                self.model = self._load(self.model_uri)
-            elif alias:
-                current = str(tracking.version_for_alias(name, alias, self.tracking_uri).version)
-                if current != self.model.version or name != self.model.name:
-                    self.model = self._load(self.model_uri, version=current)
-
-    def _poll(self) -> None:
         while not self._stop.wait(self.cfg.model_poll_s):
             try:
-                self._refresh()
+                with self.swap_lock:
+                    name, alias, _ = parse_model_uri(self.model_uri)
+                    if alias:
+                        current = str(tracking.version_for_alias(name, alias, self.tracking_uri).version)
+                        if current != self.model.version or name != self.model.name:
+                            self.model = self._load(self.model_uri, version=current)
             except Exception:  # noqa: BLE001 - the registry may be briefly unreachable: keep the current model
                 log.exception("model refresh failed; still serving version %s", self.model.version)
 
@@ -182,8 +178,9 @@ class Identification:
             self._infer.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         uri = user_config.get("generator") or self.cfg.generator
         if uri != self.model_uri:
-            self.model_uri = uri
-            self._refresh(force=True)
+            with self.swap_lock:
+                self.model_uri = uri
+                self.model = self._load(uri)
 
     def __del__(self):
         self._stop.set()
