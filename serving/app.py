@@ -192,15 +192,15 @@ class Identification:
             raise Rejected("too_large", f"{len(upload.data)} bytes > max_image_bytes {self.cfg.max_image_bytes}")
         return upload.data
 
-    def _probe_face(self, upload: Upload, super_resolve: str) -> tuple[torch.Tensor, bool]:
-        """128×128 face tensor [3, H, W] and whether it gets super-resolved."""
+    def _probe(self, upload: Upload, super_resolve: str, **fields) -> Probe:
+        """The upload's 128×128 face, super-resolved when low-resolution ("auto") or asked to ("true"); ``fields``:
+        the rest of the `Probe`."""
         img = decode(self._within_bytes(upload), self.cfg.max_image_pixels)
         low = max(img.size) <= self.cfg.lr_max_side
         # A low-resolution crop is a whole face at a fraction of 128², possibly non-square (16x12): stretch it
         # back, as the degradation's bicubic up does. An HR probe keeps its aspect: centre square crop.
         face = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC) if low else square_face(img)
-        sr = low if super_resolve == "auto" else super_resolve == "true"
-        return to_tensor(face)[0], sr
+        return Probe(to_tensor(face)[0], low if super_resolve == "auto" else super_resolve == "true", **fields)
 
     # --- galleries ---------------------------------------------------------------------------------------------
 
@@ -455,38 +455,27 @@ class Identification:
             raise HTTPException(404, f"gallery {name!r} not found (enrol into it first)")
         self._comparable(name, index)
         uploads = await read_uploads(request, self.cfg)
-        k = top_k or self.cfg.top_k
-
-        def probe(upload: Upload):
-            image, sr = self._probe_face(upload, super_resolve)
-            return Probe(image, sr, concat_bicubic, index, k, return_image)
-
-        results = await self._run(uploads, probe)
+        results = await self._run(uploads, super_resolve, concat_bicubic=concat_bicubic, gallery=index,
+                                  top_k=top_k or self.cfg.top_k, want_image=return_image)
         return self._respond({"gallery": name, "model": self.model.describe(), "results": results})
 
     @api.post("/v1/superresolve")
     async def superresolve(self, request: Request):
         """Probe(s) → SR faces: one probe → image/png; several → JSON with base64 PNGs."""
-        uploads = await read_uploads(request, self.cfg)
-
-        def probe(upload: Upload):
-            image, _ = self._probe_face(upload, "true")
-            return Probe(image, True, want_image=True)
-
-        results = await self._run(uploads, probe)
+        results = await self._run(await read_uploads(request, self.cfg), "true", want_image=True)
         if len(results) == 1 and "image" in results[0]:
             return Response(base64.b64decode(results[0]["image"]), media_type="image/png",
                             headers={"X-Model-Version": results[0]["model_version"]})
         return self._respond({"model": self.model.describe(), "results": results})
 
-    async def _run(self, uploads: list[Upload], make_probe) -> list[dict]:
-        """Prepare every upload (bad ones get a reason), run the good ones through the batch, keep order."""
+    async def _run(self, uploads: list[Upload], super_resolve: str, **fields) -> list[dict]:
+        """Prepare every upload (`_probe`; bad ones get a reason), run the good ones through the batch, keep order."""
 
         def prepare():
             probes = {}
             for upload in (u for u in uploads if u.error is None):
                 try:
-                    probes[upload.index] = make_probe(upload)
+                    probes[upload.index] = self._probe(upload, super_resolve, **fields)
                 except Rejected as err:
                     upload.error = err
             return probes
