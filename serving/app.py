@@ -568,12 +568,11 @@ def deploy(cfg: ServeConfig, echo=print) -> str:
     return url
 
 
-def wait_until_stopped(stop: threading.Event | None = None) -> None:
-    """Block until Ctrl-C (or until ``stop`` is set)."""
-    stop = stop or threading.Event()
+def wait_until_stopped() -> None:
+    """Block until Ctrl-C."""
     with contextlib.suppress(KeyboardInterrupt):
-        while not stop.wait(1.0):
-            pass
+        while True:
+            time.sleep(1.0)
 
 
 def undeploy() -> None:
