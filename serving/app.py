@@ -205,8 +205,10 @@ class Identification:
     # --- galleries ---------------------------------------------------------------------------------------------
 
     def _gallery(self, name: str, fresh: bool = False) -> GalleryIndex | None:
-        """The cached gallery (kept current by `_watch_galleries`); ``fresh`` looks at the store now (after this
-        replica's own write, or before answering what a gallery holds). Identify never waits on a listing."""
+        """The cached gallery (kept current by `_watch_galleries`), 400 for a name no gallery can have; ``fresh``
+        looks at the store now (after this replica's own write, or before answering what a gallery holds). Identify
+        never waits on a listing."""
+        self._check_name(name)
         cached = self.galleries.get(name)
         if cached and not fresh and self.cfg.gallery_refresh_s > 0:
             return cached
@@ -405,7 +407,6 @@ class Identification:
     async def gallery_info(self, name: str, offset: int = Query(0, ge=0), limit: int = Query(
             100, ge=0, le=10_000, description="Identities listed (sorted by name), with their face counts.")) -> dict:
         """Size, identities and the identity network's sha256 of gallery `name`, and a page of its identities."""
-        self._check_name(name)
         index = await asyncio.to_thread(self._gallery, name, True)
         if index is None:
             raise HTTPException(404, f"gallery {name!r} not found")
@@ -418,7 +419,6 @@ class Identification:
     @api.delete("/v1/galleries/{name}")
     async def gallery_delete(self, name: str) -> dict:
         """Delete gallery `name` with everything enrolled in it."""
-        self._check_name(name)
         if await asyncio.to_thread(self._gallery, name, True) is None:
             raise HTTPException(404, f"gallery {name!r} not found")
         with _store_errors(name):
@@ -429,7 +429,6 @@ class Identification:
     @api.delete("/v1/galleries/{name}/identities/{identity}")
     async def identity_delete(self, name: str, identity: str) -> dict:
         """Remove one person from gallery `name`: every face enrolled for `identity` so far."""
-        self._check_name(name)
         index = await asyncio.to_thread(self._gallery, name, True)
         rows = int((index.gallery.identities == identity).sum()) if index is not None else 0
         if not rows:
@@ -449,7 +448,6 @@ class Identification:
         return_image: bool = Query(False, description="Include the 128×128 face that was embedded (PNG, base64)."),
     ):  # fmt: skip
         """Probes → (bicubic → U-Net SR →) FaceNet → cosine top-k identities of gallery `name`."""
-        self._check_name(name)
         index = await asyncio.to_thread(self._gallery, name)
         if index is None or not index.names:
             raise HTTPException(404, f"gallery {name!r} not found (enrol into it first)")
