@@ -207,6 +207,12 @@ def test_auth_health_and_model(server, champion):
     assert (info["name"], info["version"], info["alias"]) == ("ipsr-unet", champion["version"], "champion")
     assert info["identity_net_sha256"] == champion["identity_sha"] == info["serving_identity_net_sha256"]
     assert requests.get(f"{server}/docs", timeout=10).status_code == 200
+    # A name no gallery can have (it names a folder) is a 400 on every gallery route, before any store access.
+    bad = f"{server}/v1/galleries/-bad..name"
+    for method, url in [("get", bad), ("delete", bad), ("delete", f"{bad}/identities/x"),
+                        ("post", f"{bad}/identify"), ("post", f"{bad}/enroll")]:
+        r = requests.request(method, url, headers=AUTH, json={"images": []}, timeout=10)
+        assert r.status_code == 400 and "gallery name must match" in r.text, (method, url, r.status_code, r.text)
 
 
 def test_hr_probes_rank1(server, gallery, orl):
