@@ -185,23 +185,29 @@ SIGNIFICANCE_NOTE = ("Cells: rank-1 ±half-width of its 95 % Wilson interval ove
 # --------------------------------------------------------------------------------------------------- outputs
 
 
-def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, stats: dict, seeds: dict, methods: list) -> str:
-    columns = [c.name for c in protocol.columns] + ["mean"]
-    lines = [f"# ipsr evaluate — {protocol.name} on {config.data}", "", protocol.note, "", SIGNIFICANCE_NOTE, ""]
-    for rec_name, table in tables.items():
-        lines += [f"## Rank-1 — {RECOGNIZER_TITLES[rec_name]}", "", "| method | " + " | ".join(columns) + " |",
-                  "|---|" + "---:|" * len(columns)]  # fmt: skip
-        for label, row in table.items():
-            cells = (format_cell(row[c], stats[rec_name][label].get(c)) for c in columns)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-        if seeds[rec_name]:
-            lines += [f"Seed groups — {RECOGNIZER_TITLES[rec_name]}: {SEEDS_NOTE}", "",
-                      "| group | seeds | " + " | ".join(columns[:-1]) + " |", "|---|---:|" + "---:|" * (len(columns) - 1)]  # fmt: skip
-            for group, row in seeds[rec_name].items():
-                n = len(row[columns[0]]["seeds"])
-                lines.append(f"| {group} | {n} | " + " | ".join(format_seed_cell(row[c]) for c in columns[:-1]) + " |")
-            lines.append("")
+def report_tables(summary: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(recognizer, "rank-1" or "seed groups", header, rows) of every table that table.md and the terminal show."""
+    columns, tables = summary["columns"], []
+    for rec_name, table in summary["rank1"].items():
+        cells = summary["statistics"][rec_name]
+        rows = [[label, *(format_cell(row[c], cells[label].get(c)) for c in [*columns, "mean"])]
+                for label, row in table.items()]
+        tables.append((rec_name, "rank-1", ["method", *columns, "mean"], rows))
+        if seeds := summary["seed_groups"][rec_name]:
+            rows = [[group, str(len(row[columns[0]]["seeds"])), *(format_seed_cell(row[c]) for c in columns)]
+                    for group, row in seeds.items()]
+            tables.append((rec_name, "seed groups", ["group", "seeds", *columns], rows))
+    return tables
+
+
+def _markdown(summary: dict[str, Any], config: EvaluateConfig, methods: list[Method]) -> str:
+    lines = [f"# ipsr evaluate — {summary['protocol']} on {config.data}", "", summary["note"], "",
+             SIGNIFICANCE_NOTE, ""]
+    for rec_name, kind, header, rows in report_tables(summary):
+        title = f"{kind.capitalize()} — {RECOGNIZER_TITLES[rec_name]}"
+        lines += [f"{title}: {SEEDS_NOTE}" if kind == "seed groups" else f"## {title}", "",
+                  "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     models = [m for m in methods if m.restore is not None]
     if models:
         lines += ["Models: " + "; ".join(f"`{m.label}` = `{m.spec}`" for m in models), ""]
@@ -210,19 +216,18 @@ def _markdown(protocol: Protocol, config: EvaluateConfig, tables: dict, stats: d
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, protocol: Protocol, results: dict, stats: dict, methods: list[Method]) -> None:
-    spec = {m.label: m.spec for m in methods}
+def _write_csv(path: Path, results: dict, summary: dict[str, Any]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["protocol", "recognizer", "method", "spec", "column", "rank1", "rank5", "rank10", "probes",
                          "rank1_ci95_low", "rank1_ci95_high", "only_model", "only_bicubic", "p_vs_bicubic"])  # fmt: skip
         for (rec_name, label, column), ranks in results.items():
             at = [float((ranks < k).float().mean()) for k in (1, 5, 10)]
-            cell = stats[rec_name][label][column]
+            cell = summary["statistics"][rec_name][label][column]
             p = f"{cell['p_vs_bicubic']:.4g}" if "p_vs_bicubic" in cell else ""
             paired = [cell.get("only_model", ""), cell.get("only_bicubic", ""), p]
-            writer.writerow([protocol.name, rec_name, label, spec[label], column, *(f"{v:.4f}" for v in at),
-                             len(ranks), *(f"{v:.4f}" for v in cell["ci95"]), *paired])  # fmt: skip
+            writer.writerow([summary["protocol"], rec_name, label, summary["methods"][label], column,
+                             *(f"{v:.4f}" for v in at), len(ranks), *(f"{v:.4f}" for v in cell["ci95"]), *paired])
 
 
 def _plot_cmc(path: Path, protocol: Protocol, results: dict, recognizers: list[str], methods: list[Method],
@@ -266,17 +271,17 @@ def _save_grid(path: Path, images: list[torch.Tensor]) -> None:
     to_pil(grid[None])[0].save(path)
 
 
-def write_outputs(out: Path, protocol, config, methods, results, samples, tables, stats, seeds) -> None:
+def write_outputs(out: Path, protocol, config, methods, results, samples, summary) -> None:
     max_rank = min(config.max_rank, len(protocol.gallery_labels.unique()))
-    (out / "table.md").write_text(_markdown(protocol, config, tables, stats, seeds, methods))
-    _write_csv(out / "results.csv", protocol, results, stats, methods)
-    _plot_cmc(out / "cmc.png", protocol, results, list(tables), methods, max_rank)
+    (out / "table.md").write_text(_markdown(summary, config, methods))
+    _write_csv(out / "results.csv", results, summary)
+    _plot_cmc(out / "cmc.png", protocol, results, list(summary["rank1"]), methods, max_rank)
     for column, images in samples.items():
         _save_grid(out / f"samples_{column}.png", images)
     cmc = {f"{r}/{m}/{c}": cmc_from_ranks(v, max_rank).tolist() for (r, m, c), v in results.items()}
     payload = {"protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
-               "methods": {m.label: m.spec for m in methods}, "rank1": tables, "statistics": stats,
-               "seed_groups": seeds, "cmc": cmc}
+               "methods": summary["methods"], "rank1": summary["rank1"], "statistics": summary["statistics"],
+               "seed_groups": summary["seed_groups"], "cmc": cmc}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 
 
@@ -362,11 +367,13 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     tables = {r: rank1_table(results, r, methods, columns) for r in recognizers}
     stats = {r: statistics(results, r, methods, columns) for r in recognizers}
     seeds = {r: seed_table(stats[r], methods, columns) for r in recognizers}
+    summary = {"protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables,
+               "statistics": stats, "seed_groups": seeds, "methods": {m.label: m.spec for m in methods}}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        write_outputs(staging, protocol, config, methods, results, samples, tables, stats, seeds)
+        write_outputs(staging, protocol, config, methods, results, samples, summary)
         os.replace(staging, out)  # the folder appears complete or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -401,30 +408,23 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         tracking.set_run_status(run_id, "FAILED", uri)
         raise
     tracking.set_run_status(run_id, "FINISHED", uri)
-    return {"protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables, "statistics": stats,
-            "seed_groups": seeds, "methods": {m.label: m.spec for m in methods}, "output": str(out),
-            "mlflow_run_id": run_id, "promotion": decision, "seconds": time.perf_counter() - started}
+    return summary | {"output": str(out), "mlflow_run_id": run_id, "promotion": decision,
+                      "seconds": time.perf_counter() - started}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
-    screen, columns = Console(file=console.out()), summary["columns"]
+    screen = Console(file=console.out())
     screen.print(f"[bold]{summary['protocol']}[/]: {summary['note']}")
-    for rec_name, table in summary["rank1"].items():
-        right = [Column(c, justify="right") for c in [*columns, "mean"]]
-        view = Table("method", *right, title=f"rank-1 — {RECOGNIZER_TITLES[rec_name]}")
-        cells = summary["statistics"][rec_name]
-        for label, row in table.items():
-            view.add_row(label, *(format_cell(row[c], cells[label].get(c)) for c in [*columns, "mean"]))
+    for rec_name, kind, header, rows in report_tables(summary):
+        right = [Column(c, justify="right") for c in header[1:]]
+        view = Table(header[0], *right, title=f"{kind} — {RECOGNIZER_TITLES[rec_name]}")
+        for row in rows:
+            view.add_row(*row)
         screen.print(view)
-        if summary["seed_groups"][rec_name]:
-            right = [Column(c, justify="right") for c in ["seeds", *columns]]
-            groups = Table("group", *right, title=f"seed groups — {RECOGNIZER_TITLES[rec_name]}")
-            for group, row in summary["seed_groups"][rec_name].items():
-                groups.add_row(group, str(len(row[columns[0]]["seeds"])), *(format_seed_cell(row[c]) for c in columns))
-            screen.print(groups)
+        if kind == "seed groups":
             screen.print(SEEDS_NOTE)
     screen.print(SIGNIFICANCE_NOTE)
     screen.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
