@@ -230,21 +230,20 @@ def _write_csv(path: Path, results: dict, summary: dict[str, Any]) -> None:
                              *(f"{v:.4f}" for v in at), len(ranks), *(f"{v:.4f}" for v in cell["ci95"]), *paired])
 
 
-def _plot_cmc(path: Path, protocol: Protocol, results: dict, recognizers: list[str], methods: list[Method],
-              max_rank: int) -> None:
+def _plot_cmc(path: Path, summary: dict[str, Any], curves: dict, methods: list[Method]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    columns = [c.name for c in protocol.columns]
+    columns, recognizers = summary["columns"], list(summary["rank1"])
     fig, axes = plt.subplots(len(recognizers), len(columns), figsize=(3.2 * len(columns), 2.8 * len(recognizers)),
                              squeeze=False, sharex=True, sharey=True)
     for i, rec_name in enumerate(recognizers):
         for j, column in enumerate(columns):
             ax = axes[i][j]
             for method in methods:
-                curve = cmc_from_ranks(results[rec_name, method.label, column], max_rank).numpy()
+                curve = curves[rec_name, method.label, column].numpy()
                 ax.plot(range(1, len(curve) + 1), curve, label=method.label, linestyle="--" if method.label == HR else "-")
             ax.set_title(f"{rec_name} · {column}", fontsize=9)
             ax.set_ylim(0, 1.02)
@@ -254,7 +253,7 @@ def _plot_cmc(path: Path, protocol: Protocol, results: dict, recognizers: list[s
             if j == 0:
                 ax.set_ylabel("identification rate")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"CMC — {protocol.name}")
+    fig.suptitle(f"CMC — {summary['protocol']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -273,12 +272,13 @@ def _save_grid(path: Path, images: list[torch.Tensor]) -> None:
 
 def write_outputs(out: Path, protocol, config, methods, results, samples, summary) -> None:
     max_rank = min(config.max_rank, len(protocol.gallery_labels.unique()))
+    curves = {key: cmc_from_ranks(ranks, max_rank) for key, ranks in results.items()}
     (out / "table.md").write_text(_markdown(summary, config, methods))
     _write_csv(out / "results.csv", results, summary)
-    _plot_cmc(out / "cmc.png", protocol, results, list(summary["rank1"]), methods, max_rank)
+    _plot_cmc(out / "cmc.png", summary, curves, methods)
     for column, images in samples.items():
         _save_grid(out / f"samples_{column}.png", images)
-    cmc = {f"{r}/{m}/{c}": cmc_from_ranks(v, max_rank).tolist() for (r, m, c), v in results.items()}
+    cmc = {"/".join(key): curve.tolist() for key, curve in curves.items()}
     payload = {"protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
                "methods": summary["methods"], "rank1": summary["rank1"], "statistics": summary["statistics"],
                "seed_groups": summary["seed_groups"], "cmc": cmc}
