@@ -150,9 +150,9 @@ def _faces(faces: list[_Face], side: int = IMAGE_SIZE) -> torch.Tensor:
 
 
 def synthetic_protocol(name: str, root: str | Path, sizes: tuple[str, ...], *, identities: str | None = None,
-                       gallery_pattern: str | None = None, probe_pattern: str | None = None, one_probe: bool,
+                       gallery_pattern: str | None = None, probe_pattern: str | None = None,
                        split: str | None = None) -> Protocol:
-    """AR (``one_probe``), LFW and folder protocols: HR gallery + HR probes, degraded per column at evaluation."""
+    """AR (one probe per identity), LFW and folder protocols: HR gallery + HR probes, degraded per column."""
     faces_by_identity, split = read_identities(root, split)
     data = _select(faces_by_identity, identities)
     gallery, probes, probe_labels, names = [], [], [], []
@@ -163,7 +163,7 @@ def synthetic_protocol(name: str, root: str | Path, sizes: tuple[str, ...], *, i
         if not rest:
             skipped += 1  # no gallery image or no probe (LFW: identities with a single image are not used)
             continue
-        kept = rest[:1] if one_probe else rest
+        kept = rest[:1] if name == "ar" else rest
         probes += kept
         probe_labels += [len(names)] * len(kept)
         names.append(identity)

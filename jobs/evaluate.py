@@ -73,7 +73,7 @@ def build_protocol(config: EvaluateConfig) -> Protocol:
                                probe_map=config.probe_map, gallery_group=config.gallery_group)
     return synthetic_protocol(config.protocol, root, config.probe_sizes, identities=config.identities,
                               gallery_pattern=config.gallery_pattern, probe_pattern=config.probe_pattern,
-                              one_probe=config.protocol == "ar", split=config.split)
+                              split=config.split)
 
 
 def build_recognizers(config: EvaluateConfig) -> dict[str, Embedder]:
