@@ -209,20 +209,19 @@ def read_stage(batch: pa.Table, storage: Storage, max_bytes: int, io_threads: in
 class Aligner:
     """The Ray actor around ``faces.FaceAligner``: MTCNN's three nets load once per process, not once per batch."""
 
-    def __init__(self, device: str, detect_size: int, min_face_size: int, margin: int, max_pixels: int,
-                 threads: int, hr_embeddings: str | None = None, identity_net_sha256: str | None = None):
+    def __init__(self, cfg: PreprocessConfig, identity_net_sha256: str | None):
         import torch
 
-        torch.set_num_threads(threads)
-        self.aligner = FaceAligner(device, detect_size, min_face_size, margin, max_pixels)
+        torch.set_num_threads(1)  # see _process: one torch thread per actor
+        self.aligner = FaceAligner(cfg.device, cfg.detect_size, cfg.min_face_size, cfg.margin, cfg.max_pixels)
         self.identity_net = None
-        if hr_embeddings:
+        if cfg.hr_embeddings:
             from ipsr_model.identity import IdentityNet
 
-            self.identity_net = IdentityNet(hr_embeddings).to(device, memory_format=torch.channels_last)
+            self.identity_net = IdentityNet(cfg.hr_embeddings).to(cfg.device, memory_format=torch.channels_last)
             if self.identity_net.weights_sha256 != identity_net_sha256:
                 raise RuntimeError(f"actor loaded identity weights {self.identity_net.weights_sha256[:12]}…, the "
-                                   f"driver {identity_net_sha256[:12]}…: the '{hr_embeddings}' cache differs")
+                                   f"driver {identity_net_sha256[:12]}…: the '{cfg.hr_embeddings}' cache differs")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["source", "identity", "label", "split", "reason", "detail"]).to_pylist()
@@ -345,7 +344,7 @@ class Tally:
         return (hi - lo) / (t[hi] - t[lo]) if t[hi] > t[lo] else None
 
 
-def _prepare_output(storage: Storage, out: str, overwrite: bool) -> None:
+def _prepare_output(storage: Storage, out: str) -> None:
     """Refuse to touch foreign files; clear what an earlier (interrupted or overwritten) run left."""
     if not storage.exists(out):
         return
@@ -377,7 +376,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
         from ipsr_model.weights import load_identity_weights
 
         _, identity_net_sha256 = load_identity_weights(cfg.hr_embeddings)
-    _prepare_output(storage, out, cfg.overwrite)
+    _prepare_output(storage, out)
 
     inputs, ignored = list_inputs(cfg, storage)
     if ignored:
@@ -483,10 +482,8 @@ def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], t
                      fn_constructor_kwargs=dict(fn=read_stage, kwargs=dict(storage=storage, max_bytes=cfg.max_bytes,
                                                                            io_threads=cfg.io_threads)))
         .map_batches(Aligner, batch_size=cfg.batch_size, batch_format="pyarrow",
-                     compute=ray.data.ActorPoolStrategy(size=n), **actor_args, fn_constructor_kwargs=dict(
-                         device=cfg.device, detect_size=cfg.detect_size, min_face_size=cfg.min_face_size,
-                         margin=cfg.margin, max_pixels=cfg.max_pixels, threads=1, hr_embeddings=cfg.hr_embeddings,
-                         identity_net_sha256=identity_net_sha256))
+                     compute=ray.data.ActorPoolStrategy(size=n), **actor_args,
+                     fn_constructor_kwargs=dict(cfg=cfg, identity_net_sha256=identity_net_sha256))
         .map_batches(Stage, batch_size=cfg.rows_per_shard, batch_format="pyarrow", num_cpus=0,
                      compute=ray.data.ActorPoolStrategy(size=io_actors),
                      fn_constructor_kwargs=dict(fn=write_stage, kwargs=dict(
