@@ -17,6 +17,8 @@ from torch import nn
 
 DEPTH = 7
 IMAGE_SIZE = 2**DEPTH  # 128: every down block halves the side, the bottleneck is 1x1
+DROPOUT_BLOCKS = 3
+CHANNELS = 3  # RGB in and out
 
 
 class DownBlock(nn.Sequential):
@@ -43,27 +45,20 @@ class UNetGenerator(nn.Module):
     """128x128 RGB in [-1, 1] -> 128x128 RGB in [-1, 1].
 
     `base_channels=64` is the paper's width; small widths (4-16) are for CPU smoke runs.
-    `dropout_blocks` innermost up blocks use dropout 0.5 (pix2pix: the first three decoder layers).
+    The `DROPOUT_BLOCKS` innermost up blocks use dropout 0.5 (pix2pix: the first three decoder layers).
     """
 
-    def __init__(
-        self, base_channels: int = 64, in_channels: int = 3, out_channels: int = 3, dropout_blocks: int = 3,
-        *, residual: bool = False,
-    ):  # fmt: skip
+    def __init__(self, base_channels: int = 64, *, residual: bool = False):
         super().__init__()
-        if residual and in_channels != out_channels:
-            raise ValueError("a residual output needs in_channels == out_channels")
         if base_channels < 1:
             raise ValueError(f"base_channels must be >= 1, got {base_channels}")
-        if not 0 <= dropout_blocks < DEPTH:
-            raise ValueError(f"dropout_blocks must be in [0, {DEPTH - 1}], got {dropout_blocks}")
         self.base_channels = base_channels
         self.residual = residual
         widths = [base_channels * min(2**i, 8) for i in range(DEPTH)]  # base 64: 64, 128, ..., 512 (pix2pix)
 
         self.down = nn.ModuleList(
             DownBlock(previous, width, batch_norm=0 < i < DEPTH - 1, bottleneck=i == DEPTH - 1)
-            for i, (previous, width) in enumerate(zip([in_channels, *widths], widths))
+            for i, (previous, width) in enumerate(zip([CHANNELS, *widths], widths))
         )
 
         # Up block j (j = 0 innermost) outputs the width of down block DEPTH-2-j, whose output is then
@@ -72,9 +67,9 @@ class UNetGenerator(nn.Module):
         for j in range(DEPTH - 1):
             skip_width = widths[DEPTH - 2 - j]
             in_width = widths[-1] if j == 0 else 2 * widths[DEPTH - 1 - j]
-            self.up.append(UpBlock(in_width, skip_width, dropout=j < dropout_blocks))
+            self.up.append(UpBlock(in_width, skip_width, dropout=j < DROPOUT_BLOCKS))
         self.to_image = nn.Sequential(
-            nn.ConvTranspose2d(2 * widths[0], out_channels, kernel_size=4, stride=2, padding=1), nn.Tanh()
+            nn.ConvTranspose2d(2 * widths[0], CHANNELS, kernel_size=4, stride=2, padding=1), nn.Tanh()
         )
         if residual:  # start as the identity map on the bicubic input
             nn.init.zeros_(self.to_image[0].weight)
