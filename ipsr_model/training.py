@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .degradation import MultiScaleDegradation
-from .losses import IdentityPreservingLoss
+from .losses import IdentityPreservingLoss, LossTerms
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -23,8 +23,7 @@ class StepStats(NamedTuple):
     grad_embedding: torch.Tensor  # ||dL_embedding / dSR||
     grad_pixel: torch.Tensor  # ||d(beta * L_pixel) / dSR||
 
-    def as_floats(self) -> dict[str, float]:
-        return {name: float(value.detach()) for name, value in self._asdict().items()}
+    as_floats = LossTerms.as_floats
 
 
 def grad_shares(grad_embedding: torch.Tensor, grad_pixel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
