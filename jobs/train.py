@@ -120,7 +120,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "train_faces": data.n_train,
-        "val_identities": len(data.val_identities),
+        "val_identities": len(data.val_labels),
         "cpus_per_worker": cpus,
         "data_manifest_sha256": data.manifest_sha256,
         "identity_net_sha256": identity_sha256,

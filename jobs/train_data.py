@@ -42,7 +42,6 @@ class DatasetInfo:
     filesystem: Any
     manifest_sha256: str
     n_train: int
-    val_identities: list[str]
     val_labels: np.ndarray  # [V] int64
     val_gallery: np.ndarray  # [V, 128, 128, 3] uint8: first image of each val identity
     val_probe: np.ndarray  # second image
@@ -64,8 +63,7 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
     gallery, probe, pairs = _val_pairs(uri, val, config.val_identities)
     return DatasetInfo(uri=uri, shards=by_split.get("train", by_split.get(None, [])), filesystem=fs,
                        manifest_sha256=hashlib.sha256(manifest).hexdigest(), n_train=n_train,
-                       val_identities=[p[1] for p in pairs], val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
-                       val_gallery=gallery, val_probe=probe,
+                       val_labels=np.array([p[0] for p in pairs], dtype=np.int64), val_gallery=gallery, val_probe=probe,
                        hr_embeddings_sha256=embedded if "hr_embedding" in train.schema.names else None,
                        mixed=None not in by_split)
 
