@@ -50,11 +50,9 @@ class Plan:
     mlflow_run_id: str
     experiment_id: str
     tracking_uri: str
-    val_sizes: list[str]
     val_labels: np.ndarray  # [V] int64
     val_gallery: np.ndarray  # [V, 128, 128, 3] uint8
     val_probe: np.ndarray
-    grid_faces: int
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -214,7 +212,7 @@ class _Worker:
         mlflow = setup_mlflow(tracking_uri=self.plan.tracking_uri, registry_uri=self.plan.tracking_uri,
                               experiment_id=self.plan.experiment_id)
         mlflow.set_tag("ipsr.attempt_resumed_from_step", str(self.resumed_from))
-        validator = _Validator(self.plan, self.identity_net, self.device)
+        validator = _Validator(self.config, self.plan, self.identity_net, self.device)
         if self.step == 0:  # the bicubic baseline does not change: once per run
             bicubic = validator.rank1(restore=None)
             mlflow.log_metrics({f"val/rank1/bicubic/{k}": v for k, v in bicubic.items()}, step=0)
@@ -332,13 +330,13 @@ def _distributed() -> bool:
 class _Validator:
     """AR-style rank-1 on the val pairs (rank 0): model and bicubic at each size, plus the PNG grid."""
 
-    def __init__(self, plan: Plan, identity_net: torch.nn.Module, device: torch.device):
+    def __init__(self, config: TrainConfig, plan: Plan, identity_net: torch.nn.Module, device: torch.device):
         self.identity_net = identity_net
-        self.sizes = tuple(parse_size(s) for s in plan.val_sizes)
+        self.sizes = tuple(parse_size(s) for s in config.val_sizes)
         self.labels = torch.tensor(plan.val_labels)
         self.gallery = from_uint8(torch.tensor(plan.val_gallery)).to(device)
         self.probe = from_uint8(torch.tensor(plan.val_probe)).to(device)
-        self.grid_faces = self.probe[: plan.grid_faces]
+        self.grid_faces = self.probe[: config.grid_faces]
 
     def rank1(self, restore: torch.nn.Module | None) -> dict[str, float]:
         from ipsr_platform.scoring import rank1_by_size
