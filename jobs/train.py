@@ -130,8 +130,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     plan = Plan(
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, threads_per_worker=max(1, int(cpus)),
         identity_net_sha256=identity_sha256, data_manifest_sha256=data.manifest_sha256,
-        hr_embeddings=plan_params["hr_embeddings"], mlflow_run_id=record["mlflow_run_id"],
-        experiment_id=record["experiment_id"], tracking_uri=uri,
+        mlflow_run_id=record["mlflow_run_id"], experiment_id=record["experiment_id"], tracking_uri=uri,
         val_labels=data.val_labels, val_gallery=data.val_gallery, val_probe=data.val_probe,
     )
     checkpoint = _fit(config, plan, train_dataset(data, use_embeddings), storage, storage_root, cpus)

@@ -46,7 +46,6 @@ class Plan:
     threads_per_worker: int
     identity_net_sha256: str
     data_manifest_sha256: str
-    hr_embeddings: str  # "precomputed": the batches carry the dataset's hr_embedding column
     mlflow_run_id: str
     experiment_id: str
     tracking_uri: str
@@ -225,7 +224,7 @@ class _Worker:
         stats = training_step(
             self.model, self.loss_fn, self.optimizer, from_uint8(batch["hr"], self.memory_format), self.degradation,
             self.degrade_rng, autocast_dtype=self.autocast_dtype, scheduler=self.scheduler,
-            hr_embedding=batch["hr_embedding"] if self.plan.hr_embeddings == "precomputed" else None,
+            hr_embedding=batch.get("hr_embedding"),  # a column only when the driver chose precomputed (train_dataset)
         )  # fmt: skip
         self.step += 1
         shares = grad_shares(stats.grad_embedding, stats.grad_pixel)
