@@ -167,12 +167,7 @@ def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, stor
         return None
     record = json.loads(storage.read_bytes(record_uri))
     saved, now = record["config"], config.model_dump(mode="json")
-    conflicts = [
-        f"{name} {saved.get(name)!r} -> {now.get(name)!r}"
-        for name in sorted(set(saved) | set(now))
-        if name not in RESUMABLE_FIELDS and saved.get(name) != now.get(name)
-    ]
-    if conflicts:
+    if conflicts := _changes(saved, now, sorted((saved.keys() | now.keys()) - RESUMABLE_FIELDS)):
         raise UserError(
             f"run {config.run_name!r} in {storage_root} was started with other settings ({'; '.join(conflicts)}); "
             "rerun it with the same settings to resume, or pick a new --run-name"
@@ -187,6 +182,11 @@ def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, stor
             f"run {config.run_name!r} points at MLflow run {record['mlflow_run_id']}, which {uri} does not have"
         )
     return record
+
+
+def _changes(before: dict, after: dict, names) -> list[str]:
+    """``name old -> new`` for each of ``names`` whose value differs."""
+    return [f"{n} {before.get(n)!r} -> {after.get(n)!r}" for n in names if before.get(n) != after.get(n)]
 
 
 def _size_run(config: TrainConfig, data: DatasetInfo) -> tuple[float, int, int]:
@@ -219,12 +219,8 @@ def _start_or_resume(config: TrainConfig, storage: Storage, record_uri: str, rec
     from ipsr_platform import tracking
 
     if record is not None:
-        changed = [
-            f"{key} {record['plan'].get(key)!r} -> {plan_params[key]!r}"
-            for key in ("steps_per_epoch", "total_steps", "data_manifest_sha256", "identity_net_sha256")
-            if record.get("plan", {}).get(key) != plan_params[key]
-        ]
-        if changed:
+        if changed := _changes(record["plan"], plan_params,
+                               ("steps_per_epoch", "total_steps", "data_manifest_sha256", "identity_net_sha256")):
             raise UserError(
                 f"run {config.run_name!r} cannot resume: its dataset, identity weights or cluster changed since it "
                 f"started ({'; '.join(changed)}); pick a new --run-name"
