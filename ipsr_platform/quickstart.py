@@ -38,7 +38,7 @@ HTTP_TIMEOUT_S = 120
 
 
 def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None, max_steps: int, base_channels: int,
-                   batch_size: int, identity_weights: str, serve: bool, keep_serving: bool, port: int) -> dict[str, Any]:
+                   batch_size: int, identity_weights: str, serve: bool, keep_serving: bool, port: int) -> None:
     console = Console(file=terminal.out())
     timings: dict[str, float] = {}
     out = (output or ipsr_home() / "quickstart").expanduser().resolve()
@@ -85,20 +85,13 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
     timings["evaluate"] = time.perf_counter() - t
     served = _verdict(console, evaluation["promotion"])
 
-    summary: dict[str, Any] = {
-        "data": str(data), "aligned": str(aligned), "manifest_counts": manifest["counts"], "train": trained,
-        "evaluation": {k: evaluation[k] for k in ("rank1", "output", "mlflow_run_id", "promotion")},
-        "tracking_uri": tracking.tracking_uri(), "timings_s": timings,
-    }  # fmt: skip
-
     if serve:
         t = stage("4/5 serve", f"Ray Serve: enrol the test identities, identify {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes")
-        summary["serve"] = _serve_demo(aligned, out, stamp, identity_weights, port, keep_serving, console, served)
+        _serve_demo(aligned, out, stamp, identity_weights, port, keep_serving, console, served)
         timings["serve"] = time.perf_counter() - t
 
     stage("5/5 done", f"{sum(timings.values()):.0f} s")
-    _where_to_look(console, summary, out)
-    return summary
+    _where_to_look(console, out, evaluation["output"])
 
 
 def _data(console: Console, data: Path | None) -> Path:
@@ -152,7 +145,7 @@ def _small_crop(png: bytes) -> bytes:
 def _serve_demo(
     aligned: Path, out: Path, stamp: str, identity_weights: str, port: int, keep_serving: bool, console: Console,
     alias: str,
-) -> dict[str, Any]:
+) -> None:
     import requests
 
     from serving import app as serving
@@ -194,16 +187,15 @@ def _serve_demo(
         if keep_serving:
             console.print(f"serving at {url}/v1 (token in ${TOKEN_ENV}; docs {url}/docs) — Ctrl-C stops")
             serving.wait_until_stopped()
-        return {"url": url, "gallery": gallery_name, "probes": len(names), "rank1": rank1, "alias": alias}
     finally:
         serving.undeploy()
 
 
-def _where_to_look(console: Console, summary: dict[str, Any], out: Path) -> None:
-    uri = summary["tracking_uri"]
+def _where_to_look(console: Console, out: Path, evaluation: str) -> None:
+    uri = tracking.tracking_uri()  # the store the jobs above wrote to (the environment has not changed since)
     lines = [
         f"outputs:       {out}",
-        f"evaluation:    {summary['evaluation']['output']}/table.md, cmc.png",
+        f"evaluation:    {evaluation}/table.md, cmc.png",
         f"MLflow:        mlflow ui --backend-store-uri {uri}   (experiment {EXPERIMENT}, model {REGISTERED_NAME})",
         f"checkpoints:   {out / 'runs'}",
         "next:          ipsr train --data <preprocess output> --run-name NAME   (ipsr --help)",
