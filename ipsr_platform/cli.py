@@ -157,12 +157,12 @@ def jobs_stop(job_id: str, address: AddressOption) -> None:
 
 
 def _job_call(address: str, job_id: str, call):
-    from ipsr_platform.submit import API_ERRORS, client
+    from ipsr_platform.submit import API_ERRORS, client, first_line
 
     try:
         return call(client(address))
     except API_ERRORS as err:  # the Jobs API answers an unknown id with a RuntimeError (HTTP 404)
-        raise UserError(f"job {job_id}: {str(err).strip().splitlines()[0]}") from None
+        raise UserError(f"job {job_id}: {first_line(err)}") from None
 
 
 config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)

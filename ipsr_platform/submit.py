@@ -165,10 +165,10 @@ def follow(address: str, job_id: str, echo) -> str:
 def _explain(err: BaseException, token: str | None) -> str:
     if isinstance(err, AuthenticationError):
         hint = "the token was refused" if token else "no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
-        return f"{_first_line(err)} ({hint})"
-    return _first_line(err)
+        return f"{first_line(err)} ({hint})"
+    return first_line(err)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
