@@ -398,8 +398,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         client.log_artifacts(run_id, str(out))
         for label, model in models.items():
             if model.version:  # link the version to this evaluation (DESIGN: versions carry an eval summary)
-                summary = {f"eval.{protocol.name}.{r}.mean_rank1": f"{tables[r][label]['mean']:.4f}" for r in tables}
-                tracking.tag_version(model.name, model.version, summary | {f"eval.{protocol.name}.run_id": run_id}, uri)
+                evals = {f"eval.{protocol.name}.{r}.mean_rank1": f"{tables[r][label]['mean']:.4f}" for r in tables}
+                tracking.tag_version(model.name, model.version, evals | {f"eval.{protocol.name}.run_id": run_id}, uri)
         versions = {g.spec: g.version for _, g in loaded}
         decision = promote(config, protocol, tables, methods, versions, run_id, uri) if config.promote else None
         if decision:

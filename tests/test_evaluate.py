@@ -210,6 +210,8 @@ def test_promotion_never_serves_a_model_worse_than_bicubic(home_with_weights, at
     assert decision["candidate_score"] < decision["bicubic_score"]
     assert tracking.version_or_none("ipsr-unet", "champion") is None
     assert tracking.client().get_model_version("ipsr-unet", "1").tags["promotion"].startswith("not promoted")
+    # The summary a registered model's evaluation returns is the whole one (the terminal report reads it).
+    assert first["protocol"] == "ar" and set(first["rank1"]) == {"sface"}, sorted(first)
 
     assert register(trained) == "2"
     tracking.set_alias("ipsr-unet", "champion", "2")  # an earlier promotion
