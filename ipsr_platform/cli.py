@@ -11,7 +11,7 @@ import typer
 import typer.main
 import yaml
 
-from ipsr_model.errors import UserError
+from ipsr_model.errors import UserError, first_line
 from ipsr_platform import commands
 from ipsr_platform.commands import VerboseOption, job_command, run_main
 
@@ -157,7 +157,7 @@ def jobs_stop(job_id: str, address: AddressOption) -> None:
 
 
 def _job_call(address: str, job_id: str, call):
-    from ipsr_platform.submit import API_ERRORS, client, first_line
+    from ipsr_platform.submit import API_ERRORS, client
 
     try:
         return call(client(address))

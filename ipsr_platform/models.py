@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ipsr_model.errors import UserError
+from ipsr_model.errors import UserError, first_line
 from ipsr_platform import tracking
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -81,7 +81,7 @@ def _mlflow_load(model_uri: str, uri: str, allow_pickle: bool = False) -> torch.
                 )
             module = mlflow.pytorch.load_model(str(local), map_location="cpu")
     except MlflowException as err:
-        raise UserError(f"cannot load {model_uri} from {uri}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load {model_uri} from {uri}: {first_line(err)}") from None
     # A pt2 program was exported in eval mode and can't switch; a pickled nn.Module can and must.
     with contextlib.suppress(NotImplementedError, RuntimeError):
         module.eval()
@@ -135,7 +135,7 @@ def _from_path(spec: str) -> LoadedGenerator:
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"model {spec!r}: does not fit UNetGenerator ({str(err).splitlines()[0]})") from None
+        raise UserError(f"model {spec!r}: does not fit UNetGenerator ({first_line(err)})") from None
     return LoadedGenerator(generator.eval(), spec, _safe(path.parent.name if path.name == "state.pt" else path.stem))
 
 

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from ray.exceptions import AuthenticationError
 
-from ipsr_model.errors import UserError
+from ipsr_model.errors import UserError, first_line
 
 JOBS = ("preprocess", "train", "evaluate")
 
@@ -167,8 +167,3 @@ def _explain(err: BaseException, token: str | None) -> str:
         hint = "the token was refused" if token else "no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
         return f"{first_line(err)} ({hint})"
     return first_line(err)
-
-
-def first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ipsr_model.errors import UserError
+from ipsr_model.errors import UserError, first_line
 from ipsr_model.weights import ipsr_home
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
 
 
 def _explain(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = first_line(err)
     if "401" in text or "403" in text:
         return (
             f"{text} — set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth) or "
@@ -167,7 +167,7 @@ def version_or_none(name: str, alias: str, uri: str | None = None):
         if missing:
             return None
         raise UserError(
-            f"cannot read {name}@{alias} from the registry at {uri or tracking_uri()}: {str(err).splitlines()[0]}"
+            f"cannot read {name}@{alias} from the registry at {uri or tracking_uri()}: {first_line(err)}"
         ) from None
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ipsr_model.errors import UserError
+from ipsr_model.errors import UserError, first_line
 from ipsr_platform.faces import decode_faces
 from ipsr_platform.storage import Storage, join, normalize
 
@@ -120,7 +120,7 @@ def _open_shards(uri: str, fs: Any, by_split: dict[str | None, list[str]], split
     try:
         dataset = pads.dataset(shards, filesystem=fs, format="parquet")
     except (OSError, ValueError) as err:
-        raise UserError(f"--data {uri}: unreadable shards ({str(err).splitlines()[0]})") from None
+        raise UserError(f"--data {uri}: unreadable shards ({first_line(err)})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise UserError(f"--data {uri}: shards lack column(s) {', '.join(missing)}")

@@ -100,3 +100,13 @@ def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces,
                "--verbose", **env)
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert "logs: " not in loud.stdout + loud.stderr and ray_lines.search(loud.stdout + loud.stderr)
+
+
+def test_first_line_of_an_error_never_fails():
+    # Every "one clear line" built from a library's exception goes through it: a multi-line SDK dump keeps its
+    # first line, an empty message names the exception's type (an IndexError used to replace the real error).
+    from ipsr_model.errors import first_line
+
+    assert first_line(OSError("\n  bucket not found\n  <xml dump>")) == "bucket not found"
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(ValueError("   \n ")) == "ValueError"
