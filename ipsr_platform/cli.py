@@ -28,7 +28,7 @@ app.add_typer(weights_app, name="weights")
 
 @weights_app.command("fetch")
 def weights_fetch(
-    source: Annotated[str, typer.Option(help="casia-webface-offline | vggface2 | casia-webface | PATH")] = (
+    source: Annotated[str, typer.Option(help="casia-webface-offline | ms-celeb-keras | vggface2 | casia-webface | PATH")] = (
         "casia-webface-offline"
     ),
     force: Annotated[bool, typer.Option(help="Fetch again even when cached.")] = False,
@@ -205,7 +205,8 @@ def config_show(
 def quickstart(
     data: Annotated[Optional[Path], typer.Option(help="Identity folders DIR/<identity>/<image>; default: download LFW.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Where everything goes (default $IPSR_HOME/quickstart).")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images (sorted by identity).")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Only the first N images, sorted by identity (the demo's time "
+                                       "budget); 0 = all.")] = 1500,
     max_steps: Annotated[int, typer.Option(min=1, help="Training steps (~1.5 s each at the defaults on 2 CPUs).")] = 120,
     base_channels: Annotated[int, typer.Option(min=1, help="U-Net width (64 = paper; small for CPU).")] = 16,
     batch_size: Annotated[int, typer.Option(min=2, help="Faces per training step.")] = 16,

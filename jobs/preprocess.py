@@ -375,7 +375,10 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     if cfg.hr_embeddings:  # resolve the weights once here: a bad source fails before any actor starts
         from ipsr_model.weights import load_identity_weights
 
-        _, identity_net_sha256 = load_identity_weights(cfg.hr_embeddings)
+        state, identity_net_sha256 = load_identity_weights(cfg.hr_embeddings)
+        if state["last_linear.weight"].shape[0] != EMBEDDING_DIM:  # the column's fixed width, what training reads
+            raise UserError(f"--hr-embeddings {cfg.hr_embeddings}: a {state['last_linear.weight'].shape[0]}-D FaceNet; "
+                            f"the dataset's hr_embedding column holds {EMBEDDING_DIM}-D ones (use a 512-D source)")
     _prepare_output(storage, out)
 
     inputs, ignored = list_inputs(cfg, storage)
