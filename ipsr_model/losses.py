@@ -1,9 +1,10 @@
 """The IPU-Net objective L = L_embedding + beta * L_pixel (paper Eq. 1-3, beta = 5).
 
-L_embedding is Eq. 2: the batch mean of the per-sample Euclidean distance ||E_SR - E_HR|| between the frozen
-identity net's embeddings; L_pixel is the pixel MSE. The per-element MSE of the embeddings ("mse") divides the
-squared distance by 512, which leaves the identity term ~1 % of the loss: it stays only as an ablation, beside
-1 - cosine and "none" (pixel-only, the paper's ablation).
+The paper reads two ways on L_embedding: its text and released code take the per-element MSE of the identity
+net's embeddings ("mse", the default: chosen by measurement on unseen identities, bench/RESULTS.md), its Eq. 2 the
+batch mean of the per-sample Euclidean distance ||E_SR - E_HR|| ("distance", ~500× larger on 512-D unit vectors,
+so at beta = 5 it takes ~99 % of the gradient and the generator learns to fool that one network). Also 1 - cosine
+and "none" (pixel only, the paper's ablation). L_pixel is the pixel MSE.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ class IdentityPreservingLoss(nn.Module):
 
     Pixels are in ipsr's [-1, 1] range; embeddings are the identity net's L2-normalised vectors. With
     ``embedding_loss="none"`` the identity net is not run at all (pixel-only ablation). ``jitter`` > 0 embeds a
-    random view (``random_view``) of each SR/HR pair instead of the faces as they are.
+    random view (``random_view``) of each SR/HR pair instead of the faces as they are. Several identity nets (a
+    list) give the mean of their L_embedding terms, so that no single network's quirks define identity; precomputed
+    HR embeddings then belong to the first.
     """
 
-    def __init__(self, identity_net: nn.Module | None, beta: float = 5.0, embedding_loss: str = "distance",
-                 jitter: float = 0.0):
+    def __init__(self, identity_net: nn.Module | list[nn.Module] | None, beta: float = 5.0,
+                 embedding_loss: str = "mse", jitter: float = 0.0):
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
@@ -78,9 +81,10 @@ class IdentityPreservingLoss(nn.Module):
             raise ValueError(f"identity jitter must be in [0, 0.5), got {jitter}")
         if embedding_loss not in EMBEDDING_LOSSES:
             raise ValueError(f"embedding loss must be one of {', '.join(EMBEDDING_LOSSES)}, got {embedding_loss!r}")
-        if identity_net is None and embedding_loss != "none":
+        nets = [] if identity_net is None else identity_net if isinstance(identity_net, list) else [identity_net]
+        if not nets and embedding_loss != "none":
             raise ValueError(f"embedding loss {embedding_loss!r} needs an identity net")
-        self.identity_net = identity_net
+        self.identity_nets = nn.ModuleList(nets)
         self.beta = beta
         self.embedding_loss = embedding_loss
         self.jitter = jitter
@@ -94,8 +98,12 @@ class IdentityPreservingLoss(nn.Module):
                 sr, hr = random_view(self.jitter, sr, hr)
             elif self.jitter:  # HR embeddings given (precomputed): only SR can be viewed anew
                 (sr,) = random_view(self.jitter, sr)
-            if hr_embedding is None:
-                with torch.no_grad():
-                    hr_embedding = self.identity_net(hr)
-            embedding = embedding_distance(self.identity_net(sr).float(), hr_embedding.float(), self.embedding_loss)
+            terms = []
+            for i, net in enumerate(self.identity_nets):
+                target = hr_embedding if i == 0 and hr_embedding is not None else None
+                if target is None:
+                    with torch.no_grad():
+                        target = net(hr)
+                terms.append(embedding_distance(net(sr).float(), target.float(), self.embedding_loss))
+            embedding = torch.stack(terms).mean()
         return LossTerms(embedding + self.beta * pixel, embedding, pixel)

@@ -241,9 +241,10 @@ class TrainConfig(BaseModel):
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     beta: float = Field(5.0, ge=0, description="Weight of the pixel MSE: L = L_embedding + beta * L_pixel.")
     embedding_loss: Literal["distance", "mse", "cosine", "none"] = Field(
-        "distance", description="L_embedding: distance (paper Eq. 2), mse (per element), cosine, none (pixel only).")
+        "mse", description="L_embedding: mse (per element, the paper's text and code; default by measurement, "
+        "bench/RESULTS.md), distance (paper Eq. 2), cosine, none (pixel only).")
     residual: bool = Field(True, description="SR = clamp(bicubic + U-Net(bicubic)), last layer zero-initialised.")
-    identity_jitter: float = Field(0.05, ge=0, lt=0.5, description="FaceNet sees SR/HR pairs under one random "
+    identity_jitter: float = Field(0.0, ge=0, lt=0.5, description="FaceNet sees SR/HR pairs under one random "
                                    "shift/scale/flip of this size.")
     lr: float = Field(2e-4, gt=0, le=1.0)
     lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")

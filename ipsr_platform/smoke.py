@@ -65,8 +65,9 @@ def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: i
     started = time.perf_counter()
     bicubic = rank1_by_size(identity_net, gallery, probes, labels, AR_SIZES)
 
-    generator = UNetGenerator(base_channels, residual=True)  # the ipsr train default
-    loss_fn = IdentityPreservingLoss(identity_net)
+    default = config.TrainConfig.model_fields  # the ipsr train defaults: one home
+    generator = UNetGenerator(base_channels, residual=default["residual"].default)
+    loss_fn = IdentityPreservingLoss(identity_net, embedding_loss=default["embedding_loss"].default)
     optimizer = make_optimizer(generator)
     degradation = MultiScaleDegradation()
     rng = torch.Generator().manual_seed(seed)

@@ -63,12 +63,14 @@ def test_frozen_but_differentiable_to_its_input(identity_net, orl):
 
 
 def test_loss_components(identity_net, orl):
-    """Eq. 2 by default: the batch mean of per-sample Euclidean distances; mse / cosine / none as options."""
+    """Per-element MSE by default (the paper's text and code; chosen by measurement); Eq. 2's batch mean of
+    per-sample Euclidean distances, cosine and none as options; several identity nets average their terms."""
     hr = orl[0][:2]
     sr = (hr + 0.2 * torch.randn_like(hr)).clamp(-1, 1)
     with torch.no_grad():
         e_sr, e_hr = identity_net(sr), identity_net(hr)
-        terms = IdentityPreservingLoss(identity_net, beta=5.0)(sr, hr)
+        assert IdentityPreservingLoss(identity_net).embedding_loss == "mse"
+        terms = IdentityPreservingLoss(identity_net, beta=5.0, embedding_loss="distance")(sr, hr)
         assert torch.allclose(terms.pixel, ((sr - hr) ** 2).mean())
         assert torch.allclose(terms.embedding, (e_sr - e_hr).norm(dim=1).mean())
         assert torch.allclose(terms.total, terms.embedding + 5.0 * terms.pixel)
@@ -77,6 +79,11 @@ def test_loss_components(identity_net, orl):
         assert torch.allclose(mse, ((e_sr - e_hr) ** 2).mean()) and mse < terms.embedding / 20
         cosine = IdentityPreservingLoss(identity_net, embedding_loss="cosine")(sr, hr).embedding
         assert torch.allclose(cosine, 1 - (e_sr * e_hr).sum(1).mean(), atol=1e-6)
+        # Two nets: the mean of their terms; the precomputed HR embeddings belong to the first.
+        two = IdentityPreservingLoss([identity_net, identity_net], embedding_loss="mse")
+        assert torch.allclose(two(sr, hr).embedding, mse)
+        shifted = two(sr, hr, hr_embedding=e_hr + 0.1).embedding
+        assert torch.allclose(shifted, (((e_sr - e_hr - 0.1) ** 2).mean() + mse) / 2)
         pixel_only = IdentityPreservingLoss(None, beta=5.0, embedding_loss="none")(sr, hr)
         assert pixel_only.embedding == 0 and torch.allclose(pixel_only.total, 5.0 * terms.pixel)
         assert IdentityPreservingLoss(identity_net)(hr, hr).total == 0
@@ -92,7 +99,7 @@ def test_loss_components(identity_net, orl):
 def test_distance_gradient_is_finite_at_a_perfect_reconstruction(identity_net, orl):
     hr = orl[0][:2]
     sr = hr.clone().requires_grad_(True)
-    IdentityPreservingLoss(identity_net)(sr, hr).total.backward()
+    IdentityPreservingLoss(identity_net, embedding_loss="distance")(sr, hr).total.backward()
     assert torch.isfinite(sr.grad).all()
 
 
@@ -100,7 +107,7 @@ def test_step_splits_the_gradient_and_matches_plain_backward(identity_net, orl):
     """training_step sends d(L_emb)/dSR + d(beta L_pix)/dSR through the generator once: the same parameter update
     as L.backward(), and the two norms say how much each term pushes (Eq. 2: the identity term is alive)."""
     hr = orl[0][:4]
-    loss_fn = IdentityPreservingLoss(identity_net)
+    loss_fn = IdentityPreservingLoss(identity_net, embedding_loss="distance")
 
     def run(split: bool):
         torch.manual_seed(0)
@@ -138,7 +145,7 @@ def test_view_jitter_gives_pairs_one_view_and_keeps_identity(identity_net, orl):
         similarity = (identity_net(sr_view) * identity_net(faces)).sum(1)
     assert similarity.min() > 0.7, similarity  # a small change of view, not a different face
     with torch.no_grad():
-        jittered = IdentityPreservingLoss(identity_net, jitter=0.05)(faces, faces)
+        jittered = IdentityPreservingLoss(identity_net, embedding_loss="distance", jitter=0.05)(faces, faces)
     assert jittered.embedding == 0  # the same view of identical faces
     with pytest.raises(ValueError, match="jitter"):
         IdentityPreservingLoss(identity_net, jitter=0.6)
@@ -149,7 +156,7 @@ def test_short_cpu_training_decreases_the_loss(identity_net, orl):
     torch.manual_seed(0)
     faces = orl[0][::25]  # 16 faces of 16 people
     generator = UNetGenerator(base_channels=8)
-    loss_fn, optimizer = IdentityPreservingLoss(identity_net), make_optimizer(generator)
+    loss_fn, optimizer = IdentityPreservingLoss(identity_net, embedding_loss="distance"), make_optimizer(generator)
     degradation, rng = MultiScaleDegradation(), torch.Generator().manual_seed(0)
     losses = []
     for _ in range(30):
