@@ -89,6 +89,13 @@ def leave_one_out_rank1(embeddings: torch.Tensor, labels: torch.Tensor) -> float
     return rank1(similarity, labels, labels)
 
 
+def fidelity(images: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: PSNR in dB and SSIM against ``reference`` ([-1, 1] NCHW), both [N]."""
+    images, reference = images.float(), reference.float()
+    per_image = peak_signal_noise_ratio(images, reference, data_range=2.0, reduction="none", dim=(1, 2, 3))
+    return per_image, structural_similarity_index_measure(images, reference, data_range=2.0, reduction="none")
+
+
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB for [-1, 1] images."""
     return float(peak_signal_noise_ratio(images.float(), reference.float(), data_range=2.0))

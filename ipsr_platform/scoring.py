@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ipsr_model.degradation import degrade, format_size
-from ipsr_model.metrics import cosine_similarity, probe_ranks
+from ipsr_model.degradation import degrade, format_size, resize
+from ipsr_model.metrics import cosine_similarity, fidelity, probe_ranks
 from ipsr_platform import console
 from ipsr_platform.protocols import ProbeColumn, Protocol
 
@@ -32,6 +32,17 @@ class Method:
     group: str | None = None  # models given as GROUP=SPEC are seeds of one configuration (seed_table)
 
 
+class SampleGrid(NamedTuple):
+    rows: list[str]  # the identity of each sample probe
+    columns: list[tuple[str, torch.Tensor]]  # (title, [rows, 3, 128, 128]) left to right
+
+
+class Scores(NamedTuple):
+    ranks: dict[tuple[str, str, str], torch.Tensor]  # (recognizer, method, column) → [P] rank of the true identity
+    samples: dict[str, SampleGrid]  # column → its first probes as LR input | each method | HR
+    fidelity: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]  # (method, column) → [P] PSNR dB, [P] SSIM
+
+
 @torch.no_grad()
 def _embed(recognizer: Embedder, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([F.normalize(recognizer(chunk).float(), dim=1) for chunk in images.split(batch_size)])
@@ -44,10 +55,10 @@ def _restore(method: Method, images: torch.Tensor, batch_size: int) -> torch.Ten
 
 @torch.no_grad()
 def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embedder], *, batch_size: int = 32,
-          concat_bicubic: bool = False, grid_faces: int = 0, progress: bool = True,
-          ) -> tuple[dict[tuple[str, str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
+          concat_bicubic: bool = False, grid_faces: int = 0, progress: bool = True) -> Scores:
     """Per (recognizer, method label, column) the rank of every probe's true identity (0 = rank-1 hit; the CMC,
-    intervals and paired tests all derive from it) and, per column, sample images per method (first faces).
+    intervals and paired tests all derive from it), per column sample images per method (first faces), and for
+    degraded HR probes each restored face's PSNR and SSIM against its HR original (bicubic and every model).
 
     With ``concat_bicubic`` a generator's probe embedding is [bicubic ; SR] (each L2-normalised) and its gallery
     embedding [HR ; HR] (SCface protocol 2: [bicubic ; SR] of the gallery too), as the paper does for SCface.
@@ -71,7 +82,8 @@ def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embe
     } if any(m.label == HR for m in methods) else {}  # fmt: skip
 
     results: dict[tuple[str, str, str], torch.Tensor] = {}
-    samples: dict[str, list[torch.Tensor]] = {}
+    samples: dict[str, SampleGrid] = {}
+    quality: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     total = sum(len(column.images) for column in protocol.columns)
     bar = console.progress(f"evaluate {protocol.name}", total, "probes") if progress else None
     with bar or contextlib.nullcontext(lambda n: None) as advance:
@@ -82,7 +94,11 @@ def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embe
                 chunk = column.images[start : start + batch_size]
                 images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
                 if start == 0 and grid_faces:
-                    samples[column.name] = [images.get(m.label, chunk)[:grid_faces] for m in methods]
+                    samples[column.name] = _sample_grid(protocol, column, chunk[:grid_faces],
+                                                        {k: v[:grid_faces] for k, v in images.items()})
+                if column.size is not None:  # the probes are HR originals: fidelity of what the recognizer sees
+                    for label, restored in images.items():
+                        quality.setdefault((label, column.name), []).append(fidelity(restored, chunk))
                 for rec_name, recognizer in recognizers.items():
                     embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
                     for label, value in embedded.items():
@@ -96,7 +112,18 @@ def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embe
                     similarity = cosine_similarity(queries, gallery[rec_name, method.label])
                     results[rec_name, method.label, column.name] = probe_ranks(similarity, column.labels,
                                                                                protocol.gallery_labels)
-    return results, samples
+    measured = {key: (torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])) for key, parts in quality.items()}
+    return Scores(results, samples, measured)
+
+
+def _sample_grid(protocol: Protocol, column: ProbeColumn, hr: torch.Tensor, restored: dict[str, torch.Tensor]) -> SampleGrid:
+    """What a reader needs to judge a restoration: the pixels the model was given (nearest-neighbour enlarged, so
+    the low resolution shows), bicubic, every model, and the HR original when there is one."""
+    rows = [protocol.identities[i] for i in column.labels[: len(hr)].tolist()]
+    if column.size is None:  # natural low-resolution probes (SCface): no HR original exists
+        return SampleGrid(rows, [("probe" if label == BICUBIC else label, images) for label, images in restored.items()])
+    low = F.interpolate(resize(hr, column.size), size=hr.shape[-2:], mode="nearest").clamp(-1, 1)
+    return SampleGrid(rows, [(f"LR {column.name}", low), *restored.items(), ("HR", hr)])
 
 
 def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, float]]:
@@ -116,6 +143,6 @@ def rank1_by_size(recognizer: Embedder, gallery: torch.Tensor, probes: torch.Ten
     columns = [ProbeColumn(format_size(size), probes, labels, size) for size in sizes]
     protocol = Protocol("ar", gallery, labels, columns, [str(i) for i in labels.tolist()])
     methods = [Method(HR), Method("model", restore) if restore is not None else Method(BICUBIC)]
-    table = rank1_table(score(protocol, methods, {"r": recognizer}, progress=False)[0], "r", methods,
+    table = rank1_table(score(protocol, methods, {"r": recognizer}, progress=False).ranks, "r", methods,
                         [c.name for c in columns])
     return {"HR": table[HR][columns[0].name]} | {c.name: table[methods[1].label][c.name] for c in columns}

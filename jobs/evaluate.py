@@ -197,14 +197,23 @@ def report_tables(summary: dict[str, Any]) -> list[tuple[str, str, list[str], li
             rows = [[group, str(len(row[columns[0]]["seeds"])), *(format_seed_cell(row[c]) for c in columns)]
                     for group, row in seeds.items()]
             tables.append((rec_name, "seed groups", ["group", "seeds", *columns], rows))
+    if fidelity := summary["fidelity"]:  # degraded HR probes: how close each restoration is to the original
+        rows = [[label, *(f"{row[c]['psnr']:.2f} / {row[c]['ssim']:.3f}" for c in columns)] for label, row in fidelity.items()]
+        tables.append(("", "fidelity", ["method", *columns], rows))
     return tables
+
+
+def table_title(rec_name: str, kind: str) -> str:
+    if kind == "fidelity":
+        return "PSNR dB / SSIM against HR (mean over probes)"
+    return f"{kind.capitalize()} — {RECOGNIZER_TITLES[rec_name]}"
 
 
 def _markdown(summary: dict[str, Any], config: EvaluateConfig, methods: list[Method]) -> str:
     lines = [f"# ipsr evaluate — {summary['protocol']} on {config.data}", "", summary["note"], "",
              SIGNIFICANCE_NOTE, ""]
     for rec_name, kind, header, rows in report_tables(summary):
-        title = f"{kind.capitalize()} — {RECOGNIZER_TITLES[rec_name]}"
+        title = table_title(rec_name, kind)
         lines += [f"{title}: {SEEDS_NOTE}" if kind == "seed groups" else f"## {title}", "",
                   "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
@@ -259,15 +268,27 @@ def _plot_cmc(path: Path, summary: dict[str, Any], curves: dict, methods: list[M
     plt.close(fig)
 
 
-def _save_grid(path: Path, images: list[torch.Tensor]) -> None:
-    """Rows = faces, columns = methods (in table order)."""
-    from torchvision.utils import make_grid
+def _save_grid(path: Path, grid) -> None:
+    """A labelled sample grid (``scoring.SampleGrid``): a header row of column titles, a face per row, its identity
+    at the left."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from ipsr_model.images import to_pil
 
-    stacked = torch.stack(images, dim=1).flatten(0, 1)  # face-major: each row is one face across methods
-    grid = make_grid(stacked, nrow=len(images), padding=2, pad_value=1.0)
-    to_pil(grid[None])[0].save(path)
+    side, pad, header = 128, 4, 20
+    font = ImageFont.load_default(size=11)
+    label_width = max(60, *(int(font.getlength(name)) + 2 * pad for name in grid.rows))
+    canvas = Image.new("RGB", (label_width + len(grid.columns) * (side + pad), header + len(grid.rows) * (side + pad)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, (title, images) in enumerate(grid.columns):
+        x = label_width + j * (side + pad)
+        draw.text((x + side / 2, header / 2), title[:22], fill="black", font=font, anchor="mm")
+        for i, face in enumerate(to_pil(images)):
+            canvas.paste(face, (x, header + i * (side + pad)))
+    for i, name in enumerate(grid.rows):
+        draw.text((pad, header + i * (side + pad) + side / 2), name, fill="black", font=font, anchor="lm")
+    canvas.save(path)
 
 
 def write_outputs(out: Path, protocol, config, methods, results, samples, summary) -> None:
@@ -276,12 +297,12 @@ def write_outputs(out: Path, protocol, config, methods, results, samples, summar
     (out / "table.md").write_text(_markdown(summary, config, methods))
     _write_csv(out / "results.csv", results, summary)
     _plot_cmc(out / "cmc.png", summary, curves, methods)
-    for column, images in samples.items():
-        _save_grid(out / f"samples_{column}.png", images)
+    for column, grid in samples.items():
+        _save_grid(out / f"samples_{column}.png", grid)
     cmc = {"/".join(key): curve.tolist() for key, curve in curves.items()}
     payload = {"protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
                "methods": summary["methods"], "rank1": summary["rank1"], "statistics": summary["statistics"],
-               "seed_groups": summary["seed_groups"], "cmc": cmc}
+               "seed_groups": summary["seed_groups"], "fidelity": summary["fidelity"], "cmc": cmc}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 
 
@@ -295,22 +316,47 @@ def _default_output(protocol: str) -> Path:
 # ------------------------------------------------------------------------------------------------- registry
 
 
+def paired_evidence(results: dict, recognizer: str, label: str, columns: list[str]) -> dict:
+    """``label`` against bicubic on every (probe, column) pair of the evaluation: pooled rank-1 with its 95 % Wilson
+    interval for both, and the exact McNemar test — what says whether a difference of means is more than noise."""
+    model = torch.cat([results[recognizer, label, c] == 0 for c in columns])
+    bicubic = torch.cat([results[recognizer, BICUBIC, c] == 0 for c in columns])
+    only_model, only_bicubic, p = mcnemar_exact(model, bicubic)
+    probes = len(results[recognizer, BICUBIC, columns[0]])
+    return {"pairs": len(model), "probes": probes, "columns": len(columns), "only_model": only_model,
+            "only_bicubic": only_bicubic, "p": p, "model_rank1": float(model.float().mean()),
+            "bicubic_rank1": float(bicubic.float().mean()),
+            "model_ci95": wilson_interval(int(model.sum()), len(model)),
+            "bicubic_ci95": wilson_interval(int(bicubic.sum()), len(bicubic))}
+
+
+def _evidence_text(e: dict) -> str:
+    (ml, mh), (bl, bh) = e["model_ci95"], e["bicubic_ci95"]
+    return (f"{e['probes']} probes × {e['columns']} columns: pooled rank-1 {e['model_rank1']:.3f} (95 % CI "
+            f"{ml:.3f}–{mh:.3f}) vs bicubic {e['bicubic_rank1']:.3f} ({bl:.3f}–{bh:.3f}), exact McNemar p = {e['p']:.2g}")
+
+
 def promotion_decision(candidate: tuple[str, float], bicubic: float, champion: tuple[str, float] | None,
-                       metric: str) -> tuple[bool, str]:
+                       metric: str, evidence: dict | None = None) -> tuple[bool, str]:
     """Whether the candidate ``(name, score)`` may become champion, and why: it must beat bicubic on the same
-    evaluation (a model worse than its own input is never served as the best one) and the current champion
-    ``(name, score)``, if any; ties keep what is there."""
+    evaluation (a model worse than its own input is never served as the best one) — significantly, when the
+    per-probe ``evidence`` (``paired_evidence``) is given — and the current champion ``(name, score)``, if any;
+    ties keep what is there."""
     (name, score) = candidate
+    detail = f" ({_evidence_text(evidence)})" if evidence else ""
     if score <= bicubic:
-        return False, f"{metric}: {name} {score:.4f} does not beat bicubic {bicubic:.4f}"
+        return False, f"{metric}: {name} {score:.4f} does not beat bicubic {bicubic:.4f}{detail}"
+    if evidence and not (evidence["p"] < 0.05 and evidence["only_model"] > evidence["only_bicubic"]):
+        return False, f"{metric}: {name} {score:.4f} is not significantly better than bicubic {bicubic:.4f}{detail}"
     if champion is None:
-        return True, f"no champion yet; {metric}: {name} {score:.4f} beats bicubic {bicubic:.4f}"
+        return True, f"no champion yet; {metric}: {name} {score:.4f} beats bicubic {bicubic:.4f}{detail}"
     verdict = "beats" if score > champion[1] else "does not beat"
-    return score > champion[1], f"{metric}: {name} {score:.4f} {verdict} {champion[0]} {champion[1]:.4f} (bicubic {bicubic:.4f})"
+    return score > champion[1], (f"{metric}: {name} {score:.4f} {verdict} {champion[0]} {champion[1]:.4f} "
+                                 f"(bicubic {bicubic:.4f}){detail}")
 
 
-def promote(config: EvaluateConfig, protocol: Protocol, tables: dict, methods: list[Method], versions: dict[str, str],
-            run_id: str, uri: str) -> dict:
+def promote(config: EvaluateConfig, protocol: Protocol, results: dict, tables: dict, methods: list[Method],
+            versions: dict[str, str], run_id: str, uri: str) -> dict:
     """Move ``champion`` to ``candidate`` when ``promotion_decision`` allows it (``--promote-recognizer``'s mean
     rank-1). ``versions``: spec → registered version of every model loaded. Fails closed: a registry error, or a
     champion that moved while this evaluation ran, stops it."""
@@ -324,12 +370,14 @@ def promote(config: EvaluateConfig, protocol: Protocol, tables: dict, methods: l
     metric = f"mean rank-1 over {protocol.name} {', '.join(c.name for c in protocol.columns)} with {rec_name}"
     table = tables[rec_name]
     score, bicubic = table[label[cand_v]]["mean"], table[BICUBIC]["mean"]
-    decision = {"metric": metric, "candidate": cand_v, "candidate_score": score, "bicubic_score": bicubic}
+    evidence = paired_evidence(results, rec_name, label[cand_v], [c.name for c in protocol.columns])
+    decision = {"metric": metric, "candidate": cand_v, "candidate_score": score, "bicubic_score": bicubic,
+                "evidence": evidence}
     if champ_v == cand_v:
         promoted, why = False, f"candidate v{cand_v} already is the champion"
     else:
         rival = (f"champion v{champ_v}", table[label[champ_v]]["mean"]) if champ_v else None
-        promoted, why = promotion_decision((f"candidate v{cand_v}", score), bicubic, rival, metric)
+        promoted, why = promotion_decision((f"candidate v{cand_v}", score), bicubic, rival, metric, evidence)
         decision |= {"champion": champ_v, "champion_score": rival[1]} if rival else {}
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if promoted:
@@ -361,14 +409,17 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     protocol = build_protocol(config)
     methods = load_methods(protocol, loaded)
     recognizers = build_recognizers(config)
-    results, samples = score(protocol, methods, recognizers, batch_size=config.batch_size,
-                             concat_bicubic=config.concat, grid_faces=config.grid_faces)
+    results, samples, quality = score(protocol, methods, recognizers, batch_size=config.batch_size,
+                                      concat_bicubic=config.concat, grid_faces=config.grid_faces)
     columns = [c.name for c in protocol.columns]
     tables = {r: rank1_table(results, r, methods, columns) for r in recognizers}
     stats = {r: statistics(results, r, methods, columns) for r in recognizers}
     seeds = {r: seed_table(stats[r], methods, columns) for r in recognizers}
+    fidelity = {label: {c: {"psnr": float(q[0].mean()), "ssim": float(q[1].mean())} for (m, c), q in quality.items()
+                        if m == label} for label in dict.fromkeys(m for m, _ in quality)}
     summary = {"protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables,
-               "statistics": stats, "seed_groups": seeds, "methods": {m.label: m.spec for m in methods}}
+               "statistics": stats, "seed_groups": seeds, "fidelity": fidelity,
+               "methods": {m.label: m.spec for m in methods}}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -401,7 +452,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
                 evals = {f"eval.{protocol.name}.{r}.mean_rank1": f"{tables[r][label]['mean']:.4f}" for r in tables}
                 tracking.tag_version(model.name, model.version, evals | {f"eval.{protocol.name}.run_id": run_id}, uri)
         versions = {g.spec: g.version for _, g in loaded}
-        decision = promote(config, protocol, tables, methods, versions, run_id, uri) if config.promote else None
+        decision = promote(config, protocol, results, tables, methods, versions, run_id, uri) if config.promote else None
         if decision:
             client.set_tag(run_id, "ipsr.promotion", json.dumps(decision))
     except BaseException:
@@ -420,7 +471,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     screen.print(f"[bold]{summary['protocol']}[/]: {summary['note']}")
     for rec_name, kind, header, rows in report_tables(summary):
         right = [Column(c, justify="right") for c in header[1:]]
-        view = Table(header[0], *right, title=f"{kind} — {RECOGNIZER_TITLES[rec_name]}")
+        view = Table(header[0], *right, title=table_title(rec_name, kind))
         for row in rows:
             view.add_row(*row)
         screen.print(view)

@@ -137,7 +137,16 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     assert 0 < cell["p_vs_bicubic"] <= 1 and cell["n"] == 40
     table = (out / "table.md").read_text()
     assert "| bicubic |" in table and " ±0." in table and "McNemar" in table
-    assert Image.open(out / "cmc.png").size[0] > 0 and Image.open(out / "samples_11x8.png").size[0] > 0
+    assert Image.open(out / "cmc.png").size[0] > 0
+    # Fidelity against HR: bicubic and the model per size, in results.json and table.md; PSNR grows with the size.
+    fidelity = json.loads((out / "results.json").read_text())["fidelity"]
+    assert list(fidelity) == ["bicubic", "tiny_unet"] and list(fidelity["bicubic"]) == sizes
+    assert 10 < fidelity["bicubic"]["11x8"]["psnr"] < fidelity["bicubic"]["32x32"]["psnr"] < 60
+    assert 0 < fidelity["bicubic"]["11x8"]["ssim"] < fidelity["bicubic"]["32x32"]["ssim"] <= 1
+    assert "PSNR dB / SSIM against HR" in table and f"{fidelity['tiny_unet']['16x12']['psnr']:.2f} / " in table
+    # Sample grids: a title row, then LR input | bicubic | the model | HR for each of the first probes.
+    grid = Image.open(out / "samples_11x8.png")
+    assert grid.size[0] > 4 * 128 and (grid.size[1] - 20) % 132 == 0 and grid.size[1] > 128
 
     run_data = tracking.client().get_run(summary["mlflow_run_id"])
     assert run_data.info.status == "FINISHED"
@@ -190,6 +199,14 @@ def test_promotion_decision_needs_bicubic_and_the_champion_beaten():
     assert promoted and "beats champion v2" in why
     # Better than a poor champion is not enough when bicubic is better still.
     assert not promotion_decision(("candidate v3", 0.60), 0.70, ("champion v2", 0.50), metric)[0]
+    # With per-probe evidence a higher mean must also be a significant paired gain, and the verdict says so.
+    evidence = {"probes": 90, "columns": 2, "only_model": 9, "only_bicubic": 4, "p": 0.27, "model_rank1": 0.72,
+                "bicubic_rank1": 0.70, "model_ci95": (0.65, 0.78), "bicubic_ci95": (0.63, 0.76)}
+    promoted, why = promotion_decision(("candidate v2", 0.72), 0.70, None, metric, evidence)
+    assert not promoted and "not significantly better than bicubic" in why and "90 probes × 2 columns" in why
+    assert "95 % CI 0.650–0.780" in why and "p = 0.27" in why
+    promoted, why = promotion_decision(("candidate v2", 0.72), 0.70, None, metric, evidence | {"p": 0.01})
+    assert promoted and "beats bicubic" in why
 
 
 def test_promotion_never_serves_a_model_worse_than_bicubic(home_with_weights, att_faces, trained, tmp_path):
@@ -239,10 +256,13 @@ def test_promotion_fails_closed(home_with_weights, att_faces, monkeypatch):
     methods = [Method(BICUBIC)] + [Method(m.label, m.module, m.spec, m) for m in loaded]
     tables = {"sface": {BICUBIC: {"mean": 0.5}, "ipsr-unet-v3": {"mean": 0.9}, "ipsr-unet-v1": {"mean": 0.6}}}
     versions = {m.spec: m.version for m in loaded}
-    protocol = build_protocol(config(data=str(att_faces), identities="s1,s2", sizes="16x12"))
+    protocol = build_protocol(config(data=str(att_faces), protocol="folder", identities="s1,s2", sizes="16x12"))
+    probes = len(protocol.columns[0].labels)  # the candidate gets every probe right, bicubic none: significant
+    results = {("sface", BICUBIC, "16x12"): torch.ones(probes), ("sface", "ipsr-unet-v3", "16x12"): torch.zeros(probes)}
     tracking.set_alias("ipsr-unet", "champion", "2")  # someone promoted v2 meanwhile
     with pytest.raises(UserError, match="moved to v2 while this evaluation compared against v1"):
-        promote(config(data="x", promote=True), protocol, tables, methods, versions, "run", tracking.tracking_uri())
+        promote(config(data="x", promote=True), protocol, results, tables, methods, versions, "run",
+                tracking.tracking_uri())
     assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "2"
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -275,7 +295,7 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     assert cfg.concat  # the paper's SCface setting
     protocol = build_protocol(cfg)
     assert [c.name for c in protocol.columns] == ["d1", "d2"] and not protocol.synthetic
-    results, _ = score(protocol, methods, recognizers, concat_bicubic=True)
+    results = score(protocol, methods, recognizers, concat_bicubic=True).ranks
     for ranks in results.values():
         assert_valid_cmc(cmc_from_ranks(ranks, 10), gallery_size=10)
     table = rank1_table(results, "sface", methods, ["d1", "d2"])
@@ -283,7 +303,7 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
 
     protocol2 = build_protocol(config(data=str(root), protocol="scface", gallery_group="d2"))
     assert protocol2.gallery_lr and [c.name for c in protocol2.columns] == ["d1"]
-    results2, _ = score(protocol2, methods, recognizers, concat_bicubic=True)
+    results2 = score(protocol2, methods, recognizers, concat_bicubic=True).ranks
     for ranks in results2.values():
         assert_valid_cmc(cmc_from_ranks(ranks, 10), gallery_size=10)
 
