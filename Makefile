@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DATA ?= ../shared/data/att_faces
+SHARED_DATA ?= ../shared/data
+# The demo's faces: colour CelebA faces when the shared data sits beside this checkout, else ORL, else none given:
+# `ipsr quickstart` then downloads LFW and says so (README, "Two commands").
+DATA ?= $(firstword $(wildcard $(SHARED_DATA)/celeba299 $(SHARED_DATA)/att_faces))
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart lint test clean
 
 setup: $(STAMP)
 
@@ -19,9 +22,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: setup
-	$(VENV)/bin/ipsr quickstart --data $(DATA)
+	$(VENV)/bin/ipsr quickstart $(if $(DATA),--data $(DATA))
 
-test: setup
+# The lint gate (ruff lint + format, mypy over the two lower layers), then the suite.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy ipsr_model ipsr_platform
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

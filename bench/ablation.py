@@ -80,18 +80,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True, help="an ipsr preprocess output with train/val/test")
     parser.add_argument("--work", type=Path, required=True, help="models and training logs")
     parser.add_argument("--results", type=Path, default=None, help="default: bench/ablation/<data folder name>")
-    parser.add_argument("--cpu-minutes", type=float, default=20.0, help="the budget of every run, in quiet-machine "
-                        "CPU-minutes of one core")
-    parser.add_argument("--equal-steps", type=int, default=None, help="the second view: every arm at this step "
-                        "(default: the steps the per-element MSE arm takes in the budget)")
+    parser.add_argument(
+        "--cpu-minutes",
+        type=float,
+        default=20.0,
+        help="the budget of every run, in quiet-machine CPU-minutes of one core",
+    )
+    parser.add_argument(
+        "--equal-steps",
+        type=int,
+        default=None,
+        help="the second view: every arm at this step (default: the steps the per-element MSE arm takes in the budget)",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time (one thread each)")
     parser.add_argument("--orl", type=Path, default=None, help="ORL faces: also score the chosen arm on s1–s40")
     parser.add_argument("--report", action="store_true", help="no training or scoring: tables from --results")
     parser.add_argument("--train-only", action="store_true", help="train what is missing; score nothing")
-    parser.add_argument("--score-only", default=None, metavar="I/N", help="score shard I of N of the finished "
-                        "models that have no result, then exit (what the main process runs beside training)")
+    parser.add_argument(
+        "--score-only",
+        default=None,
+        metavar="I/N",
+        help="score shard I of N of the finished "
+        "models that have no result, then exit (what the main process runs beside training)",
+    )
     args = parser.parse_args(argv)
     args.results = args.results or HERE / "ablation" / args.data.resolve().name
     args.seed_list = [int(s) for s in args.seeds.split(",")]
@@ -116,12 +129,15 @@ def calibrate(args: argparse.Namespace, rounds: int = 3) -> dict[str, float]:
     if path.exists():
         return json.loads(path.read_text())["cpu_s_per_step"]
     sys.path.insert(0, str(HERE))
-    from train_cpu import Trainer, parse_args as train_args
+    from train_cpu import Trainer
+    from train_cpu import parse_args as train_args
 
     print("calibrating the step costs (keep the machine otherwise idle)", flush=True)
     out = str(args.work / "calibration.pt")  # never written; its folder holds the mirrored-embedding cache
-    trainers = {kind: Trainer.build(train_args(["--data", str(args.data), "--out", out, *flags]))
-                for kind, flags in STEP_KINDS.items()}
+    trainers = {
+        kind: Trainer.build(train_args(["--data", str(args.data), "--out", out, *flags]))
+        for kind, flags in STEP_KINDS.items()
+    }
     samples: dict[str, list[float]] = {kind: [] for kind in trainers}
     for r in range(rounds + 1):  # round 0 warms up
         for kind, trainer in trainers.items():
@@ -132,8 +148,15 @@ def calibrate(args: argparse.Namespace, rounds: int = 3) -> dict[str, float]:
             if r:
                 samples[kind].append((time.process_time() - cpu0) / n)
     costs = {kind: median(values) for kind, values in samples.items()}
-    _write_json(path, {"cpu_s_per_step": costs, "rounds": samples, "date": time.strftime("%Y-%m-%d"),
-                       "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread, batch 16, width 16"})
+    _write_json(
+        path,
+        {
+            "cpu_s_per_step": costs,
+            "rounds": samples,
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread, batch 16, width 16",
+        },
+    )
     return costs
 
 
@@ -150,8 +173,13 @@ def train_and_score(args: argparse.Namespace) -> None:
     """Train every (arm, seed) whose run is missing, ``--parallel`` at a time, and score finished models in a
     subprocess beside them (then, once training is done, in ``--parallel`` subprocesses), so no core waits."""
     costs = calibrate(args)
-    todo = [(arm, seed) for seed in args.seed_list for arm in args.arm_list
-            if not (args.work / f"{run_name(arm, seed)}.json").exists()]  # the log is written last: a whole run
+    todo = [
+        (arm, seed)
+        for seed in args.seed_list
+        for arm in args.arm_list
+        if not (args.work / f"{run_name(arm, seed)}.json").exists()  # the log is written last: a whole run
+        and not (args.results / f"{run_name(arm, seed)}.json").exists()
+    ]  # scored before, models since lost
     trainers: list[tuple[subprocess.Popen, str]] = []
     scorers: list[tuple[subprocess.Popen, str]] = []
     while todo or trainers or scorers or (not args.train_only and unscored(args)):
@@ -217,8 +245,14 @@ class Scorer:
         from jobs.evaluate import build_protocol, build_recognizers
 
         torch.set_num_threads(1)
-        config = EvaluateConfig(data=str(data), protocol="folder", split=view.split, sizes=",".join(view.sizes),
-                                identities=identities, recognizers=",".join(view.recognizers))
+        config = EvaluateConfig(
+            data=str(data),
+            protocol="folder",
+            split=view.split,
+            sizes=",".join(view.sizes),
+            identities=identities,
+            recognizers=",".join(view.recognizers),
+        )
         self.protocol = build_protocol(config)
         self.recognizers = build_recognizers(config)
         digest = hashlib.sha256(self.protocol.gallery.numpy().tobytes())
@@ -235,7 +269,9 @@ class Scorer:
         for method in methods:
             row = out[method.label] = {"protocol": self.fingerprint}
             for rec in self.recognizers:
-                row[rec] = {s: "".join("1" if r == 0 else "0" for r in ranks[rec, method.label, s].tolist()) for s in sizes}
+                row[rec] = {
+                    s: "".join("1" if r == 0 else "0" for r in ranks[rec, method.label, s].tolist()) for s in sizes
+                }
             if (method.label, sizes[0]) in quality:
                 row["psnr"] = {s: float(quality[method.label, s][0].mean()) for s in sizes}
                 row["ssim"] = {s: float(quality[method.label, s][1].mean()) for s in sizes}
@@ -273,15 +309,25 @@ def score_baselines(args: argparse.Namespace, view: str) -> dict:
 def candidates(args: argparse.Namespace) -> list[tuple[str, str, int, bool]]:
     """(result name, arm, seed, equal steps?) of every model the ablation scores, in a fixed order: each seed's
     equal-compute models before its equal-steps snapshots."""
-    return [(run_name(arm, seed, args.equal_steps if equal else None), arm, seed, equal) for seed in args.seed_list
-            for equal in (False, True) for arm in args.arm_list if not (equal and arm not in STEPS_ARMS)]
+    return [
+        (run_name(arm, seed, args.equal_steps if equal else None), arm, seed, equal)
+        for seed in args.seed_list
+        for equal in (False, True)
+        for arm in args.arm_list
+        if not (equal and arm not in STEPS_ARMS)
+    ]
 
 
 def unscored(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> list[tuple[str, str, int, bool]]:
     """The candidates of ``shard`` (i of n) whose run has finished and that have no result yet."""
     i, n = shard
-    return [c for k, c in enumerate(candidates(args)) if k % n == i and not (args.results / f"{c[0]}.json").exists()
-            and (args.work / f"{run_name(c[1], c[2])}.json").exists()]
+    return [
+        c
+        for k, c in enumerate(candidates(args))
+        if k % n == i
+        and not (args.results / f"{c[0]}.json").exists()
+        and (args.work / f"{run_name(c[1], c[2])}.json").exists()
+    ]
 
 
 def score_missing(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> None:
@@ -298,7 +344,7 @@ def score_missing(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> 
                    "pixel_steps": run["args"]["pixel_steps"], "args": run["args"],
                    "identity_steps": sum(1 for i in range(steps) if _identity_step(run["args"], i)),
                    "cpu_s_run": run["cpu_s"]}  # fmt: skip
-        for view in (("test_steps",) if equal_steps else ("val", "test")):
+        for view in ("test_steps",) if equal_steps else ("val", "test"):
             score_baselines(args, view)
             payload[view] = scorer(args, view)([Method(name, model.module, name)])[name]
         _write_json(args.results / f"{name}.json", payload)
@@ -307,8 +353,11 @@ def score_missing(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> 
 
 def _identity_step(run_args: dict, i: int) -> bool:
     """Whether step i of a run had the identity term (train_cpu.Trainer.with_identity)."""
-    return run_args["embedding_loss"] != "none" and i >= run_args["pixel_steps"] and (
-        (i - run_args["pixel_steps"]) % run_args["identity_every"] == 0)
+    return (
+        run_args["embedding_loss"] != "none"
+        and i >= run_args["pixel_steps"]
+        and ((i - run_args["pixel_steps"]) % run_args["identity_every"] == 0)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -322,8 +371,10 @@ def load_results(args: argparse.Namespace, equal_steps: bool) -> dict[str, list[
     """arm → its seeds' results (budget runs, or the equal-steps snapshots), in seed order; complete arms only."""
     out = {}
     for arm in args.arm_list:
-        runs = [args.results / f"{run_name(arm, seed, args.equal_steps if equal_steps else None)}.json"
-                for seed in args.seed_list]
+        runs = [
+            args.results / f"{run_name(arm, seed, args.equal_steps if equal_steps else None)}.json"
+            for seed in args.seed_list
+        ]
         if all(p.exists() for p in runs):
             out[arm] = [json.loads(p.read_text()) for p in runs]
     return out
@@ -344,9 +395,15 @@ def arm_cells(runs: list[dict], view: str, rec: str, baseline: dict, pixel: list
         rates = [b.count("1") / len(b) for b in bits]
         vs_bicubic = [compare(b, baseline["bicubic"][rec][size]) for b in bits]
         signs = {c["sign"] for c in vs_bicubic}
-        cells[size] = {"mean": fmean(rates), "std": stdev(rates) if len(rates) > 1 else 0.0, "seeds": rates,
-                       "vs_bicubic": vs_bicubic, "verdict": signs.pop() if len(signs) == 1 else "",
-                       "vs_pixel": [compare(b, p[view][rec][size]) for b, p in zip(bits, pixel)] if pixel else None}
+        cells[size] = {
+            "mean": fmean(rates),
+            # one seed: its own 95 % Wilson half-width, since a std of one number says nothing
+            "std": stdev(rates) if len(rates) > 1 else _half_width(bits[0]),
+            "seeds": rates,
+            "vs_bicubic": vs_bicubic,
+            "verdict": signs.pop() if len(signs) == 1 else "",
+            "vs_pixel": [compare(b, p[view][rec][size]) for b, p in zip(bits, pixel)] if pixel else None,
+        }
     return cells
 
 
@@ -356,9 +413,13 @@ def choose(arms: dict[str, list[dict]], baseline: dict) -> tuple[str | None, lis
     lines, best = [], (None, -1.0)
     for arm, runs in arms.items():
         cells = arm_cells(runs, "val", "sface", baseline, None)
-        worse = [f"{s} seed {r['seed']}" for s, c in cells.items() for r, t in zip(runs, c["vs_bicubic"]) if t["sign"] == "†"]
+        worse = [
+            f"{s} seed {r['seed']}" for s, c in cells.items() for r, t in zip(runs, c["vs_bicubic"]) if t["sign"] == "†"
+        ]
         value = fmean(cells[s]["mean"] for s in RULE_SIZES)
-        lines.append(f"| {ARMS[arm][0]} | {value:.4f} | {'excluded: worse at ' + ', '.join(worse) if worse else 'eligible'} |")
+        lines.append(
+            f"| {ARMS[arm][0]} | {value:.4f} | {'excluded: worse at ' + ', '.join(worse) if worse else 'eligible'} |"
+        )
         if not worse and value > best[1]:
             best = (arm, value)
     return best[0], lines
@@ -368,10 +429,13 @@ def _cell(cell: dict) -> str:
     return f"{cell['mean']:.3f} ±{cell['std']:.3f}{cell['verdict']}"
 
 
+def _half_width(bits: str) -> float:
+    low, high = wilson_interval(bits.count("1"), len(bits))
+    return (high - low) / 2
+
+
 def _baseline_cell(bits: str) -> str:
-    hits, n = bits.count("1"), len(bits)
-    low, high = wilson_interval(hits, n)
-    return f"{hits / n:.3f} ±{(high - low) / 2:.3f}"
+    return f"{bits.count('1') / len(bits):.3f} ±{_half_width(bits):.3f}"
 
 
 TITLES = {"sface": "SFace (independent: never in training or selection)", "facenet": "FaceNet (CASIA, in the loss)"}
@@ -383,10 +447,16 @@ def rank1_tables(arms: dict[str, list[dict]], view: str, baseline: dict) -> list
         if rec not in RECOGNIZERS:
             continue
         sizes = list(next(iter(arms.values()))[0][view][rec])
-        lines += [f"**{TITLES[rec]}**", "", "| method | steps | " + " | ".join(sizes) + " |",
-                  "|---|---:|" + "---:|" * len(sizes)]
+        lines += [
+            f"**{TITLES[rec]}**",
+            "",
+            "| method | steps | " + " | ".join(sizes) + " |",
+            "|---|---:|" + "---:|" * len(sizes),
+        ]
         for label in ("hr", "bicubic"):
-            lines.append(f"| {label} | – | " + " | ".join(_baseline_cell(baseline[label][rec][s]) for s in sizes) + " |")
+            lines.append(
+                f"| {label} | – | " + " | ".join(_baseline_cell(baseline[label][rec][s]) for s in sizes) + " |"
+            )
         for arm, runs in arms.items():
             cells = arm_cells(runs, view, rec, baseline, None)
             steps = "–".join(str(v) for v in sorted({min(r["steps"] for r in runs), max(r["steps"] for r in runs)}))
@@ -400,8 +470,11 @@ def fidelity_table(arms: dict[str, list[dict]], view: str, baseline: dict) -> li
         return f"{fmean(r['psnr'][size] for r in rows):.2f} / {fmean(r['ssim'][size] for r in rows):.3f}"
 
     sizes = list(baseline["bicubic"]["psnr"])
-    lines = ["| method | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes),
-             "| bicubic | " + " | ".join(cell([baseline["bicubic"]], s) for s in sizes) + " |"]
+    lines = [
+        "| method | " + " | ".join(sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+        "| bicubic | " + " | ".join(cell([baseline["bicubic"]], s) for s in sizes) + " |",
+    ]
     for arm, runs in arms.items():
         lines.append(f"| {ARMS[arm][0]} | " + " | ".join(cell([r[view] for r in runs], s) for s in sizes) + " |")
     return lines + [""]
@@ -412,7 +485,8 @@ def per_seed_tests(arms: dict[str, list[dict]], view: str, baseline: dict) -> li
     pixel = arms.get(PIXEL)
     recognizers = [r for r in next(iter(arms.values()))[0][view] if r in RECOGNIZERS]
     sizes = list(next(iter(arms.values()))[0][view][recognizers[0]])
-    lines = ["| arm | recognizer | " + " | ".join(f"{s} vs bicubic" for s in sizes) + " | 11x8 vs pixel | 16x12 vs pixel |",
+    versus = " | ".join(f"{s} vs bicubic" for s in sizes)
+    lines = ["| arm | recognizer | " + versus + " | 11x8 vs pixel | 16x12 vs pixel |",
              "|---|---|" + "---|" * (len(sizes) + 2)]  # fmt: skip
     for arm, runs in arms.items():
         for rec in recognizers:
@@ -422,8 +496,13 @@ def per_seed_tests(arms: dict[str, list[dict]], view: str, baseline: dict) -> li
                 return " ".join(f"{t['p']:.2g}{t['sign']}" for t in tests)
 
             versus = [fmt(cells[s]["vs_pixel"]) if cells[s]["vs_pixel"] else "–" for s in ("11x8", "16x12")]
-            lines.append(f"| {ARMS[arm][0]} | {rec} | " + " | ".join(fmt(cells[s]["vs_bicubic"]) for s in sizes)
-                         + " | " + " | ".join(versus) + " |")
+            lines.append(
+                f"| {ARMS[arm][0]} | {rec} | "
+                + " | ".join(fmt(cells[s]["vs_bicubic"]) for s in sizes)
+                + " | "
+                + " | ".join(versus)
+                + " |"
+            )
     return lines + [""]
 
 
@@ -440,14 +519,19 @@ def report(args: argparse.Namespace) -> str:
              "| arm | mean SFace rank-1, " + ", ".join(RULE_SIZES) + " | |", "|---|---:|---|", *rule, "",
              f"**Chosen: {ARMS[chosen][0] if chosen else 'none (every arm is worse than bicubic somewhere)'}**", "",
              "### Equal compute — test identities", "",
-             "Rank-1, mean ± std over seeds; `*`/`†` better/worse than bicubic in every seed (exact McNemar p < 0.05); "
-             "hr/bicubic ± half-width of the 95 % Wilson interval.", ""]  # fmt: skip
+             "Rank-1, mean ± std over seeds (one seed: ± half-width of its 95 % Wilson interval); `*`/`†` "
+             "better/worse than bicubic in every seed (exact McNemar p < 0.05); hr/bicubic ± half-width of the 95 % "
+             "Wilson interval.", ""]  # fmt: skip
     lines += rank1_tables(budget, "test", test)
-    lines += ["PSNR dB / SSIM against HR (test, mean over probes and seeds):", ""] + fidelity_table(budget, "test", test)
+    lines += ["PSNR dB / SSIM against HR (test, mean over probes and seeds):", ""] + fidelity_table(
+        budget, "test", test
+    )
     lines += ["Per-seed exact McNemar p (test; `*` better, `†` worse), seeds in order:", ""]
     lines += per_seed_tests(budget, "test", test)
     if steps:
-        lines += [f"### Equal steps ({args.equal_steps}) — test identities", ""] + rank1_tables(steps, "test_steps", test)
+        lines += [f"### Equal steps ({args.equal_steps}) — test identities", ""] + rank1_tables(
+            steps, "test_steps", test
+        )
         lines += per_seed_tests(steps, "test_steps", test)
     if chosen and args.orl:
         lines += orl_check(args, chosen)
@@ -468,8 +552,12 @@ def orl_check(args: argparse.Namespace, arm: str) -> list[str]:
     budget = [json.loads((args.results / f"{run_name(arm, seed)}.json").read_text()) for seed in args.seed_list]
     runs = [{"orl": scored[run_name(arm, r["seed"])], "seed": r["seed"], "steps": r["steps"]} for r in budget]
     lines = [f"### {ARMS[arm][0]} (trained on CelebA only) on ORL s1–s40: {scored['bicubic']['protocol']}", ""]
-    return (lines + rank1_tables({arm: runs}, "orl", scored) + ["PSNR dB / SSIM against HR (ORL):", ""]
-            + fidelity_table({arm: runs}, "orl", scored))
+    return (
+        lines
+        + rank1_tables({arm: runs}, "orl", scored)
+        + ["PSNR dB / SSIM against HR (ORL):", ""]
+        + fidelity_table({arm: runs}, "orl", scored)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

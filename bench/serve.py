@@ -49,45 +49,62 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="ipsr-bench-serve-"))
     atexit.register(shutil.rmtree, home, ignore_errors=True)  # no run leaves its registry and gallery behind
-    from ipsr_model.weights import _classify, fetch_identity_weights
+    from ipsr_model.weights import classify_source, fetch_identity_weights
 
     weights = args.identity_weights
-    if _classify(weights) not in ("path", "none"):
+    if classify_source(weights) not in ("path", "none"):
         weights = str(fetch_identity_weights(weights))  # before $IPSR_HOME moves to the scratch home
-    os.environ.update(IPSR_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
-                      IPSR_SERVE_TOKEN=TOKEN, RAY_AUTH_MODE="disabled")
+    os.environ.update(
+        IPSR_HOME=str(home),
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+        IPSR_SERVE_TOKEN=TOKEN,
+        RAY_AUTH_MODE="disabled",
+    )
 
     import ray
     import requests
+    import torch
     from ray import serve
 
     from ipsr_model.unet import UNetGenerator
     from ipsr_platform.config import ServeConfig
     from serving.app import build_app
 
-    import torch
-
     torch.manual_seed(0)
     version = register(UNetGenerator(args.base_channels).eval())
     gallery, probes = load_orl(args.data)
 
-    ray.init(num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=False
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-    common = dict(identity_weights=weights, device=args.device, cpus_per_replica=args.cpus / 2, torch_threads=args.cpus,
-                  gpus_per_replica=0.5 if args.device == "cuda" else 0.0, max_ongoing_requests=max(64, max(levels)),
-                  max_queued_requests=1024, batch_wait_timeout_s=0.005)
+    common = dict(
+        identity_weights=weights,
+        device=args.device,
+        cpus_per_replica=args.cpus / 2,
+        torch_threads=args.cpus,
+        gpus_per_replica=0.5 if args.device == "cuda" else 0.0,
+        max_ongoing_requests=max(64, max(levels)),
+        max_queued_requests=1024,
+        batch_wait_timeout_s=0.005,
+    )
     variants = {"batched": args.batch_size, "unbatched": 1}
     for name, size in variants.items():
         serve.run(build_app(ServeConfig(**common, max_batch_size=size), name=name), name=name, route_prefix=f"/{name}")
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
     files = [("image", (f"{s}.pgm", data)) for s, data in gallery.items()]
-    r = requests.post(f"{base}/batched/v1/galleries/orl/enroll", params={"aligned": "true"}, files=files,
-                      data=[("identity", s) for s in gallery], headers=auth, timeout=300)
+    r = requests.post(
+        f"{base}/batched/v1/galleries/orl/enroll",
+        params={"aligned": "true"},
+        files=files,
+        data=[("identity", s) for s in gallery],
+        headers=auth,
+        timeout=300,
+    )
     r.raise_for_status()
 
     results: dict[tuple[str, int], dict] = {}
@@ -97,19 +114,26 @@ def main() -> None:
             run_load(url, auth, probes, level, args.warmup)  # warm-up, discarded
             results[name, level] = run_load(url, auth, probes, level, args.seconds)
             r = results[name, level]
-            print(f"{name:9s} c={level:2d}: {r['rps']:7.2f} probes/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
-                  f"({r['n']} requests, {r['errors']} errors)", flush=True)
+            print(
+                f"{name:9s} c={level:2d}: {r['rps']:7.2f} probes/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
+                f"({r['n']} requests, {r['errors']} errors)",
+                flush=True,
+            )
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\nmachine: {os.cpu_count()} CPUs ({cpu_name()}), device {args.device}; model version {version}, width "
-          f"{args.base_channels}; batched max_batch_size {args.batch_size}\n")
+    print(
+        f"\nmachine: {os.cpu_count()} CPUs ({cpu_name()}), device {args.device}; model version {version}, width "
+        f"{args.base_channels}; batched max_batch_size {args.batch_size}\n"
+    )
     print("| concurrency | batched probes/s | p50 / p99 ms | unbatched probes/s | p50 / p99 ms | ratio |")
     print("|---|---|---|---|---|---|")
     for level in levels:
         b, u = results["batched", level], results["unbatched", level]
-        print(f"| {level} | {b['rps']:.1f} | {b['p50']:.0f} / {b['p99']:.0f} | {u['rps']:.1f} | "
-              f"{u['p50']:.0f} / {u['p99']:.0f} | **{b['rps'] / u['rps']:.2f}** |")
+        print(
+            f"| {level} | {b['rps']:.1f} | {b['p50']:.0f} / {b['p99']:.0f} | {u['rps']:.1f} | "
+            f"{u['p50']:.0f} / {u['p99']:.0f} | **{b['rps'] / u['rps']:.2f}** |"
+        )
 
 
 def cpu_name() -> str:
@@ -131,8 +155,9 @@ def register(generator) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.pytorch.log_model(generator, name="generator", input_example=torch.zeros(2, 3, 128, 128).numpy(),
-                                        serialization_format="pt2")
+        info = mlflow.pytorch.log_model(
+            generator, name="generator", input_example=torch.zeros(2, 3, 128, 128).numpy(), serialization_format="pt2"
+        )
     return tracking.register(info.model_uri, "ipsr-unet", alias="champion", uri=uri)
 
 
@@ -188,8 +213,11 @@ def run_load(url: str, auth: dict, probes: list[bytes], concurrency: int, second
     elapsed = min(time.perf_counter(), deadline) - started
     ordered = sorted(latencies) or [float("nan")]
     return {
-        "n": len(latencies), "errors": errors[0], "rps": len(latencies) / elapsed,
-        "p50": statistics.median(ordered), "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "n": len(latencies),
+        "errors": errors[0],
+        "rps": len(latencies) / elapsed,
+        "p50": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
     }
 
 

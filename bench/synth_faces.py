@@ -6,7 +6,8 @@
 
 Layout as VGGFace2 ships it: ``OUT/train/nNNNNNN/NNNN_NN.jpg`` (JPEG q90, longest side 200–300 px, the face 55–85 %
 of it, on a smooth random background), ~360 images per identity, plus ``OUT/train_list.txt``
-(``nNNNNNN/NNNN_NN.jpg`` per line, relative to ``OUT/train``). Each identity starts from one real face (ORL's 400 + the four colour portraits, cycled), and each image
+(``nNNNNNN/NNNN_NN.jpg`` per line, relative to ``OUT/train``). Each identity starts from one real face (ORL's 400
++ the four colour portraits, cycled), and each image
 is a new random view of it: flip, rotation ±8°, scale, shift, brightness/contrast/colour jitter, so MTCNN works as
 hard as on real photos of that size. Every image is a pure function of (seed, index): reruns and parallel workers
 write the same bytes. The faces are not new *people* — identity is the folder — which is all a throughput and
@@ -69,7 +70,9 @@ def render(index: int, per_identity: int, seed: int, sides: tuple[int, int] = (2
     face = face.resize((max(1, round(face.width * scale)), max(1, round(face.height * scale))), Image.BILINEAR)
     face = face.rotate(rng.uniform(-8, 8), Image.BILINEAR, fillcolor=tuple(int(c) for c in rng.integers(0, 256, 3)))
     # A smooth background: a few random colours, upsampled.
-    background = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize((width, height), Image.BILINEAR)
+    background = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize(
+        (width, height), Image.BILINEAR
+    )
     x = int(rng.integers(0, max(1, width - face.width + 1)))
     y = int(rng.integers(0, max(1, height - face.height + 1)))
     background.paste(face, (x, y))
@@ -102,8 +105,9 @@ def _sink(out: str):
     return write
 
 
-def synthesize(out: str, images: int, per_identity: int = 360, seed: int = 0, workers: int = 2,
-               sides: tuple[int, int] = (200, 300)) -> float:
+def synthesize(
+    out: str, images: int, per_identity: int = 360, seed: int = 0, workers: int = 2, sides: tuple[int, int] = (200, 300)
+) -> float:
     """Writes the tree; returns the seconds it took."""
     start = time.perf_counter()
     chunk = 500
@@ -135,8 +139,11 @@ def main() -> None:
         parser.error("--images and --per-identity must be >= 1")
     seconds = synthesize(args.out, args.images, args.per_identity, args.seed, args.workers)
     identities = -(-args.images // args.per_identity)
-    print(f"{args.images} images of {identities} identities → {args.out} in {seconds:.1f} s "
-          f"({args.images / seconds:.0f} img/s)", file=sys.stderr)
+    print(
+        f"{args.images} images of {identities} identities → {args.out} in {seconds:.1f} s "
+        f"({args.images / seconds:.0f} img/s)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

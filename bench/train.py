@@ -61,7 +61,9 @@ def face_pngs(count_hint: int = 400) -> list[bytes]:
     for _ in range(count_hint):  # no shared data (e.g. a bare GPU box): face-like blobs, similar PNG sizes
         base = rng.integers(60, 200, 3)
         yy, xx = np.mgrid[0:128, 0:128]
-        pixels = np.clip(base + 40 * np.sin(xx / rng.uniform(8, 20))[..., None] + rng.normal(0, 6, (128, 128, 3)), 0, 255)
+        pixels = np.clip(
+            base + 40 * np.sin(xx / rng.uniform(8, 20))[..., None] + rng.normal(0, 6, (128, 128, 3)), 0, 255
+        )
         image = Image.fromarray(pixels.astype(np.uint8))
         draw = ImageDraw.Draw(image)
         draw.ellipse((24, 16, 104, 120), fill=tuple(int(v) for v in rng.integers(120, 230, 3)))
@@ -110,11 +112,10 @@ def bench_loop(cfg: dict) -> None:
 
     from ipsr_model.degradation import MultiScaleDegradation
     from ipsr_model.identity import IdentityNet
-    from ipsr_model.losses import IdentityPreservingLoss
-    from ipsr_model.training import make_optimizer
-    from ipsr_model.unet import UNetGenerator
-    from ipsr_model.training import training_step
     from ipsr_model.images import from_uint8
+    from ipsr_model.losses import IdentityPreservingLoss
+    from ipsr_model.training import make_optimizer, training_step
+    from ipsr_model.unet import UNetGenerator
     from ipsr_platform.faces import decode_faces
 
     context = ray.train.get_context()
@@ -185,17 +186,16 @@ def bench_loop(cfg: dict) -> None:
 def flops_per_sample(base_channels: int) -> dict[str, float]:
     """Forward FLOPs of the U-Net (128²) and FaceNet (160²) per image, and of one full training step per sample
     (degradation excluded; counted by torch.utils.flop_counter on CPU, batch 2)."""
+    import warnings
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ipsr_model.degradation import MultiScaleDegradation
     from ipsr_model.identity import IdentityNet
     from ipsr_model.losses import IdentityPreservingLoss
-    from ipsr_model.training import make_optimizer
+    from ipsr_model.training import make_optimizer, training_step
     from ipsr_model.unet import UNetGenerator
-    from ipsr_model.training import training_step
-
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -260,13 +260,18 @@ def main() -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ipsr_model.weights import fetch_identity_weights, ipsr_home
+    from ipsr_model.paths import ipsr_home
+    from ipsr_model.weights import fetch_identity_weights
     from ipsr_platform.config import TrainConfig
     from ipsr_platform.storage import Storage
     from jobs.train_data import inspect_dataset, train_dataset
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
-    weights = str(fetch_identity_weights(args.identity_weights)) if Path(args.identity_weights).suffix == "" else args.identity_weights
+    weights = (
+        str(fetch_identity_weights(args.identity_weights))
+        if Path(args.identity_weights).suffix == ""
+        else args.identity_weights
+    )
     ray.init(include_dashboard=True, log_to_driver=True)
     cpus = ray.cluster_resources().get("CPU", 1)
     cpus_per_worker = args.cpus_per_worker or (4.0 if gpu else max(1.0, (cpus - 1) // args.workers))
@@ -280,12 +285,22 @@ def main() -> None:
         trainer = TorchTrainer(
             bench_loop,
             train_loop_config={
-                "threads": max(1, int(cpus_per_worker)), "bf16": not args.no_bf16, "compile": args.compile,
-                "identity_weights": weights, "base_channels": base, "batch_size": batch, "steps": steps,
-                "warmup": warmup, "rounds": args.rounds, "shuffle_buffer": 4 * batch, "memory_pngs": pngs,
+                "threads": max(1, int(cpus_per_worker)),
+                "bf16": not args.no_bf16,
+                "compile": args.compile,
+                "identity_weights": weights,
+                "base_channels": base,
+                "batch_size": batch,
+                "steps": steps,
+                "warmup": warmup,
+                "rounds": args.rounds,
+                "shuffle_buffer": 4 * batch,
+                "memory_pngs": pngs,
             },  # fmt: skip
             scaling_config=ScalingConfig(
-                num_workers=args.workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {})
+                num_workers=args.workers,
+                use_gpu=gpu,
+                resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {}),
             ),  # fmt: skip
             run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str(ipsr_home() / "bench-runs")),
             datasets={"train": train_dataset(data)},
@@ -296,7 +311,8 @@ def main() -> None:
     device = "cuda" if gpu else "cpu"
     summary = {
         "device": device, "host": platform.node(), "cpus": cpus, "workers": args.workers,
-        "cpus_per_worker": cpus_per_worker, "base_channels": base, "batch_size_per_worker": batch, "bf16": gpu and not args.no_bf16,
+        "cpus_per_worker": cpus_per_worker, "base_channels": base, "batch_size_per_worker": batch,
+        "bf16": gpu and not args.no_bf16,
         "steps": steps, "warmup": warmup, "rounds": args.rounds, "rates": rates,
         "memory_img_per_s": memory, "stream_img_per_s": stream, "ratio": stream / memory,
         "flops_per_sample": flops, "achieved_tflops_stream": stream * flops["train_step"] / 1e12,

@@ -68,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_train_faces(data: Path, identities: str | None, embeddings: bool) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+def read_train_faces(
+    data: Path, identities: str | None, embeddings: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
     """uint8 NHWC faces of the training identities, their precomputed HR embeddings and those weights' sha256."""
     if (data / "_SUCCESS").exists():
         import pyarrow.parquet as pq
@@ -89,7 +91,9 @@ def read_train_faces(data: Path, identities: str | None, embeddings: bool) -> tu
     from ipsr_platform.faces import IMAGE_SUFFIXES, natural_key, read_image
 
     patterns = [g.strip() for g in (identities or "*").split(",")]
-    folders = [f for f in sorted(data.iterdir()) if f.is_dir() and any(fnmatch.fnmatchcase(f.name, p) for p in patterns)]
+    folders = [
+        f for f in sorted(data.iterdir()) if f.is_dir() and any(fnmatch.fnmatchcase(f.name, p) for p in patterns)
+    ]
     paths = [p for f in folders for p in sorted(f.iterdir(), key=natural_key) if p.suffix.lower() in IMAGE_SUFFIXES]
     return torch.from_numpy(np.stack([np.asarray(square_face(read_image(p))) for p in paths])), None, None
 
@@ -120,18 +124,31 @@ class Trainer:
 
             nets = [IdentityNet(source.strip()) for source in args.identity_weights.split(",")]
             if args.hr_embeddings and nets[0].weights_sha256 != sha256:
-                raise SystemExit(f"error: the dataset's HR embeddings were made with weights {str(sha256)[:12]}…, "
-                                 f"not {args.identity_weights} ({nets[0].weights_sha256[:12]}…)")
+                raise SystemExit(
+                    f"error: the dataset's HR embeddings were made with weights {str(sha256)[:12]}…, "
+                    f"not {args.identity_weights} ({nets[0].weights_sha256[:12]}…)"
+                )
             identity = IdentityPreservingLoss(nets, args.beta, args.embedding_loss, jitter=args.jitter)
         if vectors is not None:  # a mirrored face has its own embedding
             vectors = (vectors, mirrored_embeddings(identity.identity_nets[0], faces, args))
         generator = UNetGenerator(args.base_channels, residual=args.residual)
-        return cls(args, faces, vectors, identity, pixel, generator, make_optimizer(generator, lr=args.lr),
-                   torch.Generator().manual_seed(args.seed))
+        return cls(
+            args,
+            faces,
+            vectors,
+            identity,
+            pixel,
+            generator,
+            make_optimizer(generator, lr=args.lr),
+            torch.Generator().manual_seed(args.seed),
+        )
 
     def with_identity(self, i: int) -> bool:
-        return self.identity_loss is not self.pixel_loss and i >= self.args.pixel_steps and (
-            (i - self.args.pixel_steps) % self.args.identity_every == 0)
+        return (
+            self.identity_loss is not self.pixel_loss
+            and i >= self.args.pixel_steps
+            and ((i - self.args.pixel_steps) % self.args.identity_every == 0)
+        )
 
     def step(self, i: int) -> StepStats:
         index = torch.randint(len(self.faces), (self.args.batch_size,), generator=self.rng)
@@ -142,8 +159,9 @@ class Trainer:
         if identity and self.hr_embeddings is not None:
             hr_embedding = torch.where(flip[:, None], self.hr_embeddings[1][index], self.hr_embeddings[0][index])
         loss_fn = self.identity_loss if identity else self.pixel_loss
-        return training_step(self.generator, loss_fn, self.optimizer, batch, self.degradation, self.rng,
-                             hr_embedding=hr_embedding)
+        return training_step(
+            self.generator, loss_fn, self.optimizer, batch, self.degradation, self.rng, hr_embedding=hr_embedding
+        )
 
 
 def mirrored_embeddings(net: torch.nn.Module, faces: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -201,8 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
         "saved": saved, "log": log,
     }  # fmt: skip
     save_atomic(summary, args.out.with_suffix(".json"))  # last: a run with its .json is complete
-    print(f"saved {args.out} after {step} steps ({identity_steps} with the identity term), {summary['cpu_s']:.0f} "
-          f"CPU-s, {summary['wall_s']:.0f} s", flush=True)
+    print(
+        f"saved {args.out} after {step} steps ({identity_steps} with the identity term), {summary['cpu_s']:.0f} "
+        f"CPU-s, {summary['wall_s']:.0f} s",
+        flush=True,
+    )
     return summary
 
 

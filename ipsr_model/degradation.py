@@ -14,7 +14,16 @@ import torch.nn.functional as F
 
 # The paper's probe resolutions, H x W.
 PAPER_SIZES: tuple[tuple[int, int], ...] = (
-    (7, 6), (11, 8), (14, 12), (16, 12), (16, 14), (16, 16), (18, 16), (21, 15), (32, 32), (112, 96),
+    (7, 6),
+    (11, 8),
+    (14, 12),
+    (16, 12),
+    (16, 14),
+    (16, 16),
+    (18, 16),
+    (21, 15),
+    (32, 32),
+    (112, 96),
 )
 
 
@@ -41,7 +50,7 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def degrade(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Every image down to `size` (H, W) and back to its own size (fixed-size mode, for evaluation)."""
     low = resize(images, size)
-    return resize(low, tuple(images.shape[-2:])).clamp_(-1.0, 1.0)
+    return resize(low, (images.shape[-2], images.shape[-1])).clamp_(-1.0, 1.0)
 
 
 class MultiScaleDegradation:

@@ -33,7 +33,7 @@ class IdentityNet(nn.Module):
         self.net.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "IdentityNet":
+    def train(self, mode: bool = True) -> IdentityNet:
         # Always eval: BatchNorm statistics and dropout of the identity net are part of its weights.
         return super().train(False)
 

@@ -22,7 +22,7 @@ def square_face(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
 
 
 def to_tensor(images: Image.Image | np.ndarray | list) -> torch.Tensor:

@@ -72,8 +72,13 @@ class IdentityPreservingLoss(nn.Module):
     HR embeddings then belong to the first.
     """
 
-    def __init__(self, identity_net: nn.Module | list[nn.Module] | None, beta: float = 5.0,
-                 embedding_loss: str = "mse", jitter: float = 0.0):
+    def __init__(
+        self,
+        identity_net: nn.Module | list[nn.Module] | None,
+        beta: float = 5.0,
+        embedding_loss: str = "mse",
+        jitter: float = 0.0,
+    ):
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")

@@ -4,6 +4,7 @@ quality (PSNR/SSIM)."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,10 @@ def probe_ranks(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_la
     probe identity must be in the gallery.
     """
     if similarity.shape != (len(probe_labels), len(gallery_labels)):
-        raise ValueError(f"{len(probe_labels)} probe labels for {similarity.shape[0]} similarity rows and "
-                         f"{len(gallery_labels)} gallery labels for {similarity.shape[1]} columns")
+        raise ValueError(
+            f"{len(probe_labels)} probe labels for {similarity.shape[0]} similarity rows and "
+            f"{len(gallery_labels)} gallery labels for {similarity.shape[1]} columns"
+        )
     identities, gallery_index = gallery_labels.unique(return_inverse=True)
     missing = ~torch.isin(probe_labels, identities)
     if missing.any():
@@ -39,8 +42,9 @@ def probe_ranks(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_la
     return ((per_identity >= correct_score).sum(1) - 1).cpu()
 
 
-def cmc(similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_labels: torch.Tensor,
-        max_rank: int | None = None) -> torch.Tensor:
+def cmc(
+    similarity: torch.Tensor, probe_labels: torch.Tensor, gallery_labels: torch.Tensor, max_rank: int | None = None
+) -> torch.Tensor:
     """Cumulative match characteristic: entry k-1 is the fraction of probes whose identity is in the top k."""
     n_identities = len(gallery_labels.unique())
     max_rank = n_identities if max_rank is None else min(max_rank, n_identities)
@@ -93,7 +97,8 @@ def fidelity(images: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tenso
     """Per image: PSNR in dB and SSIM against ``reference`` ([-1, 1] NCHW), both [N]."""
     images, reference = images.float(), reference.float()
     per_image = peak_signal_noise_ratio(images, reference, data_range=2.0, reduction="none", dim=(1, 2, 3))
-    return per_image, structural_similarity_index_measure(images, reference, data_range=2.0, reduction="none")
+    similarity = structural_similarity_index_measure(images, reference, data_range=2.0, reduction="none")
+    return per_image, cast(torch.Tensor, similarity)  # a tuple only with return_full_image
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -102,4 +107,6 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(structural_similarity_index_measure(images.float(), reference.float(), data_range=2.0))
+    return float(
+        cast(torch.Tensor, structural_similarity_index_measure(images.float(), reference.float(), data_range=2.0))
+    )

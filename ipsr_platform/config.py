@@ -25,10 +25,10 @@ def parse_split(value: str | dict[str, float] | None) -> dict[str, float]:
     """``"val=0.02,test=0.02"`` (or a mapping) → ``{"val": 0.02, "test": 0.02}``; train gets the rest (maybe none)."""
     if value is None or value == "":
         return {}
+    items: list[tuple[str, Any]] = []
     if isinstance(value, dict):
         items = list(value.items())
     else:
-        items = []
         for part in str(value).split(","):
             name, sep, frac = part.partition("=")
             if not sep:
@@ -58,15 +58,19 @@ class PreprocessConfig(BaseModel):
 
     input: str = Field(description="Identity folders SRC/<identity>/<file>: local path or s3://bucket/prefix.")
     output: str = Field(description="Dataset destination: local path or s3://bucket/prefix.")
-    manifest: str | None = Field(None, description="Optional list of inputs (.txt: one path per line; .parquet: column "
-                                 "'path', optional 'identity'); relative paths are under `input`. Skips listing.")
+    manifest: str | None = Field(
+        None,
+        description="Optional list of inputs (.txt: one path per line; .parquet: column "
+        "'path', optional 'identity'); relative paths are under `input`. Skips listing.",
+    )
     limit: int | None = Field(None, ge=1, description="Process only the first N inputs (sorted by identity, path).")
     device: Literal["cpu", "cuda"] = "cpu"
     num_actors: int | None = Field(None, ge=1, description="MTCNN actors; default one per CPU (cpu) or GPU (cuda).")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per MTCNN call.")
     margin: int = Field(16, ge=0, le=96, description="Context around the face, in pixels of the 128×128 output.")
-    split: dict[str, float] = Field(default_factory=lambda: {"val": 0.02, "test": 0.02},
-                                    description="Fractions of identities for val/test.")
+    split: dict[str, float] = Field(
+        default_factory=lambda: {"val": 0.02, "test": 0.02}, description="Fractions of identities for val/test."
+    )
     overwrite: bool = False
     # Detection runs on a letterboxed detect_size² copy (same size → real batches); crops come from the original.
     detect_size: int = Field(160, ge=48, le=2048)
@@ -75,12 +79,19 @@ class PreprocessConfig(BaseModel):
     max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
     rows_per_shard: int = Field(4096, ge=1, description="Faces per output Parquet file.")
     io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
-    object_store_mb: int | None = Field(None, ge=64, description="Object-store budget of the pipeline in MiB (default "
-                                        "256 per actor, at least 512): reads faster than the aligners wait instead of "
-                                        "queueing up the dataset.")
-    hr_embeddings: str | None = Field(None, description="FaceNet weights source: also store each face's embedding "
-                                      "(column hr_embedding), which `ipsr train` uses instead of the HR forward when "
-                                      "its weights' sha256 match and identity jitter is 0.")
+    object_store_mb: int | None = Field(
+        None,
+        ge=64,
+        description="Object-store budget of the pipeline in MiB (default "
+        "256 per actor, at least 512): reads faster than the aligners wait instead of "
+        "queueing up the dataset.",
+    )
+    hr_embeddings: str | None = Field(
+        None,
+        description="FaceNet weights source: also store each face's embedding "
+        "(column hr_embedding), which `ipsr train` uses instead of the HR forward when "
+        "its weights' sha256 match and identity jitter is 0.",
+    )
 
     @field_validator("split", mode="before")
     @classmethod
@@ -112,8 +123,9 @@ def build_config(model: type[M], *, env_prefix: str, yaml_file: str | Path | Non
         raise UserError(f"invalid {model.__name__}: {_problems(err)}") from None
 
 
-def effective_config(model: type[BaseModel], env_prefix: str,
-                     yaml_file: str | Path | None = None) -> tuple[dict[str, Any], str | None]:
+def effective_config(
+    model: type[BaseModel], env_prefix: str, yaml_file: str | Path | None = None
+) -> tuple[dict[str, Any], str | None]:
     """What a job would run with (YAML < env, defaults filled in) and, when it would not validate, why."""
     data = _merged(model, env_prefix, yaml_file, {})
     try:
@@ -141,13 +153,22 @@ class PlatformConfig(BaseModel):
     home: str | None = Field(None, description="IPSR_HOME: weights, embedded MLflow, runs, galleries.")
 
 
-PLATFORM_ENV = {"ray_address": "RAY_ADDRESS", "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
-                "s3_endpoint_url": "AWS_ENDPOINT_URL", "home": "IPSR_HOME"}
+PLATFORM_ENV = {
+    "ray_address": "RAY_ADDRESS",
+    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
+    "s3_endpoint_url": "AWS_ENDPOINT_URL",
+    "home": "IPSR_HOME",
+}
 
 
 def job_configs() -> dict[str, tuple[type[BaseModel], str]]:
     """section → (config model, env prefix) for every job."""
-    models = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig}
+    models: dict[str, type[BaseModel]] = {
+        "preprocess": PreprocessConfig,
+        "train": TrainConfig,
+        "evaluate": EvaluateConfig,
+        "serve": ServeConfig,
+    }
     return {job: (model, f"IPSR_{job.upper()}_") for job, model in models.items()}
 
 
@@ -235,20 +256,26 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096, description="Faces per worker and step.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     gpu: bool = Field(False, description="One GPU per worker; bf16 autocast + channels_last.")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs each training worker claims; default leaves "
-                                          "CPUs to Ray Data ingest.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each training worker claims; default leaves CPUs to Ray Data ingest."
+    )
     base_channels: int = Field(64, ge=1, le=512, description="U-Net width (64 = paper).")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     beta: float = Field(5.0, ge=0, description="Weight of the pixel MSE: L = L_embedding + beta * L_pixel.")
     embedding_loss: Literal["distance", "mse", "cosine", "none"] = Field(
-        "mse", description="L_embedding: mse (per element, the paper's text and code; default by measurement, "
-        "bench/RESULTS.md), distance (paper Eq. 2), cosine, none (pixel only).")
+        "mse",
+        description="L_embedding: mse (per element, the paper's text and code; default by measurement, "
+        "bench/RESULTS.md), distance (paper Eq. 2), cosine, none (pixel only).",
+    )
     residual: bool = Field(True, description="SR = clamp(bicubic + U-Net(bicubic)), last layer zero-initialised.")
-    identity_jitter: float = Field(0.0, ge=0, lt=0.5, description="FaceNet sees SR/HR pairs under one random "
-                                   "shift/scale/flip of this size.")
+    identity_jitter: float = Field(
+        0.0, ge=0, lt=0.5, description="FaceNet sees SR/HR pairs under one random shift/scale/flip of this size."
+    )
     lr: float = Field(2e-4, gt=0, le=1.0)
     lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant or cosine to 10 %.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warm-up: constant or cosine to 10 %."
+    )
     storage: str | None = Field(None, description="Checkpoints: local path or s3:// (default $IPSR_HOME/runs).")
     experiment: str = Field("ipsr-train", min_length=1, description="MLflow experiment.")
     register_as: str = Field("ipsr-unet", min_length=1, description="Registered model name.")
@@ -303,32 +330,49 @@ class EvaluateConfig(BaseModel):
 
     data: str = Field(
         description="ar/lfw/folder: identity folders DIR/<identity>/<image> or an `ipsr preprocess` output "
-        "(MTCNN-aligned Parquet); scface: DIR with gallery/<identity>/ and probes/<group>/<identity>/.")
+        "(MTCNN-aligned Parquet); scface: DIR with gallery/<identity>/ and probes/<group>/<identity>/."
+    )
     protocol: Literal["ar", "scface", "lfw", "folder"] = Field("ar", description="Evaluation protocol.")
     models: tuple[str, ...] = Field(
-        (), description="Generators to compare: models:/name@alias, models:/name/version, an MLflow run id or a "
+        (),
+        description="Generators to compare: models:/name@alias, models:/name/version, an MLflow run id or a "
         "checkpoint path (state dict .pt or a training checkpoint directory).",
-        json_schema_extra={"flag": "--model", "multiple": True})
-    sizes: tuple[str, ...] | None = Field(None, description="Probe sizes H×W (synthetic protocols); default: AR "
-                                          "11x8..32x32, LFW 7x6..18x16.")
-    identities: str | None = Field(None, description="Only identities whose folder name matches one of these "
-                                   "comma-separated globs (s3[1-9],s40).")
-    split: Literal["train", "val", "test", "all"] | None = Field(None, description="With an `ipsr preprocess` output "
-                                                                 "as --data: only this split's identities (default "
-                                                                 "test: the unseen ones; all = every split).")
-    gallery_pattern: str | None = Field(None, description="Glob on file names picking the gallery image (default first).")
-    probe_pattern: str | None = Field(None, description="Glob on file names picking the probe image(s) (default: "
-                                      "ar the second image, lfw/folder every other image).")
+        json_schema_extra={"flag": "--model", "multiple": True},
+    )
+    sizes: tuple[str, ...] | None = Field(
+        None, description="Probe sizes H×W (synthetic protocols); default: AR 11x8..32x32, LFW 7x6..18x16."
+    )
+    identities: str | None = Field(
+        None, description="Only identities whose folder name matches one of these comma-separated globs (s3[1-9],s40)."
+    )
+    split: Literal["train", "val", "test", "all"] | None = Field(
+        None,
+        description="With an `ipsr preprocess` output "
+        "as --data: only this split's identities (default "
+        "test: the unseen ones; all = every split).",
+    )
+    gallery_pattern: str | None = Field(
+        None, description="Glob on file names picking the gallery image (default first)."
+    )
+    probe_pattern: str | None = Field(
+        None,
+        description="Glob on file names picking the probe image(s) (default: "
+        "ar the second image, lfw/folder every other image).",
+    )
     probe_map: str | None = Field(None, description="scface: CSV with columns path,identity,group instead of probes/.")
     gallery_group: str | None = Field(None, description="scface protocol 2: the probe group used as gallery.")
-    concat_bicubic: bool | None = Field(None, description="Model rows embed bicubic ⊕ SR (concatenated) as the paper "
-                                        "does for SCface (default: scface only).")
+    concat_bicubic: bool | None = Field(
+        None,
+        description="Model rows embed bicubic ⊕ SR (concatenated) as the paper does for SCface (default: scface only).",
+    )
     recognizers: tuple[Literal["facenet", "sface"], ...] = Field(("facenet", "sface"), description="Recognizers.")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     max_rank: int = Field(100, ge=1, description="CMC up to this rank (or the gallery size).")
     batch_size: int = Field(32, ge=1, le=4096, description="Faces per forward pass.")
     grid_faces: int = Field(6, ge=1, le=64, description="Faces in each sample grid.")
-    output: str | None = Field(None, description="Local folder for the tables and plots (default $IPSR_HOME/evaluations/…).")
+    output: str | None = Field(
+        None, description="Local folder for the tables and plots (default $IPSR_HOME/evaluations/…)."
+    )
     experiment: str = Field("ipsr-evaluate", min_length=1, description="MLflow experiment.")
     register_as: str = Field("ipsr-unet", min_length=1, description="Registered model name (for --promote).")
     promote: bool = Field(False, description="Move `champion` to `candidate` if it beats it on the promotion metric.")
@@ -376,8 +420,10 @@ class ServeConfig(BaseModel):
 
     # Not called `model`: build_config's first parameter has that name. The CLI flag is --model.
     generator: str = Field(
-        "models:/ipsr-unet@champion", description="U-Net to serve: models:/NAME@ALIAS (followed) or models:/NAME/VERSION.",
-        json_schema_extra={"flag": "--model"})
+        "models:/ipsr-unet@champion",
+        description="U-Net to serve: models:/NAME@ALIAS (followed) or models:/NAME/VERSION.",
+        json_schema_extra={"flag": "--model"},
+    )
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on every interface).")
     port: int = Field(8000, ge=0, le=65535)
     token_file: str | None = Field(None, description="File holding the bearer token (else $IPSR_SERVE_TOKEN).")
@@ -387,7 +433,9 @@ class ServeConfig(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPU share per replica with --device cuda (default: 1 whole GPU).")
+    gpus_per_replica: float = Field(
+        0.0, ge=0, description="GPU share per replica with --device cuda (default: 1 whole GPU)."
+    )
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per replica (default: its CPUs).")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Probes per SR + embedding batch (1 = unbatched).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
@@ -397,19 +445,35 @@ class ServeConfig(BaseModel):
     max_images: int = Field(64, ge=1, description="Images per request.")
     max_image_bytes: int = Field(8 * 2**20, ge=1)
     max_image_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected undecoded.")
-    lr_max_side: int = Field(127, ge=1, le=127, description="Probes at most this large on both sides are low-resolution "
-                             "(default: anything below the model's 128x128 on every side, e.g. the paper's 112x96).")
-    max_request_pixels: int = Field(64_000_000, ge=1, description="Declared pixels of all images of one request, "
-                                    "summed; images beyond are rejected undecoded (bounds a request's memory).")
+    lr_max_side: int = Field(
+        127,
+        ge=1,
+        le=127,
+        description="Probes at most this large on both sides are low-resolution "
+        "(default: anything below the model's 128x128 on every side, e.g. the paper's 112x96).",
+    )
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Declared pixels of all images of one request, "
+        "summed; images beyond are rejected undecoded (bounds a request's memory).",
+    )
     gallery_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="Gallery matrix on the replica: float16 halves its memory and, matching being "
-        "memory-bound, its scan time (bench/RESULTS.md: 1 probe vs 1M faces p50 134 vs 286 ms on 2 CPUs).")
-    allow_pickle_models: bool = Field(False, description="Load model versions saved in a pickle-based format (their "
-                                      "code runs on load).")
+        "float16",
+        description="Gallery matrix on the replica: float16 halves its memory and, matching being "
+        "memory-bound, its scan time (bench/RESULTS.md: 1 probe vs 1M faces p50 134 vs 286 ms on 2 CPUs).",
+    )
+    allow_pickle_models: bool = Field(
+        False, description="Load model versions saved in a pickle-based format (their code runs on load)."
+    )
     top_k: int = Field(5, ge=1, le=1000, description="Default matches per probe.")
     gallery_chunk: int = Field(65536, ge=1, description="Gallery rows per matrix product.")
-    gallery_refresh_s: float = Field(5.0, ge=0, description="Seconds between a replica's background checks for what "
-                                     "others enrolled or removed (0: on every request).")
+    gallery_refresh_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds between a replica's background checks for what "
+        "others enrolled or removed (0: on every request).",
+    )
     model_poll_s: float = Field(30.0, gt=0, description="Seconds between alias look-ups (alias moves hot-swap).")
     request_timeout_s: float = Field(60.0, gt=0)
 
@@ -418,7 +482,9 @@ class ServeConfig(BaseModel):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size (else batches never fill)")
         if not self.generator.startswith("models:/"):
-            raise ValueError(f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {self.generator!r}")
+            raise ValueError(
+                f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {self.generator!r}"
+            )
         if self.device == "cpu" and self.gpus_per_replica:
             raise ValueError("gpus_per_replica needs --device cuda")
         return self

@@ -39,16 +39,15 @@ def say(text: str, *, error: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def quiet(job: str, home: Path, enabled: bool = True) -> Iterator[Path | None]:
+def quiet(job: str, logs: Path, enabled: bool = True) -> Iterator[Path | None]:
     """While inside: everything this process and its children write to stdout/stderr — Ray's and MLflow's prints,
-    logging handlers, warnings, C++ logs on file descriptors 1 and 2 — goes to ``home/logs/<job>-<time>.log``;
+    logging handlers, warnings, C++ logs on file descriptors 1 and 2 — goes to ``logs/<job>-<time>.log``;
     ipsr writes its own output to ``out()``/``err()``, which keep the terminal. On exit everything is put back (an
     in-process caller, a test, gets its streams again). Yields the log's path (``announce`` prints it)."""
     global _log_file, _out, _err, _last_log, _announced
     if not enabled or _log_file is not None:
         yield _log_file
         return
-    logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
@@ -72,7 +71,8 @@ def quiet(job: str, home: Path, enabled: bool = True) -> Iterator[Path | None]:
             os.dup2(terminal, fd)
             os.close(terminal)
         sys.stdout, sys.stderr = streams
-        _out.close(), _err.close()
+        _out.close()
+        _err.close()
         _log_file = _out = _err = None
         for name, value in env.items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
@@ -98,8 +98,15 @@ def progress(description: str, total: int | None, unit: str) -> Iterator[Callabl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     rate = TextColumn("{task.fields[rate]}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate, TimeElapsedColumn(),
-                  console=Console(file=err()), transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        rate,
+        TimeElapsedColumn(),
+        console=Console(file=err()),
+        transient=False,
+    ) as bar:
         task = bar.add_task(description, total=total, rate="")
         began = time.monotonic()
 

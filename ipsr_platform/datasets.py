@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from ipsr_model.errors import UserError
-from ipsr_model.weights import ipsr_home
+from ipsr_model.paths import datasets_dir
 
 LFW_URL = "https://ndownloader.figshare.com/files/5976018"  # lfw.tgz, 180,566,744 bytes
 LFW_SHA256 = "055f7d9c632d7370e6fb4afc7468d40f970c34a80d4c6f50ffec63f5a8d536c0"
@@ -26,7 +26,7 @@ TIMEOUT_S = 60  # per network read; a stalled download fails instead of hanging
 def lfw() -> Path:
     """``DIR/<Person_Name>/<Person_Name>_NNNN.jpg`` of LFW (13,233 images, 5,749 people), downloaded once."""
     url = os.environ.get("IPSR_LFW_URL", LFW_URL)
-    return fetch_archive(url, LFW_SHA256, ipsr_home() / "datasets" / "lfw", top="lfw")
+    return fetch_archive(url, LFW_SHA256, datasets_dir() / "lfw", top="lfw")
 
 
 def fetch_archive(url: str, sha256: str, dest: Path, *, top: str) -> Path:

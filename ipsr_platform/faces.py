@@ -28,8 +28,15 @@ PNG_LEVEL = 1
 _FORMATS = ("JPEG", "PNG", "PPM", "WEBP", "BMP", "GIF", "TIFF")
 ACCEPTED = "JPEG, PNG, PGM/PPM, WebP, BMP, GIF, TIFF"
 # Leading bytes of the accepted formats; PPM (P1-P6) and WebP (a RIFF container) are told apart in _signature.
-_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP", b"GIF87a": "GIF", b"GIF89a": "GIF",
-          b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+_MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"BM": "BMP",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 
 class Rejected(Exception):
@@ -107,7 +114,7 @@ def letterbox(img: Image.Image, size: int) -> tuple[np.ndarray, float, float]:
     w, h = img.size
     s = size / max(w, h)
     nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
-    small = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)  # reducing_gap: fast on large photos
+    small = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)  # reducing_gap: fast on large photos
     canvas = np.zeros((size, size, 3), np.uint8)
     canvas[:nh, :nw] = np.asarray(small)
     return canvas, nw / w, nh / h
@@ -123,7 +130,7 @@ def crop_face(img: Image.Image, box: np.ndarray, margin: int) -> Image.Image:
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half = max(x2 - x1, y2 - y1) * FACE_SIZE / (FACE_SIZE - margin) / 2
     region = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
-    return img.crop(region).resize((FACE_SIZE, FACE_SIZE), Image.BICUBIC)
+    return img.crop(region).resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BICUBIC)
 
 
 def encode_png(img: Image.Image) -> bytes:
@@ -187,8 +194,14 @@ class FaceAligner:
     ``align(list[bytes])`` returns, per input, an ``Aligned`` or the ``Rejected`` that explains why not.
     """
 
-    def __init__(self, device: str = "cpu", detect_size: int = 160, min_face_size: int = 20, margin: int = 16,
-                 max_pixels: int = 40_000_000):
+    def __init__(
+        self,
+        device: str = "cpu",
+        detect_size: int = 160,
+        min_face_size: int = 20,
+        margin: int = 16,
+        max_pixels: int = 40_000_000,
+    ):
         import torch
         from facenet_pytorch import MTCNN
 
@@ -212,7 +225,10 @@ class FaceAligner:
                 continue
             out.append(Rejected("no_face", "MTCNN found no face"))  # replaced below when a face is found
             canvas, sx, sy = letterbox(img, self.detect_size)
-            images.append(img), canvases.append(canvas), scales.append((sx, sy)), todo.append(i)
+            images.append(img)
+            canvases.append(canvas)
+            scales.append((sx, sy))
+            todo.append(i)
         if not todo:
             return out
         # One call for the whole batch: every canvas has the same shape, so MTCNN runs each pyramid level once for

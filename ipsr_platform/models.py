@@ -45,8 +45,9 @@ def load_generator(spec: str, uri: str | None = None, *, allow_pickle: bool = Fa
     spec = spec.strip()
     match = _MODELS_URI.fullmatch(spec)
     if match:
-        return _from_registry(spec, match["name"], match["alias"], match["version"], uri or tracking.tracking_uri(),
-                              allow_pickle)
+        return _from_registry(
+            spec, match["name"], match["alias"], match["version"], uri or tracking.tracking_uri(), allow_pickle
+        )
     if _RUN_ID.fullmatch(spec) or spec.startswith("runs:/"):
         return _from_run(spec, uri or tracking.tracking_uri(), allow_pickle)
     if spec.startswith(("models:", "runs:")):
@@ -88,8 +89,9 @@ def _mlflow_load(model_uri: str, uri: str, allow_pickle: bool = False) -> torch.
     return module
 
 
-def _from_registry(spec: str, name: str, alias: str | None, version: str | None, uri: str,
-                   allow_pickle: bool = False) -> LoadedGenerator:
+def _from_registry(
+    spec: str, name: str, alias: str | None, version: str | None, uri: str, allow_pickle: bool = False
+) -> LoadedGenerator:
     from mlflow.exceptions import MlflowException
 
     if alias is not None:
@@ -100,8 +102,15 @@ def _from_registry(spec: str, name: str, alias: str | None, version: str | None,
         except MlflowException:
             raise UserError(f"no registered model version {name}/{version} in {uri}") from None
     module = _mlflow_load(f"models:/{name}/{mv.version}", uri, allow_pickle)
-    return LoadedGenerator(module, spec, _safe(f"{name}-v{mv.version}"), name=name, version=str(mv.version),
-                           run_id=mv.run_id, tags=dict(mv.tags or {}))
+    return LoadedGenerator(
+        module,
+        spec,
+        _safe(f"{name}-v{mv.version}"),
+        name=name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        tags=dict(mv.tags or {}),
+    )
 
 
 def _from_run(spec: str, uri: str, allow_pickle: bool = False) -> LoadedGenerator:
@@ -126,10 +135,12 @@ def _from_path(spec: str) -> LoadedGenerator:
         raise UserError(f"model {spec!r}: not a weights-only torch checkpoint ({type(err).__name__})") from None
     state = obj.get("generator", obj) if isinstance(obj, dict) else None
     first = state.get("down.0.0.weight") if isinstance(state, dict) else None
-    if not isinstance(first, torch.Tensor):
+    if not isinstance(state, dict) or not isinstance(first, torch.Tensor):
         raise UserError(f"model {spec!r}: not a UNetGenerator state dict (no down.0.0.weight)")
     extra = state.get("_extra_state")  # UNetGenerator.get_extra_state(); absent before residual outputs existed
-    generator = UNetGenerator(base_channels=first.shape[0], residual=bool(isinstance(extra, dict) and extra.get("residual")))
+    generator = UNetGenerator(
+        base_channels=first.shape[0], residual=bool(isinstance(extra, dict) and extra.get("residual"))
+    )
     if extra is None:
         state = {**state, "_extra_state": {"residual": False}}
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ def _identity_folders(root: Path) -> dict[str, list[_Face]]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
         if files:
-            out[folder.name] = [_Face(p.name, lambda p=p: read_image(p)) for p in files]
+            out[folder.name] = [_Face(p.name, functools.partial(read_image, p)) for p in files]
     return out
 
 
@@ -90,11 +91,18 @@ def _s3_identity_folders(uri: str, storage: Storage) -> dict[str, list[_Face]]:
         raise UserError(f"--data {uri}: no such prefix")
     out = {}
     for folder in sorted((i for i in storage.list(uri) if i.type == pafs.FileType.Directory), key=lambda i: i.path):
-        files = sorted((i for i in storage.list(folder.path) if i.type == pafs.FileType.File
-                        and Path(i.base_name).suffix.lower() in IMAGE_SUFFIXES), key=lambda i: natural_key(Path(i.path)))
+        files = sorted(
+            (
+                i
+                for i in storage.list(folder.path)
+                if i.type == pafs.FileType.File and Path(i.base_name).suffix.lower() in IMAGE_SUFFIXES
+            ),
+            key=lambda i: natural_key(Path(i.path)),
+        )
         if files:
-            out[folder.base_name] = [_Face(i.base_name, lambda p=i.path: read_image(p, storage.read_bytes(p)))
-                                     for i in files]
+            out[folder.base_name] = [
+                _Face(i.base_name, functools.partial(_read_stored, i.path, storage)) for i in files
+            ]
     return out
 
 
@@ -109,7 +117,7 @@ def _aligned_dataset(uri: str, storage: Storage, split: str | None = None) -> di
         raise UserError(f"--data {uri}: the {split!r} split is empty (see manifest.json counts)")
     out: dict[str, list[_Face]] = {}
     for png, identity, source in zip(table["image"], table["identity"], table["source"]):
-        out.setdefault(identity, []).append(_Face(source, lambda png=png: decode_face(png)))
+        out.setdefault(identity, []).append(_Face(source, functools.partial(decode_face, png)))
     for faces in out.values():
         faces.sort(key=lambda f: natural_key(Path(f.name)))
     return dict(sorted(out.items()))
@@ -131,6 +139,10 @@ def read_identities(data: str | Path, split: str | None = None) -> tuple[dict[st
     return (_s3_identity_folders(uri, storage) if is_s3(uri) else _identity_folders(Path(uri))), "all"
 
 
+def _read_stored(uri: str, storage: Storage) -> Image.Image:
+    return read_image(uri, storage.read_bytes(uri))
+
+
 def _select(identities: dict[str, list[_Face]], globs: str | None) -> dict[str, list[_Face]]:
     if not globs:
         return identities
@@ -149,13 +161,21 @@ def _faces(faces: list[_Face], side: int = IMAGE_SIZE) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ protocols
 
 
-def synthetic_protocol(name: str, root: str | Path, sizes: tuple[str, ...], *, identities: str | None = None,
-                       gallery_pattern: str | None = None, probe_pattern: str | None = None,
-                       split: str | None = None) -> Protocol:
+def synthetic_protocol(
+    name: str,
+    root: str | Path,
+    sizes: tuple[str, ...],
+    *,
+    identities: str | None = None,
+    gallery_pattern: str | None = None,
+    probe_pattern: str | None = None,
+    split: str | None = None,
+) -> Protocol:
     """AR (one probe per identity), LFW and folder protocols: HR gallery + HR probes, degraded per column."""
     faces_by_identity, split = read_identities(root, split)
     data = _select(faces_by_identity, identities)
-    gallery, probes, probe_labels, names = [], [], [], []
+    gallery, probes, probe_labels = [], [], []
+    names: list[str] = []
     skipped = 0
     for identity, faces in data.items():
         chosen = _matching(faces, gallery_pattern)
@@ -170,14 +190,17 @@ def synthetic_protocol(name: str, root: str | Path, sizes: tuple[str, ...], *, i
         gallery.append(chosen[0])
     if len(names) < 2:
         lacked = f" ({skipped} identities lacked one)" if skipped else ""
-        raise UserError(f"--data {root}: protocol {name} needs at least 2 identities with a gallery and a probe image "
-                        f"(identity folders DIR/<identity>/<image>); found {len(names)}{lacked}")
+        raise UserError(
+            f"--data {root}: protocol {name} needs at least 2 identities with a gallery and a probe image "
+            f"(identity folders DIR/<identity>/<image>); found {len(names)}{lacked}"
+        )
     hr_probes, labels = _faces(probes), torch.tensor(probe_labels)
     columns = [ProbeColumn(size, hr_probes, labels, parse_size(size)) for size in sizes]
     note = f"{len(names)} identities, {len(probes)} probes" + (f", {skipped} identities skipped" if skipped else "")
     if split != "all":
-        note += f"; the preprocess output's {split!r} split" + (" (held-out identities; --split all for every split)"
-                                                              if split == "test" else "")
+        note += f"; the preprocess output's {split!r} split" + (
+            " (held-out identities; --split all for every split)" if split == "test" else ""
+        )
     log.info("protocol %s on %s: %s", name, root, note)
     return Protocol(name, _faces(gallery), torch.arange(len(names)), columns, names, note=note)
 
@@ -202,7 +225,9 @@ def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list
             path = root / row["path"]
             if not path.is_file():
                 raise UserError(f"--probe-map {map_path}: {path} does not exist")
-            groups.setdefault(row["group"], {}).setdefault(row["identity"], []).append(_Face(path.name, lambda path=path: read_image(path)))
+            groups.setdefault(row["group"], {}).setdefault(row["identity"], []).append(
+                _Face(path.name, functools.partial(read_image, path))
+            )
         return dict(sorted(groups.items()))
     probes_dir = root / "probes"
     if not probes_dir.is_dir():
@@ -210,8 +235,14 @@ def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list
     return {group.name: _identity_folders(group) for group in sorted(p for p in probes_dir.iterdir() if p.is_dir())}
 
 
-def scface_protocol(root: Path, *, identities: str | None = None, gallery_pattern: str | None = None,
-                    probe_map: str | None = None, gallery_group: str | None = None) -> Protocol:
+def scface_protocol(
+    root: Path,
+    *,
+    identities: str | None = None,
+    gallery_pattern: str | None = None,
+    probe_map: str | None = None,
+    gallery_group: str | None = None,
+) -> Protocol:
     groups = {g: _select(ids, identities) for g, ids in _probe_groups(root, probe_map).items()}
     if gallery_group is not None:  # protocol 2: one distance group is the gallery
         if gallery_group not in groups:
@@ -244,4 +275,6 @@ def scface_protocol(root: Path, *, identities: str | None = None, gallery_patter
         f", {dropped} probes without a gallery identity dropped" if dropped else ""
     )
     name = "scface-p2" if gallery_group is not None else "scface"
-    return Protocol(name, gallery, torch.arange(len(names)), columns, names, gallery_lr=gallery_group is not None, note=note)
+    return Protocol(
+        name, gallery, torch.arange(len(names)), columns, names, gallery_lr=gallery_group is not None, note=note
+    )

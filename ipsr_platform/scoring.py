@@ -50,12 +50,21 @@ def _embed(recognizer: Embedder, images: torch.Tensor, batch_size: int) -> torch
 
 @torch.no_grad()
 def _restore(method: Method, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    assert method.restore is not None, method.label
     return torch.cat([method.restore(chunk.contiguous()).float().clamp(-1, 1) for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()
-def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embedder], *, batch_size: int = 32,
-          concat_bicubic: bool = False, grid_faces: int = 0, progress: bool = True) -> Scores:
+def score(
+    protocol: Protocol,
+    methods: list[Method],
+    recognizers: dict[str, Embedder],
+    *,
+    batch_size: int = 32,
+    concat_bicubic: bool = False,
+    grid_faces: int = 0,
+    progress: bool = True,
+) -> Scores:
     """Per (recognizer, method label, column) the rank of every probe's true identity (0 = rank-1 hit; the CMC,
     intervals and paired tests all derive from it), per column sample images per method (first faces), and for
     degraded HR probes each restored face's PSNR and SSIM against its HR original (bicubic and every model).
@@ -63,6 +72,7 @@ def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embe
     With ``concat_bicubic`` a generator's probe embedding is [bicubic ; SR] (each L2-normalised) and its gallery
     embedding [HR ; HR] (SCface protocol 2: [bicubic ; SR] of the gallery too), as the paper does for SCface.
     """
+
     def transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
         low = degrade(images, size) if size is not None else images
         return low if method.restore is None else _restore(method, low, batch_size)
@@ -72,9 +82,15 @@ def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embe
     for rec_name, recognizer in recognizers.items():
         base = _embed(recognizer, protocol.gallery, batch_size)
         for method in methods:
-            restored = protocol.gallery_lr and method.restore is not None
-            own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size) if restored else base
-            gallery[rec_name, method.label] = torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
+            restore_gallery = protocol.gallery_lr and method.restore is not None
+            own = (
+                _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
+                if restore_gallery
+                else base
+            )
+            gallery[rec_name, method.label] = (
+                torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
+            )
 
     # HR probes (synthetic protocols) are the same faces in every column: embed them once.
     hr_probes = {
@@ -94,8 +110,9 @@ def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embe
                 chunk = column.images[start : start + batch_size]
                 images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
                 if start == 0 and grid_faces:
-                    samples[column.name] = _sample_grid(protocol, column, chunk[:grid_faces],
-                                                        {k: v[:grid_faces] for k, v in images.items()})
+                    samples[column.name] = _sample_grid(
+                        protocol, column, chunk[:grid_faces], {k: v[:grid_faces] for k, v in images.items()}
+                    )
                 if column.size is not None:  # the probes are HR originals: fidelity of what the recognizer sees
                     for label, restored in images.items():
                         quality.setdefault((label, column.name), []).append(fidelity(restored, chunk))
@@ -110,23 +127,32 @@ def score(protocol: Protocol, methods: list[Method], recognizers: dict[str, Embe
                 for method in methods:
                     queries = hr_probes[rec_name] if method.label == HR else torch.cat(probes[rec_name, method.label])
                     similarity = cosine_similarity(queries, gallery[rec_name, method.label])
-                    results[rec_name, method.label, column.name] = probe_ranks(similarity, column.labels,
-                                                                               protocol.gallery_labels)
-    measured = {key: (torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])) for key, parts in quality.items()}
+                    results[rec_name, method.label, column.name] = probe_ranks(
+                        similarity, column.labels, protocol.gallery_labels
+                    )
+    measured = {
+        key: (torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])) for key, parts in quality.items()
+    }
     return Scores(results, samples, measured)
 
 
-def _sample_grid(protocol: Protocol, column: ProbeColumn, hr: torch.Tensor, restored: dict[str, torch.Tensor]) -> SampleGrid:
+def _sample_grid(
+    protocol: Protocol, column: ProbeColumn, hr: torch.Tensor, restored: dict[str, torch.Tensor]
+) -> SampleGrid:
     """What a reader needs to judge a restoration: the pixels the model was given (nearest-neighbour enlarged, so
     the low resolution shows), bicubic, every model, and the HR original when there is one."""
     rows = [protocol.identities[i] for i in column.labels[: len(hr)].tolist()]
     if column.size is None:  # natural low-resolution probes (SCface): no HR original exists
-        return SampleGrid(rows, [("probe" if label == BICUBIC else label, images) for label, images in restored.items()])
+        return SampleGrid(
+            rows, [("probe" if label == BICUBIC else label, images) for label, images in restored.items()]
+        )
     low = F.interpolate(resize(hr, column.size), size=hr.shape[-2:], mode="nearest").clamp(-1, 1)
     return SampleGrid(rows, [(f"LR {column.name}", low), *restored.items(), ("HR", hr)])
 
 
-def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: list[str]) -> dict[str, dict[str, float]]:
+def rank1_table(
+    results: dict, recognizer: str, methods: list[Method], columns: list[str]
+) -> dict[str, dict[str, float]]:
     """method → column → rank-1, plus the mean over the columns."""
     table = {}
     for method in methods:
@@ -136,13 +162,20 @@ def rank1_table(results: dict, recognizer: str, methods: list[Method], columns: 
     return table
 
 
-def rank1_by_size(recognizer: Embedder, gallery: torch.Tensor, probes: torch.Tensor, labels: torch.Tensor,
-                  sizes: tuple[tuple[int, int], ...], restore: torch.nn.Module | None = None) -> dict[str, float]:
+def rank1_by_size(
+    recognizer: Embedder,
+    gallery: torch.Tensor,
+    probes: torch.Tensor,
+    labels: torch.Tensor,
+    sizes: tuple[tuple[int, int], ...],
+    restore: torch.nn.Module | None = None,
+) -> dict[str, float]:
     """AR-style rank-1 (gallery and probes: one HR face per identity, in ``labels`` order) of HR probes ("HR")
     and of probes degraded to each size ("16x12", …), restored by ``restore`` or left bicubic."""
     columns = [ProbeColumn(format_size(size), probes, labels, size) for size in sizes]
     protocol = Protocol("ar", gallery, labels, columns, [str(i) for i in labels.tolist()])
     methods = [Method(HR), Method("model", restore) if restore is not None else Method(BICUBIC)]
-    table = rank1_table(score(protocol, methods, {"r": recognizer}, progress=False).ranks, "r", methods,
-                        [c.name for c in columns])
+    table = rank1_table(
+        score(protocol, methods, {"r": recognizer}, progress=False).ranks, "r", methods, [c.name for c in columns]
+    )
     return {"HR": table[HR][columns[0].name]} | {c.name: table[methods[1].label][c.name] for c in columns}

@@ -111,7 +111,7 @@ class Storage:
         return {"s3": replace(self.s3, access_key=None, secret_key=None, session_token=None), "retry": self.retry}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["s3"], state["retry"])
+        Storage.__init__(self, state["s3"], state["retry"])
 
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """The filesystem and the path inside it (``bucket/key`` for S3)."""

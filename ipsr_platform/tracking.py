@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ipsr_model.errors import UserError, first_line
-from ipsr_model.weights import ipsr_home
+from ipsr_model.paths import mlflow_artifacts, mlflow_db
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,15 @@ TAG_RUN_NAME = "ipsr.run_name"
 TAG_DATA_MANIFEST = "data_manifest_sha256"
 TAG_IDENTITY_NET = "identity_net_sha256"
 TAG_GIT_COMMIT = "git_commit"
+# Evaluation: run tags, and the tags it leaves on the model versions it scored or promoted.
+TAG_PROTOCOL = "ipsr.protocol"
+TAG_MODEL = "ipsr.model.{label}"  # the spec (models:/name/version or a path) behind a table row
+TAG_PROMOTION_DECISION = "ipsr.promotion"  # JSON: scores, evidence, verdict
+TAG_PROMOTION = "promotion"  # on the candidate version: "promoted: …" / "not promoted: …"
+TAG_PROMOTION_RUN = "promotion_eval_run_id"
+TAG_EVAL_MEAN_RANK1 = "eval.{protocol}.{recognizer}.mean_rank1"
+TAG_EVAL_RUN = "eval.{protocol}.run_id"
+METRIC_RANK1 = "rank1/{recognizer}/{method}/{column}"
 
 
 def is_embedded(uri: str) -> bool:
@@ -47,9 +56,8 @@ def tracking_uri() -> str:
                 "use sqlite:///path/mlflow.db or an http(s):// tracking server (or unset it for the embedded default)"
             )
         return uri
-    home = ipsr_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    mlflow_db().parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlflow_db().resolve()}"
 
 
 def artifact_root(uri: str) -> str | None:
@@ -57,7 +65,7 @@ def artifact_root(uri: str) -> str | None:
     server's default (None)."""
     if not is_embedded(uri):
         return None
-    root = ipsr_home() / "mlartifacts"
+    root = mlflow_artifacts()
     root.mkdir(parents=True, exist_ok=True)
     return root.resolve().as_uri()
 
@@ -129,8 +137,14 @@ def run_exists(run_id: str, uri: str) -> bool:
     return run.info.lifecycle_stage != "deleted"
 
 
-def register(model_uri: str, name: str, *, alias: str | None = CANDIDATE, tags: dict[str, str] | None = None,
-             uri: str | None = None) -> str:
+def register(
+    model_uri: str,
+    name: str,
+    *,
+    alias: str | None = CANDIDATE,
+    tags: dict[str, str] | None = None,
+    uri: str | None = None,
+) -> str:
     """Register ``model_uri`` as a new version of ``name``, tag it and point ``alias`` at it; returns the version."""
     import mlflow
 

@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
@@ -40,7 +40,8 @@ import torch
 
 from ipsr_model.errors import UserError
 from ipsr_model.metrics import cmc_from_ranks, mcnemar_exact, wilson_interval
-from ipsr_platform import console
+from ipsr_model.paths import evaluations_dir
+from ipsr_platform import console, tracking
 from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import EvaluateConfig
 from ipsr_platform.protocols import Protocol, scface_protocol, synthetic_protocol
@@ -54,11 +55,31 @@ _GROUPED = re.compile(r"(?P<group>[A-Za-z0-9_.-]+)=(?P<spec>.+)")
 
 
 def split_group(spec: str) -> tuple[str | None, str]:
-    """'eq2=/runs/a.pt' -> ('eq2', '/runs/a.pt'); a spec without GROUP= (or an existing file named so) -> (None, spec)."""
+    """'eq2=/runs/a.pt' -> ('eq2', '/runs/a.pt'); a spec without GROUP= (or an existing file named so) -> (None,
+    spec)."""
     match = _GROUPED.fullmatch(spec.strip())
     if match is None or Path(spec).expanduser().exists():
         return None, spec
     return match["group"], match["spec"]
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What ``ipsr evaluate`` found: the tables (method → column → …, per recognizer), where it wrote them, and the
+    promotion decision. ``table.md``, ``results.json`` and the terminal all render this one object."""
+
+    protocol: str
+    note: str
+    columns: list[str]
+    rank1: dict[str, dict[str, dict[str, float]]]  # recognizer → method → column (and "mean") → rank-1
+    statistics: dict[str, dict[str, dict[str, dict]]]  # recognizer → method → column → hits, interval, McNemar
+    seed_groups: dict[str, dict[str, dict[str, dict]]]  # recognizer → group → column → mean ± std over seeds
+    fidelity: dict[str, dict[str, dict[str, float]]]  # method → column → psnr, ssim (degraded HR probes only)
+    methods: dict[str, str]  # row label → the spec it was loaded from
+    output: str = ""
+    mlflow_run_id: str = ""
+    promotion: Promotion | None = None
+    seconds: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -69,25 +90,35 @@ def build_protocol(config: EvaluateConfig) -> Protocol:
         raise UserError("--protocol scface reads a local folder; copy it from S3 first (ar, lfw and folder read s3://)")
     root = config.data if is_s3(config.data) else Path(config.data).expanduser()
     if config.protocol == "scface":
-        return scface_protocol(root, identities=config.identities, gallery_pattern=config.gallery_pattern,
-                               probe_map=config.probe_map, gallery_group=config.gallery_group)
-    return synthetic_protocol(config.protocol, root, config.probe_sizes, identities=config.identities,
-                              gallery_pattern=config.gallery_pattern, probe_pattern=config.probe_pattern,
-                              split=config.split)
+        return scface_protocol(
+            root,
+            identities=config.identities,
+            gallery_pattern=config.gallery_pattern,
+            probe_map=config.probe_map,
+            gallery_group=config.gallery_group,
+        )
+    return synthetic_protocol(
+        config.protocol,
+        root,
+        config.probe_sizes,
+        identities=config.identities,
+        gallery_pattern=config.gallery_pattern,
+        probe_pattern=config.probe_pattern,
+        split=config.split,
+    )
 
 
 def build_recognizers(config: EvaluateConfig) -> dict[str, Embedder]:
     from ipsr_model.identity import IdentityNet
     from ipsr_model.sface import SFaceNet
 
-    return {name: IdentityNet(config.identity_weights) if name == "facenet" else SFaceNet()
-            for name in config.recognizers}
+    return {
+        name: IdentityNet(config.identity_weights) if name == "facenet" else SFaceNet() for name in config.recognizers
+    }
 
 
 def model_specs(config: EvaluateConfig, uri: str) -> list[str]:
     """The models to evaluate; --promote adds ``@candidate`` and (when there is one) ``@champion``."""
-    from ipsr_platform import tracking
-
     specs = list(config.models)
     if config.promote:
         specs.append(f"models:/{config.register_as}@{tracking.CANDIDATE}")
@@ -155,9 +186,18 @@ def seed_table(stats: dict, methods: list[Method], columns: list[str]) -> dict[s
             rates = [c["hits"] / c["n"] for c in cells]
             significant = [c["p_vs_bicubic"] < 0.05 for c in cells]
             direction = {c["only_model"] > c["only_bicubic"] for c in cells}
-            verdict = ("better" if direction == {True} else "worse" if direction == {False} else "") if all(significant) else ""
-            row[column] = {"mean": fmean(rates), "std": stdev(rates) if len(rates) > 1 else 0.0, "seeds": rates,
-                           "p_vs_bicubic": [c["p_vs_bicubic"] for c in cells], "verdict": verdict}
+            verdict = (
+                ("better" if direction == {True} else "worse" if direction == {False} else "")
+                if all(significant)
+                else ""
+            )
+            row[column] = {
+                "mean": fmean(rates),
+                "std": stdev(rates) if len(rates) > 1 else 0.0,
+                "seeds": rates,
+                "p_vs_bicubic": [c["p_vs_bicubic"] for c in cells],
+                "verdict": verdict,
+            }
     return table
 
 
@@ -177,28 +217,40 @@ def format_cell(rank1: float, cell: dict | None) -> str:
     return text
 
 
-SEEDS_NOTE = "mean ± std of rank-1 over the group's models; * / † when every seed is better / worse than bicubic (p < 0.05)."
-SIGNIFICANCE_NOTE = ("Cells: rank-1 ±half-width of its 95 % Wilson interval over the probes; * = better, † = worse "
-                     "than bicubic on the same probes (exact McNemar test, p < 0.05).")
+SEEDS_NOTE = (
+    "mean ± std of rank-1 over the group's models; * / † when every seed is better / worse than bicubic (p < 0.05)."
+)
+SIGNIFICANCE_NOTE = (
+    "Cells: rank-1 ±half-width of its 95 % Wilson interval over the probes; * = better, † = worse "
+    "than bicubic on the same probes (exact McNemar test, p < 0.05)."
+)
 
 
 # --------------------------------------------------------------------------------------------------- outputs
 
 
-def report_tables(summary: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
-    """(recognizer, "rank-1" or "seed groups", header, rows) of every table that table.md and the terminal show."""
-    columns, tables = summary["columns"], []
-    for rec_name, table in summary["rank1"].items():
-        cells = summary["statistics"][rec_name]
-        rows = [[label, *(format_cell(row[c], cells[label].get(c)) for c in [*columns, "mean"])]
-                for label, row in table.items()]
+def report_tables(summary: Evaluation) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(recognizer, "rank-1", "seed groups" or "fidelity", header, rows) of every table that table.md and the
+    terminal show."""
+    columns, tables = summary.columns, []
+    for rec_name, table in summary.rank1.items():
+        cells = summary.statistics[rec_name]
+        rows = [
+            [label, *(format_cell(row[c], cells[label].get(c)) for c in [*columns, "mean"])]
+            for label, row in table.items()
+        ]
         tables.append((rec_name, "rank-1", ["method", *columns, "mean"], rows))
-        if seeds := summary["seed_groups"][rec_name]:
-            rows = [[group, str(len(row[columns[0]]["seeds"])), *(format_seed_cell(row[c]) for c in columns)]
-                    for group, row in seeds.items()]
+        if seeds := summary.seed_groups[rec_name]:
+            rows = [
+                [group, str(len(row[columns[0]]["seeds"])), *(format_seed_cell(row[c]) for c in columns)]
+                for group, row in seeds.items()
+            ]
             tables.append((rec_name, "seed groups", ["group", "seeds", *columns], rows))
-    if fidelity := summary["fidelity"]:  # degraded HR probes: how close each restoration is to the original
-        rows = [[label, *(f"{row[c]['psnr']:.2f} / {row[c]['ssim']:.3f}" for c in columns)] for label, row in fidelity.items()]
+    if fidelity := summary.fidelity:  # degraded HR probes: how close each restoration is to the original
+        rows = [
+            [label, *(f"{row[c]['psnr']:.2f} / {row[c]['ssim']:.3f}" for c in columns)]
+            for label, row in fidelity.items()
+        ]
         tables.append(("", "fidelity", ["method", *columns], rows))
     return tables
 
@@ -206,16 +258,19 @@ def report_tables(summary: dict[str, Any]) -> list[tuple[str, str, list[str], li
 def table_title(rec_name: str, kind: str) -> str:
     if kind == "fidelity":
         return "PSNR dB / SSIM against HR (mean over probes)"
-    return f"{kind.capitalize()} — {RECOGNIZER_TITLES[rec_name]}"
+    return f"{kind} — {RECOGNIZER_TITLES[rec_name]}"
 
 
-def _markdown(summary: dict[str, Any], config: EvaluateConfig, methods: list[Method]) -> str:
-    lines = [f"# ipsr evaluate — {summary['protocol']} on {config.data}", "", summary["note"], "",
-             SIGNIFICANCE_NOTE, ""]
+def _markdown(summary: Evaluation, config: EvaluateConfig, methods: list[Method]) -> str:
+    lines = [f"# ipsr evaluate — {summary.protocol} on {config.data}", "", summary.note, "", SIGNIFICANCE_NOTE, ""]
     for rec_name, kind, header, rows in report_tables(summary):
         title = table_title(rec_name, kind)
-        lines += [f"{title}: {SEEDS_NOTE}" if kind == "seed groups" else f"## {title}", "",
-                  "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        lines += [
+            f"{title}: {SEEDS_NOTE}" if kind == "seed groups" else f"## {title}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|---|" + "---:|" * (len(header) - 1),
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     models = [m for m in methods if m.restore is not None]
     if models:
@@ -225,35 +280,55 @@ def _markdown(summary: dict[str, Any], config: EvaluateConfig, methods: list[Met
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, results: dict, summary: dict[str, Any]) -> None:
+def _write_csv(path: Path, results: dict, summary: Evaluation) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["protocol", "recognizer", "method", "spec", "column", "rank1", "rank5", "rank10", "probes",
-                         "rank1_ci95_low", "rank1_ci95_high", "only_model", "only_bicubic", "p_vs_bicubic"])  # fmt: skip
+                         "rank1_ci95_low", "rank1_ci95_high", "only_model", "only_bicubic",
+                         "p_vs_bicubic"])  # fmt: skip
         for (rec_name, label, column), ranks in results.items():
             at = [float((ranks < k).float().mean()) for k in (1, 5, 10)]
-            cell = summary["statistics"][rec_name][label][column]
+            cell = summary.statistics[rec_name][label][column]
             p = f"{cell['p_vs_bicubic']:.4g}" if "p_vs_bicubic" in cell else ""
             paired = [cell.get("only_model", ""), cell.get("only_bicubic", ""), p]
-            writer.writerow([summary["protocol"], rec_name, label, summary["methods"][label], column,
-                             *(f"{v:.4f}" for v in at), len(ranks), *(f"{v:.4f}" for v in cell["ci95"]), *paired])
+            writer.writerow(
+                [
+                    summary.protocol,
+                    rec_name,
+                    label,
+                    summary.methods[label],
+                    column,
+                    *(f"{v:.4f}" for v in at),
+                    len(ranks),
+                    *(f"{v:.4f}" for v in cell["ci95"]),
+                    *paired,
+                ]
+            )
 
 
-def _plot_cmc(path: Path, summary: dict[str, Any], curves: dict, methods: list[Method]) -> None:
+def _plot_cmc(path: Path, summary: Evaluation, curves: dict, methods: list[Method]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    columns, recognizers = summary["columns"], list(summary["rank1"])
-    fig, axes = plt.subplots(len(recognizers), len(columns), figsize=(3.2 * len(columns), 2.8 * len(recognizers)),
-                             squeeze=False, sharex=True, sharey=True)
+    columns, recognizers = summary.columns, list(summary.rank1)
+    fig, axes = plt.subplots(
+        len(recognizers),
+        len(columns),
+        figsize=(3.2 * len(columns), 2.8 * len(recognizers)),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+    )
     for i, rec_name in enumerate(recognizers):
         for j, column in enumerate(columns):
             ax = axes[i][j]
             for method in methods:
                 curve = curves[rec_name, method.label, column].numpy()
-                ax.plot(range(1, len(curve) + 1), curve, label=method.label, linestyle="--" if method.label == HR else "-")
+                ax.plot(
+                    range(1, len(curve) + 1), curve, label=method.label, linestyle="--" if method.label == HR else "-"
+                )
             ax.set_title(f"{rec_name} · {column}", fontsize=9)
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
@@ -262,7 +337,7 @@ def _plot_cmc(path: Path, summary: dict[str, Any], curves: dict, methods: list[M
             if j == 0:
                 ax.set_ylabel("identification rate")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"CMC — {summary['protocol']}")
+    fig.suptitle(f"CMC — {summary.protocol}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -278,8 +353,9 @@ def _save_grid(path: Path, grid) -> None:
     side, pad, header = 128, 4, 20
     font = ImageFont.load_default(size=11)
     label_width = max(60, *(int(font.getlength(name)) + 2 * pad for name in grid.rows))
-    canvas = Image.new("RGB", (label_width + len(grid.columns) * (side + pad), header + len(grid.rows) * (side + pad)),
-                       "white")
+    canvas = Image.new(
+        "RGB", (label_width + len(grid.columns) * (side + pad), header + len(grid.rows) * (side + pad)), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     for j, (title, images) in enumerate(grid.columns):
         x = label_width + j * (side + pad)
@@ -291,7 +367,15 @@ def _save_grid(path: Path, grid) -> None:
     canvas.save(path)
 
 
-def write_outputs(out: Path, protocol, config, methods, results, samples, summary) -> None:
+def write_outputs(
+    out: Path,
+    protocol: Protocol,
+    config: EvaluateConfig,
+    methods: list[Method],
+    results: dict,
+    samples: dict,
+    summary: Evaluation,
+) -> None:
     max_rank = min(config.max_rank, len(protocol.gallery_labels.unique()))
     curves = {key: cmc_from_ranks(ranks, max_rank) for key, ranks in results.items()}
     (out / "table.md").write_text(_markdown(summary, config, methods))
@@ -300,17 +384,23 @@ def write_outputs(out: Path, protocol, config, methods, results, samples, summar
     for column, grid in samples.items():
         _save_grid(out / f"samples_{column}.png", grid)
     cmc = {"/".join(key): curve.tolist() for key, curve in curves.items()}
-    payload = {"protocol": protocol.name, "note": protocol.note, "config": config.model_dump(mode="json"),
-               "methods": summary["methods"], "rank1": summary["rank1"], "statistics": summary["statistics"],
-               "seed_groups": summary["seed_groups"], "fidelity": summary["fidelity"], "cmc": cmc}
+    payload = {
+        "protocol": protocol.name,
+        "note": protocol.note,
+        "config": config.model_dump(mode="json"),
+        "methods": summary.methods,
+        "rank1": summary.rank1,
+        "statistics": summary.statistics,
+        "seed_groups": summary.seed_groups,
+        "fidelity": summary.fidelity,
+        "cmc": cmc,
+    }
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 
 
 def _default_output(protocol: str) -> Path:
-    from ipsr_model.weights import ipsr_home
-
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    return ipsr_home() / "evaluations" / f"{protocol}-{stamp}"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return evaluations_dir() / f"{protocol}-{stamp}"
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -323,21 +413,35 @@ def paired_evidence(results: dict, recognizer: str, label: str, columns: list[st
     bicubic = torch.cat([results[recognizer, BICUBIC, c] == 0 for c in columns])
     only_model, only_bicubic, p = mcnemar_exact(model, bicubic)
     probes = len(results[recognizer, BICUBIC, columns[0]])
-    return {"pairs": len(model), "probes": probes, "columns": len(columns), "only_model": only_model,
-            "only_bicubic": only_bicubic, "p": p, "model_rank1": float(model.float().mean()),
-            "bicubic_rank1": float(bicubic.float().mean()),
-            "model_ci95": wilson_interval(int(model.sum()), len(model)),
-            "bicubic_ci95": wilson_interval(int(bicubic.sum()), len(bicubic))}
+    return {
+        "pairs": len(model),
+        "probes": probes,
+        "columns": len(columns),
+        "only_model": only_model,
+        "only_bicubic": only_bicubic,
+        "p": p,
+        "model_rank1": float(model.float().mean()),
+        "bicubic_rank1": float(bicubic.float().mean()),
+        "model_ci95": wilson_interval(int(model.sum()), len(model)),
+        "bicubic_ci95": wilson_interval(int(bicubic.sum()), len(bicubic)),
+    }
 
 
 def _evidence_text(e: dict) -> str:
     (ml, mh), (bl, bh) = e["model_ci95"], e["bicubic_ci95"]
-    return (f"{e['probes']} probes × {e['columns']} columns: pooled rank-1 {e['model_rank1']:.3f} (95 % CI "
-            f"{ml:.3f}–{mh:.3f}) vs bicubic {e['bicubic_rank1']:.3f} ({bl:.3f}–{bh:.3f}), exact McNemar p = {e['p']:.2g}")
+    return (
+        f"{e['probes']} probes × {e['columns']} columns: pooled rank-1 {e['model_rank1']:.3f} (95 % CI "
+        f"{ml:.3f}–{mh:.3f}) vs bicubic {e['bicubic_rank1']:.3f} ({bl:.3f}–{bh:.3f}), exact McNemar p = {e['p']:.2g}"
+    )
 
 
-def promotion_decision(candidate: tuple[str, float], bicubic: float, champion: tuple[str, float] | None,
-                       metric: str, evidence: dict | None = None) -> tuple[bool, str]:
+def promotion_decision(
+    candidate: tuple[str, float],
+    bicubic: float,
+    champion: tuple[str, float] | None,
+    metric: str,
+    evidence: dict | None = None,
+) -> tuple[bool, str]:
     """Whether the candidate ``(name, score)`` may become champion, and why: it must beat bicubic on the same
     evaluation (a model worse than its own input is never served as the best one) — significantly, when the
     per-probe ``evidence`` (``paired_evidence``) is given — and the current champion ``(name, score)``, if any;
@@ -351,17 +455,39 @@ def promotion_decision(candidate: tuple[str, float], bicubic: float, champion: t
     if champion is None:
         return True, f"no champion yet; {metric}: {name} {score:.4f} beats bicubic {bicubic:.4f}{detail}"
     verdict = "beats" if score > champion[1] else "does not beat"
-    return score > champion[1], (f"{metric}: {name} {score:.4f} {verdict} {champion[0]} {champion[1]:.4f} "
-                                 f"(bicubic {bicubic:.4f}){detail}")
+    return score > champion[1], (
+        f"{metric}: {name} {score:.4f} {verdict} {champion[0]} {champion[1]:.4f} (bicubic {bicubic:.4f}){detail}"
+    )
 
 
-def promote(config: EvaluateConfig, protocol: Protocol, results: dict, tables: dict, methods: list[Method],
-            versions: dict[str, str], run_id: str, uri: str) -> dict:
+@dataclasses.dataclass
+class Promotion:
+    """``--promote``'s decision about the candidate version, as tagged on it and on the evaluation run."""
+
+    promoted: bool
+    why: str
+    metric: str
+    candidate: str  # version
+    candidate_score: float
+    bicubic_score: float
+    evidence: dict  # paired_evidence: the candidate against bicubic, probe by probe
+    champion: str | None = None
+    champion_score: float | None = None
+
+
+def promote(
+    config: EvaluateConfig,
+    protocol: Protocol,
+    results: dict,
+    tables: dict,
+    methods: list[Method],
+    versions: dict[str, str],
+    run_id: str,
+    uri: str,
+) -> Promotion:
     """Move ``champion`` to ``candidate`` when ``promotion_decision`` allows it (``--promote-recognizer``'s mean
     rank-1). ``versions``: spec → registered version of every model loaded. Fails closed: a registry error, or a
     champion that moved while this evaluation ran, stops it."""
-    from ipsr_platform import tracking
-
     name, rec_name = config.register_as, config.promote_recognizer
     label = {m.model.version: m.label for m in methods if m.model is not None and m.model.name == name}
     # The versions compared are the ones this evaluation loaded (model_specs), not whatever the aliases say now.
@@ -371,35 +497,36 @@ def promote(config: EvaluateConfig, protocol: Protocol, results: dict, tables: d
     table = tables[rec_name]
     score, bicubic = table[label[cand_v]]["mean"], table[BICUBIC]["mean"]
     evidence = paired_evidence(results, rec_name, label[cand_v], [c.name for c in protocol.columns])
-    decision = {"metric": metric, "candidate": cand_v, "candidate_score": score, "bicubic_score": bicubic,
-                "evidence": evidence}
-    if champ_v == cand_v:
-        promoted, why = False, f"candidate v{cand_v} already is the champion"
-    else:
+    decision = Promotion(
+        False, f"candidate v{cand_v} already is the champion", metric, cand_v, score, bicubic, evidence
+    )
+    if champ_v != cand_v:
         rival = (f"champion v{champ_v}", table[label[champ_v]]["mean"]) if champ_v else None
-        promoted, why = promotion_decision((f"candidate v{cand_v}", score), bicubic, rival, metric, evidence)
-        decision |= {"champion": champ_v, "champion_score": rival[1]} if rival else {}
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    if promoted:
+        decision.promoted, decision.why = promotion_decision(
+            (f"candidate v{cand_v}", score), bicubic, rival, metric, evidence
+        )
+        decision.champion, decision.champion_score = (champ_v, rival[1]) if rival else (None, None)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if decision.promoted:
         now = tracking.version_or_none(name, tracking.CHAMPION, uri)
         if (str(now.version) if now is not None else None) != champ_v:
-            raise UserError(f"{name}@{tracking.CHAMPION} moved to v{now.version if now else '-'} while this evaluation "
-                            f"compared against v{champ_v or '-'}; not promoting — evaluate again")
+            raise UserError(
+                f"{name}@{tracking.CHAMPION} moved to v{now.version if now else '-'} while this evaluation "
+                f"compared against v{champ_v or '-'}; not promoting — evaluate again"
+            )
         tracking.set_alias(name, tracking.CHAMPION, cand_v, uri)
         tracking.client(uri).update_model_version(name, cand_v, description=f"Promoted to champion {stamp} "
-                                                  f"(evaluation run {run_id}): {why}.")  # fmt: skip
-    verdict = ("promoted: " if promoted else "not promoted: ") + why
-    tracking.tag_version(name, cand_v, {"promotion": verdict, "promotion_eval_run_id": run_id}, uri)
-    return decision | {"promoted": promoted, "why": why}
+                                                  f"(evaluation run {run_id}): {decision.why}.")  # fmt: skip
+    verdict = ("promoted: " if decision.promoted else "not promoted: ") + decision.why
+    tracking.tag_version(name, cand_v, {tracking.TAG_PROMOTION: verdict, tracking.TAG_PROMOTION_RUN: run_id}, uri)
+    return decision
 
 
 # ------------------------------------------------------------------------------------------------------ job
 
 
-def run(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate, write the outputs, log to MLflow, optionally promote; returns a summary."""
-    from ipsr_platform import tracking
-
+def run(config: EvaluateConfig) -> Evaluation:
+    """Evaluate, write the outputs, log to MLflow, optionally promote."""
     started = time.perf_counter()
     uri = tracking.tracking_uri()
     out = Path(config.output).expanduser() if config.output else _default_output(config.protocol)
@@ -409,66 +536,110 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     protocol = build_protocol(config)
     methods = load_methods(protocol, loaded)
     recognizers = build_recognizers(config)
-    results, samples, quality = score(protocol, methods, recognizers, batch_size=config.batch_size,
-                                      concat_bicubic=config.concat, grid_faces=config.grid_faces)
+    results, samples, quality = score(
+        protocol,
+        methods,
+        recognizers,
+        batch_size=config.batch_size,
+        concat_bicubic=config.concat,
+        grid_faces=config.grid_faces,
+    )
     columns = [c.name for c in protocol.columns]
-    tables = {r: rank1_table(results, r, methods, columns) for r in recognizers}
     stats = {r: statistics(results, r, methods, columns) for r in recognizers}
-    seeds = {r: seed_table(stats[r], methods, columns) for r in recognizers}
-    fidelity = {label: {c: {"psnr": float(q[0].mean()), "ssim": float(q[1].mean())} for (m, c), q in quality.items()
-                        if m == label} for label in dict.fromkeys(m for m, _ in quality)}
-    summary = {"protocol": protocol.name, "note": protocol.note, "columns": columns, "rank1": tables,
-               "statistics": stats, "seed_groups": seeds, "fidelity": fidelity,
-               "methods": {m.label: m.spec for m in methods}}
+    evaluation = Evaluation(
+        protocol.name, protocol.note, columns, {r: rank1_table(results, r, methods, columns) for r in recognizers},
+        stats, {r: seed_table(stats[r], methods, columns) for r in recognizers}, _fidelity(quality),
+        {m.label: m.spec for m in methods}, output=str(out))  # fmt: skip
+    _write_atomically(
+        out, lambda staging: write_outputs(staging, protocol, config, methods, results, samples, evaluation)
+    )
+    evaluation.mlflow_run_id, evaluation.promotion = _log_and_promote(
+        config, protocol, methods, loaded, results, evaluation, uri
+    )
+    evaluation.seconds = time.perf_counter() - started
+    return evaluation
 
+
+def _fidelity(quality: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """method → column → mean PSNR and SSIM against HR."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (label, column), (psnr, ssim) in quality.items():
+        out.setdefault(label, {})[column] = {"psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
+    return out
+
+
+def _write_atomically(out: Path, write) -> None:
+    """``write(folder)`` into a staging folder beside ``out``, then rename: the folder appears whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        write_outputs(staging, protocol, config, methods, results, samples, summary)
-        os.replace(staging, out)  # the folder appears complete or not at all
+        write(staging)
+        os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
+
+def _log_and_promote(
+    config: EvaluateConfig,
+    protocol: Protocol,
+    methods: list[Method],
+    loaded: list,
+    results: dict,
+    evaluation: Evaluation,
+    uri: str,
+) -> tuple[str, Promotion | None]:
+    """An MLflow run with the rank-1 metrics and the output folder; the scored versions tagged; the promotion."""
+    from mlflow.entities import Metric
+
     experiment_id = tracking.ensure_experiment(config.experiment, uri)
     models = {m.label: m.model for m in methods if m.model is not None}
-    tags = {tracking.TAG_GIT_COMMIT: tracking.git_commit(), "ipsr.protocol": protocol.name} | {
-        f"ipsr.model.{label}": (f"models:/{m.name}/{m.version}" if m.version else m.spec) for label, m in models.items()
-    }
-    run_name = f"evaluate-{protocol.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    tags = {tracking.TAG_GIT_COMMIT: tracking.git_commit(), tracking.TAG_PROTOCOL: protocol.name} | {
+        tracking.TAG_MODEL.format(label=label): (f"models:/{m.name}/{m.version}" if m.version else m.spec)
+        for label, m in models.items()
+    }  # fmt: skip
+    run_name = f"evaluate-{protocol.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     params = config.model_dump(mode="json") | {"identities_evaluated": len(protocol.identities)}
     run_id = tracking.create_run(experiment_id, run_name, params, tags, uri)
     try:
-        from mlflow.entities import Metric
-
         client, now = tracking.client(uri), int(time.time() * 1000)
-        metrics = [Metric(f"rank1/{rec_name}/{label}/{column}", value, now, 0) for rec_name, table in tables.items()
-                   for label, row in table.items() for column, value in row.items()]
+        metrics = [Metric(tracking.METRIC_RANK1.format(recognizer=rec, method=label, column=column), value, now, 0)
+                   for rec, table in evaluation.rank1.items() for label, row in table.items()
+                   for column, value in row.items()]  # fmt: skip
         for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        client.log_artifacts(run_id, str(out))
+        client.log_artifacts(run_id, evaluation.output)
         for label, model in models.items():
             if model.version:  # link the version to this evaluation (DESIGN: versions carry an eval summary)
-                evals = {f"eval.{protocol.name}.{r}.mean_rank1": f"{tables[r][label]['mean']:.4f}" for r in tables}
-                tracking.tag_version(model.name, model.version, evals | {f"eval.{protocol.name}.run_id": run_id}, uri)
+                evals = {tracking.TAG_EVAL_MEAN_RANK1.format(protocol=protocol.name, recognizer=r):
+                         f"{evaluation.rank1[r][label]['mean']:.4f}" for r in evaluation.rank1}  # fmt: skip
+                tracking.tag_version(
+                    model.name,
+                    model.version,
+                    evals | {tracking.TAG_EVAL_RUN.format(protocol=protocol.name): run_id},
+                    uri,
+                )
         versions = {g.spec: g.version for _, g in loaded}
-        decision = promote(config, protocol, results, tables, methods, versions, run_id, uri) if config.promote else None
+        decision = (
+            promote(config, protocol, results, evaluation.rank1, methods, versions, run_id, uri)
+            if config.promote
+            else None
+        )
         if decision:
-            client.set_tag(run_id, "ipsr.promotion", json.dumps(decision))
+            client.set_tag(run_id, tracking.TAG_PROMOTION_DECISION, json.dumps(dataclasses.asdict(decision)))
     except BaseException:
         tracking.set_run_status(run_id, "FAILED", uri)
         raise
     tracking.set_run_status(run_id, "FINISHED", uri)
-    return summary | {"output": str(out), "mlflow_run_id": run_id, "promotion": decision,
-                      "seconds": time.perf_counter() - started}
+    return run_id, decision
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: Evaluation) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
     screen = Console(file=console.out())
-    screen.print(f"[bold]{summary['protocol']}[/]: {summary['note']}")
+    screen.print(f"[bold]{summary.protocol}[/]: {summary.note}")
     for rec_name, kind, header, rows in report_tables(summary):
         right = [Column(c, justify="right") for c in header[1:]]
         view = Table(header[0], *right, title=table_title(rec_name, kind))
@@ -478,13 +649,13 @@ def print_summary(summary: dict[str, Any]) -> None:
         if kind == "seed groups":
             screen.print(SEEDS_NOTE)
     screen.print(SIGNIFICANCE_NOTE)
-    screen.print(f"outputs: {summary['output']}  (MLflow run {summary['mlflow_run_id']})")
+    screen.print(f"outputs: {summary.output}  (MLflow run {summary.mlflow_run_id})")
     console.announce()
-    if p := summary["promotion"]:
-        screen.print(f"{'promoted' if p['promoted'] else 'not promoted'}: {p['why']}")
+    if p := summary.promotion:
+        screen.print(f"{'promoted' if p.promoted else 'not promoted'}: {p.why}")
 
 
-def run_and_report(config: EvaluateConfig) -> dict[str, Any]:
+def run_and_report(config: EvaluateConfig) -> Evaluation:
     """``ipsr evaluate``: evaluate, then print the tables."""
     summary = run(config)
     print_summary(summary)

@@ -54,7 +54,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -81,18 +81,23 @@ _OWNED = {SUCCESS, TEMPORARY, "data", "rejects.parquet", "manifest.json"}
 INPUT_SCHEMA = pa.schema([("source", pa.string()), ("identity", pa.string()), ("size", pa.int64())])
 EMBEDDING_DIM = 512  # ipsr_model.identity.EMBEDDING_DIM (not imported: this module loads without torch)
 FACE_COLUMNS = ["image", "identity", "label", "split", "source", "det_prob", "box", "landmarks"]
-ALIGNED_SCHEMA = pa.schema([
-    ("source", pa.string()), ("identity", pa.string()), ("label", pa.int32()), ("split", pa.string()),
-    ("image", pa.binary()),  # PNG, 128×128 RGB
-    ("det_prob", pa.float32()),
-    ("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
-    ("landmarks", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners: x, y pairs, original pixels
-    ("reason", pa.string()),  # null when aligned
-    ("detail", pa.string()),
-    ("done_at", pa.float64()),  # wall clock when its batch finished: throughput without start-up (not stored)
-    # FaceNet embedding of the aligned face (``--hr-embeddings``): the HR half of the identity loss, precomputed
-    ("hr_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
-])
+ALIGNED_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("identity", pa.string()),
+        ("label", pa.int32()),
+        ("split", pa.string()),
+        ("image", pa.binary()),  # PNG, 128×128 RGB
+        ("det_prob", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
+        ("landmarks", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners: x, y pairs, original pixels
+        ("reason", pa.string()),  # null when aligned
+        ("detail", pa.string()),
+        ("done_at", pa.float64()),  # wall clock when its batch finished: throughput without start-up (not stored)
+        # FaceNet embedding of the aligned face (``--hr-embeddings``): the HR half of the identity loss, precomputed
+        ("hr_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
+    ]
+)
 REJECT_COLUMNS = ["source", "identity", "reason", "detail"]
 
 
@@ -122,18 +127,28 @@ def assign_splits(names: list[str], fractions: dict[str, float]) -> dict[str, st
     split = {n: split_of(n, fractions) for n in names}
     if len(names) < MIN_SPLIT_FROM:
         return split
-    wanted = {s: max(sum(v == s for v in split.values()), MIN_SPLIT_IDENTITIES if fractions.get(s, 0) > 0 else 0)
-              for s in ("val", "test")}
+    wanted = {
+        s: max(sum(v == s for v in split.values()), MIN_SPLIT_IDENTITIES if fractions.get(s, 0) > 0 else 0)
+        for s in ("val", "test")
+    }
     ordered = sorted(names, key=_unit)  # split_of's val are the first in this order, its test the next ones
-    return {n: "val" if i < wanted["val"] else "test" if i < wanted["val"] + wanted["test"] else "train"
-            for i, n in enumerate(ordered)}
+    return {
+        n: "val" if i < wanted["val"] else "test" if i < wanted["val"] + wanted["test"] else "train"
+        for i, n in enumerate(ordered)
+    }
 
 
 def mixed_order(table: pa.Table) -> pa.Table:
     """The rows in the order of a hash of their source: reproducible, and every run of consecutive rows (a block,
     a shard) mixes identities and splits."""
-    keys = np.fromiter((int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")
-                        for s in table.column("source").to_pylist()), dtype=np.uint64, count=table.num_rows)
+    keys = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")
+            for s in table.column("source").to_pylist()
+        ),
+        dtype=np.uint64,
+        count=table.num_rows,
+    )
     return table.take(pa.array(np.argsort(keys, kind="stable")))
 
 
@@ -152,10 +167,20 @@ def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]
         # sequential pages of 1,000; per-folder listings parallelise.
         with ThreadPoolExecutor(max_workers=32) as pool:
             listings = list(pool.map(lambda d: storage.list(d.path, recursive=True), folders))
-        files = [(e, folder.base_name) for folder, entries in zip(folders, listings) for e in entries
-                 if e.type == pafs.FileType.File]
-        table = pa.table({"source": [e.path for e, _ in files], "identity": [name for _, name in files],
-                          "size": [-1 if e.size is None else e.size for e, _ in files]}, schema=INPUT_SCHEMA)
+        files = [
+            (e, folder.base_name)
+            for folder, entries in zip(folders, listings)
+            for e in entries
+            if e.type == pafs.FileType.File
+        ]
+        table = pa.table(
+            {
+                "source": [e.path for e, _ in files],
+                "identity": [name for _, name in files],
+                "size": [-1 if e.size is None else e.size for e, _ in files],
+            },
+            schema=INPUT_SCHEMA,
+        )
     if table.num_rows == 0:
         raise UserError(f"no input files found under {src} (expected SRC/<identity>/<image>)")
     # slice(0, None) keeps every row: no --limit
@@ -201,9 +226,11 @@ def read_stage(batch: pa.Table, storage: Storage, max_bytes: int, io_threads: in
     with ThreadPoolExecutor(max_workers=min(io_threads, max(1, batch.num_rows))) as pool:
         results = list(pool.map(one, batch.column("source").to_pylist(), batch.column("size").to_pylist()))
     data, reasons, details = zip(*results) if results else ((), (), ())
-    return (batch.append_column("data", pa.array(data, pa.binary()))
-            .append_column("reason", pa.array(reasons, pa.string()))
-            .append_column("detail", pa.array(details, pa.string())))
+    return (
+        batch.append_column("data", pa.array(data, pa.binary()))
+        .append_column("reason", pa.array(reasons, pa.string()))
+        .append_column("detail", pa.array(details, pa.string()))
+    )
 
 
 class Aligner:
@@ -220,8 +247,10 @@ class Aligner:
 
             self.identity_net = IdentityNet(cfg.hr_embeddings).to(cfg.device, memory_format=torch.channels_last)
             if self.identity_net.weights_sha256 != identity_net_sha256:
-                raise RuntimeError(f"actor loaded identity weights {self.identity_net.weights_sha256[:12]}…, the "
-                                   f"driver {identity_net_sha256[:12]}…: the '{cfg.hr_embeddings}' cache differs")
+                raise RuntimeError(
+                    f"actor loaded identity weights {self.identity_net.weights_sha256[:12]}…, the "
+                    f"driver {identity_net_sha256[:12]}…: the '{cfg.hr_embeddings}' cache differs"
+                )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["source", "identity", "label", "split", "reason", "detail"]).to_pylist()
@@ -232,9 +261,12 @@ class Aligner:
             if isinstance(result, Rejected):
                 out[i].update(reason=result.reason, detail=result.detail)
             else:
-                out[i].update(image=encode_png(result.face), det_prob=result.det_prob,
-                              box=result.box.astype(np.float32).tolist(),
-                              landmarks=result.landmarks.astype(np.float32).reshape(-1).tolist())
+                out[i].update(
+                    image=encode_png(result.face),
+                    det_prob=result.det_prob,
+                    box=result.box.astype(np.float32).tolist(),
+                    landmarks=result.landmarks.astype(np.float32).reshape(-1).tolist(),
+                )
         if self.identity_net is not None:
             self._embed(out)
         done_at = time.time()
@@ -276,7 +308,7 @@ def write_stage(batch: pa.Table, storage: Storage, tmp: str, columns: list[str])
         name = f"{split}/part-{uuid.uuid4().hex}.parquet"
         part = faces.filter(pc.field("split") == split).select(columns)
         try:
-            storage.call("write", join(tmp, name), lambda fs, path: _write_shard(fs, path, part))
+            storage.call("write", join(tmp, name), lambda fs, path, part=part: _write_shard(fs, path, part))
         except StorageError as err:
             fatal = str(err)
             break
@@ -353,8 +385,10 @@ def _prepare_output(storage: Storage, out: str) -> None:
     entries = {i.base_name for i in storage.list(out)}
     foreign = sorted(entries - _OWNED)
     if foreign:
-        raise UserError(f"output {out} holds files that are not an ipsr dataset ({', '.join(foreign[:3])}); "
-                        "choose an empty or new path")
+        raise UserError(
+            f"output {out} holds files that are not an ipsr dataset ({', '.join(foreign[:3])}); "
+            "choose an empty or new path"
+        )
     # data/ alone may be someone's own folder; with rejects.parquet beside it, it is ours (a crash mid-commit).
     if entries and not entries & {SUCCESS, TEMPORARY, "manifest.json", "rejects.parquet"}:
         raise UserError(f"output {out} is not empty and holds no ipsr dataset; choose an empty or new path")
@@ -377,14 +411,17 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
 
         state, identity_net_sha256 = load_identity_weights(cfg.hr_embeddings)
         if state["last_linear.weight"].shape[0] != EMBEDDING_DIM:  # the column's fixed width, what training reads
-            raise UserError(f"--hr-embeddings {cfg.hr_embeddings}: a {state['last_linear.weight'].shape[0]}-D FaceNet; "
-                            f"the dataset's hr_embedding column holds {EMBEDDING_DIM}-D ones (use a 512-D source)")
+            raise UserError(
+                f"--hr-embeddings {cfg.hr_embeddings}: a {state['last_linear.weight'].shape[0]}-D FaceNet; "
+                f"the dataset's hr_embedding column holds {EMBEDDING_DIM}-D ones (use a 512-D source)"
+            )
     _prepare_output(storage, out)
 
     inputs, ignored = list_inputs(cfg, storage)
     if ignored:
-        console.say(f"warning: ignored {ignored} file(s) directly under {normalize(cfg.input)} (not in an identity "
-                    "folder)")
+        console.say(
+            f"warning: ignored {ignored} file(s) directly under {normalize(cfg.input)} (not in an identity folder)"
+        )
     idents = inputs.column("identity").to_pylist()
     names = sorted(set(idents))
     label_of = {n: i for i, n in enumerate(names)}
@@ -393,7 +430,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     inputs = mixed_order(inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string())))
     t_listed = time.perf_counter()
 
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     tmp = join(out, TEMPORARY, run_id)
     storage.write_bytes(join(tmp, "_started"), b"")  # fails fast, naming the object, if DST is not writable
 
@@ -402,14 +439,22 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     t_processed = time.perf_counter()
 
     manifest = _commit(cfg, storage, out, tmp, inputs, names, tally, ignored)
-    manifest["hr_embeddings"] = cfg.hr_embeddings and {"identity_weights": cfg.hr_embeddings,
-                                                       "identity_net_sha256": identity_net_sha256}
+    manifest["hr_embeddings"] = cfg.hr_embeddings and {
+        "identity_weights": cfg.hr_embeddings,
+        "identity_net_sha256": identity_net_sha256,
+    }
     t_end = time.perf_counter()
-    manifest["timings_s"] = {"list": round(t_listed - t_start, 3), "process": round(t_processed - t_listed, 3),
-                             "commit": round(t_end - t_processed, 3), "total": round(t_end - t_start, 3)}
+    manifest["timings_s"] = {
+        "list": round(t_listed - t_start, 3),
+        "process": round(t_processed - t_listed, 3),
+        "commit": round(t_end - t_processed, 3),
+        "total": round(t_end - t_start, 3),
+    }
     steady = tally.steady_rate()
-    manifest["images_per_s"] = {"end_to_end": round(manifest["counts"]["seen"] / max(t_end - t_start, 1e-9), 2),
-                                "steady": round(steady, 2) if steady else None}
+    manifest["images_per_s"] = {
+        "end_to_end": round(manifest["counts"]["seen"] / max(t_end - t_start, 1e-9), 2),
+        "steady": round(steady, 2) if steady else None,
+    }
     # The manifest (with its timings) goes before _SUCCESS: whoever sees the marker sees the whole manifest. The
     # scratch (orphans of retried tasks) goes after the manifest, so a crash at any point leaves _temporary or
     # manifest.json behind: a rerun recognises the output as its own and rebuilds it.
@@ -418,14 +463,18 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     _print_summary(manifest, out)
     if not manifest["counts"]["aligned"]:  # left uncommitted, for inspection: a rerun rebuilds it
         top = tally.reasons.most_common(3)
-        raise UserError(f"no face aligned from {manifest['counts']['seen']} input(s) (" +
-                        ", ".join(f"{reason} {n}" for reason, n in top) + f"); see {join(out, 'rejects.parquet')}")
+        raise UserError(
+            f"no face aligned from {manifest['counts']['seen']} input(s) ("
+            + ", ".join(f"{reason} {n}" for reason, n in top)
+            + f"); see {join(out, 'rejects.parquet')}"
+        )
     storage.write_bytes(join(out, SUCCESS), b"")
     return manifest
 
 
-def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str,
-             identity_net_sha256: str | None) -> Tally:
+def _process(
+    cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str, identity_net_sha256: str | None
+) -> Tally:
     import ray.data  # binds ray too
 
     resources = ray.cluster_resources()
@@ -470,8 +519,16 @@ def _process(cfg: PreprocessConfig, storage: Storage, inputs: pa.Table, tmp: str
     return tally
 
 
-def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], tmp: str, n: int, io_actors: int,
-              actor_args: dict[str, Any], identity_net_sha256: str | None):
+def _pipeline(
+    cfg: PreprocessConfig,
+    storage: Storage,
+    blocks: list[pa.Table],
+    tmp: str,
+    n: int,
+    io_actors: int,
+    actor_args: dict[str, Any],
+    identity_net_sha256: str | None,
+):
     """read → align (n actors) → write, as one streaming Ray Dataset (not started yet)."""
     import ray.data
 
@@ -480,22 +537,50 @@ def _pipeline(cfg: PreprocessConfig, storage: Storage, blocks: list[pa.Table], t
         # Reads and writes wait on storage, not on the CPU: they take no CPU slot, so they run beside the
         # actors that hold every core (with a CPU request they would wait for a free core that never comes), in a
         # small fixed pool of actors (``Stage``): one reader's thread pool keeps several aligners fed.
-        .map_batches(Stage, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                     compute=ray.data.ActorPoolStrategy(size=io_actors),
-                     fn_constructor_kwargs=dict(fn=read_stage, kwargs=dict(storage=storage, max_bytes=cfg.max_bytes,
-                                                                           io_threads=cfg.io_threads)))
-        .map_batches(Aligner, batch_size=cfg.batch_size, batch_format="pyarrow",
-                     compute=ray.data.ActorPoolStrategy(size=n), **actor_args,
-                     fn_constructor_kwargs=dict(cfg=cfg, identity_net_sha256=identity_net_sha256))
-        .map_batches(Stage, batch_size=cfg.rows_per_shard, batch_format="pyarrow", num_cpus=0,
-                     compute=ray.data.ActorPoolStrategy(size=io_actors),
-                     fn_constructor_kwargs=dict(fn=write_stage, kwargs=dict(
-                         storage=storage, tmp=tmp, columns=FACE_COLUMNS + ["hr_embedding"] * bool(cfg.hr_embeddings))))
+        .map_batches(
+            Stage,
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=0,
+            compute=ray.data.ActorPoolStrategy(size=io_actors),
+            fn_constructor_kwargs=dict(
+                fn=read_stage, kwargs=dict(storage=storage, max_bytes=cfg.max_bytes, io_threads=cfg.io_threads)
+            ),
+        )
+        .map_batches(
+            Aligner,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=n),
+            **actor_args,
+            fn_constructor_kwargs=dict(cfg=cfg, identity_net_sha256=identity_net_sha256),
+        )
+        .map_batches(
+            Stage,
+            batch_size=cfg.rows_per_shard,
+            batch_format="pyarrow",
+            num_cpus=0,
+            compute=ray.data.ActorPoolStrategy(size=io_actors),
+            fn_constructor_kwargs=dict(
+                fn=write_stage,
+                kwargs=dict(
+                    storage=storage, tmp=tmp, columns=FACE_COLUMNS + ["hr_embedding"] * bool(cfg.hr_embeddings)
+                ),
+            ),
+        )
     )
 
 
-def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs: pa.Table, names: list[str],
-            tally: Tally, ignored: int) -> dict[str, Any]:
+def _commit(
+    cfg: PreprocessConfig,
+    storage: Storage,
+    out: str,
+    tmp: str,
+    inputs: pa.Table,
+    names: list[str],
+    tally: Tally,
+    ignored: int,
+) -> dict[str, Any]:
     if tally.seen != inputs.num_rows:  # the pipeline must neither lose nor duplicate an input
         raise RuntimeError(f"internal: {inputs.num_rows} inputs listed but {tally.seen} came out of the pipeline")
     if set(tally.reasons) - set(REASONS):
@@ -508,8 +593,11 @@ def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs:
         "identities": {"listed": len(names), "aligned": len(tally.identities)},
         "ignored_top_level_files": ignored,
     }
-    rejects = (pa.concat_tables(tally.rejects) if tally.rejects else
-               pa.table({c: pa.array([], pa.string()) for c in REJECT_COLUMNS})).sort_by("source")
+    rejects = (
+        pa.concat_tables(tally.rejects)
+        if tally.rejects
+        else pa.table({c: pa.array([], pa.string()) for c in REJECT_COLUMNS})
+    ).sort_by("source")
 
     # Stable names in a stable order, numbered within each split; moves run in parallel (one copy each on S3).
     moves, files = [], []  # (scratch name, committed path), and the manifest's shard list
@@ -521,23 +609,30 @@ def _commit(cfg: PreprocessConfig, storage: Storage, out: str, tmp: str, inputs:
         list(pool.map(lambda m: storage.move(join(tmp, m[0]), join(out, m[1])), moves))
     storage.call("write", join(out, "rejects.parquet"), lambda fs, path: pq.write_table(rejects, path, filesystem=fs))
 
+    from importlib.metadata import version
+
     import PIL
     import ray
     import torch
-    from importlib.metadata import version
 
     return {
         "format": "ipsr-aligned-faces/1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "image": {"size_hw": [FACE_SIZE, FACE_SIZE], "mode": "RGB", "encoding": "png"},
         "counts": counts,
         "files": files,
         "rejects": "rejects.parquet",
         "labels": names,  # label i is names[i]; dense over the listed identities, sorted
         "config": cfg.model_dump(),
-        "versions": {"ipsr": version("ipsr"), "python": platform.python_version(), "ray": ray.__version__,
-                     "torch": torch.__version__, "facenet-pytorch": version("facenet-pytorch"),
-                     "pillow": PIL.__version__, "pyarrow": pa.__version__},
+        "versions": {
+            "ipsr": version("ipsr"),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "facenet-pytorch": version("facenet-pytorch"),
+            "pillow": PIL.__version__,
+            "pyarrow": pa.__version__,
+        },
     }
 
 
@@ -562,7 +657,7 @@ def _print_summary(manifest: dict[str, Any], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m jobs.preprocess [flags]``: the same command as ``ipsr preprocess`` (generated from its config model)."""
+    """``python -m jobs.preprocess [flags]``: the same command as ``ipsr preprocess`` (generated from its config)."""
     run_main(job_command("preprocess", run), argv)
 
 

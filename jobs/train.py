@@ -27,7 +27,7 @@ import torch
 from ipsr_model.degradation import degrade, parse_size
 from ipsr_model.errors import UserError
 from ipsr_model.images import from_uint8
-from ipsr_platform import cluster, console
+from ipsr_platform import cluster, console, tracking
 from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import TrainConfig
 from ipsr_platform.storage import Storage, join, normalize
@@ -39,7 +39,16 @@ log = logging.getLogger(__name__)
 RUN_RECORD = "ipsr_run.json"
 # Settings a rerun may change; any other difference would make "resume" train a different model.
 RESUMABLE_FIELDS = frozenset(
-    {"max_failures", "cpus_per_worker", "log_every", "compile", "register_as", "checkpoint_every", "keep_checkpoints", "grid_faces"}
+    {
+        "max_failures",
+        "cpus_per_worker",
+        "log_every",
+        "compile",
+        "register_as",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "grid_faces",
+    }
 )
 
 
@@ -47,10 +56,9 @@ RESUMABLE_FIELDS = frozenset(
 def _step_progress(run_id: str, uri: str, steps_per_epoch: int, total_steps: int):
     """A progress bar of optimiser steps while ``trainer.fit()`` blocks: rank 0 logs ``epoch`` to MLflow every
     ``log_every`` steps, and a thread reads it back every 2 s (one small registry call; stops with the fit)."""
-    from ipsr_platform import tracking
-
     stop = threading.Event()
     with console.progress("train", total_steps, "steps") as advance:
+
         def follow() -> None:
             shown, client = 0, tracking.client(uri)  # one client: each would open its own store connection
             while not stop.wait(2.0):
@@ -94,14 +102,14 @@ def _write_json(storage: Storage, uri: str, obj: dict) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training job described by ``config``; returns a summary."""
-    from ipsr_model.weights import ipsr_home, load_identity_weights
-    from ipsr_platform import tracking
+    from ipsr_model.paths import runs_dir
+    from ipsr_model.weights import load_identity_weights
 
     storage = Storage.from_env()
     data = inspect_dataset(config, storage)
     _, identity_sha256 = load_identity_weights(config.identity_weights)  # fails here, not in every worker
     uri = tracking.tracking_uri()
-    storage_root = normalize(config.storage or str(ipsr_home() / "runs"))
+    storage_root = normalize(config.storage or str(runs_dir()))
     record_uri = join(storage_root, config.run_name, RUN_RECORD)
     record = _earlier_record(config, storage, record_uri, storage_root, uri)
     if record is not None and record.get("status") == "finished":
@@ -112,8 +120,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     use_embeddings, why = hr_embeddings_use(config, data, identity_sha256)
     console.say(f"HR embeddings: {why}")
     if not data.mixed:
-        console.say(f"warning: {data.uri} holds every split in identity-sorted shards (an older `ipsr preprocess`): "
-                    "batches will hold few identities; rerun preprocess with --overwrite to mix them")
+        console.say(
+            f"warning: {data.uri} holds every split in identity-sorted shards (an older `ipsr preprocess`): "
+            "batches will hold few identities; rerun preprocess with --overwrite to mix them"
+        )
 
     cpus, steps_per_epoch, total_steps = _size_run(config, data)
     plan_params = {
@@ -128,10 +138,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
     }
     record = _start_or_resume(config, storage, record_uri, record, plan_params, uri)
     plan = Plan(
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, threads_per_worker=max(1, int(cpus)),
-        identity_net_sha256=identity_sha256, data_manifest_sha256=data.manifest_sha256,
-        mlflow_run_id=record["mlflow_run_id"], experiment_id=record["experiment_id"], tracking_uri=uri,
-        val_labels=data.val_labels, val_gallery=data.val_gallery, val_probe=data.val_probe,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        threads_per_worker=max(1, int(cpus)),
+        identity_net_sha256=identity_sha256,
+        data_manifest_sha256=data.manifest_sha256,
+        mlflow_run_id=record["mlflow_run_id"],
+        experiment_id=record["experiment_id"],
+        tracking_uri=uri,
+        val_labels=data.val_labels,
+        val_gallery=data.val_gallery,
+        val_probe=data.val_probe,
     )
     checkpoint = _fit(config, plan, train_dataset(data, use_embeddings), storage, storage_root, cpus)
     with checkpoint.as_directory() as directory:
@@ -158,11 +175,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, storage_root: str,
-                    uri: str) -> dict | None:
+def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, storage_root: str, uri: str) -> dict | None:
     """The run record of an earlier attempt of this run, checked to be resumable with ``config``; None if new."""
-    from ipsr_platform import tracking
-
     if not storage.exists(record_uri):
         return None
     record = json.loads(storage.read_bytes(record_uri))
@@ -203,7 +217,9 @@ def _size_run(config: TrainConfig, data: DatasetInfo) -> tuple[float, int, int]:
             "(lower --num-workers or --cpus-per-worker)"
         )
     if config.gpu and cluster_gpus < config.num_workers:
-        raise UserError(f"--gpu with {config.num_workers} workers needs {config.num_workers} GPUs; the cluster has {cluster_gpus:g}")
+        raise UserError(
+            f"--gpu with {config.num_workers} workers needs {config.num_workers} GPUs; the cluster has {cluster_gpus:g}"
+        )
     steps_per_epoch = data.n_train // config.num_workers // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(
@@ -213,14 +229,16 @@ def _size_run(config: TrainConfig, data: DatasetInfo) -> tuple[float, int, int]:
     return cpus, steps_per_epoch, config.max_steps or config.num_epochs * steps_per_epoch
 
 
-def _start_or_resume(config: TrainConfig, storage: Storage, record_uri: str, record: dict | None,
-                     plan_params: dict, uri: str) -> dict:
+def _start_or_resume(
+    config: TrainConfig, storage: Storage, record_uri: str, record: dict | None, plan_params: dict, uri: str
+) -> dict:
     """A new run: its MLflow run and record. A resumed one: its record, if the same steps still mean the same."""
-    from ipsr_platform import tracking
-
     if record is not None:
-        if changed := _changes(record["plan"], plan_params,
-                               ("steps_per_epoch", "total_steps", "data_manifest_sha256", "identity_net_sha256")):
+        if changed := _changes(
+            record["plan"],
+            plan_params,
+            ("steps_per_epoch", "total_steps", "data_manifest_sha256", "identity_net_sha256"),
+        ):
             raise UserError(
                 f"run {config.run_name!r} cannot resume: its dataset, identity weights or cluster changed since it "
                 f"started ({'; '.join(changed)}); pick a new --run-name"
@@ -255,19 +273,22 @@ def _fit(config: TrainConfig, plan: Plan, dataset, storage: Storage, storage_roo
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ipsr_platform import tracking
-
     fs, root_path = storage.resolve(storage_root)
     resources = {"CPU": cpus} | ({"GPU": 1} if config.gpu else {})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "plan": plan},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=config.run_name, storage_path=root_path, storage_filesystem=fs,
+            name=config.run_name,
+            storage_path=root_path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE,
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
         ),
         datasets={"train": dataset},
     )
@@ -285,8 +306,9 @@ def _fit(config: TrainConfig, plan: Plan, dataset, storage: Storage, storage_roo
     return result.checkpoint
 
 
-def _log_and_register(config: TrainConfig, state: dict, data: DatasetInfo, identity_sha256: str, run_id: str,
-                      uri: str) -> str:
+def _log_and_register(
+    config: TrainConfig, state: dict, data: DatasetInfo, identity_sha256: str, run_id: str, uri: str
+) -> str:
     """Log the final generator to the run (pt2 + signature + input example) and register it @candidate.
 
     Idempotent per run: a rerun after a crash between registering and finishing reuses the version.
@@ -295,7 +317,6 @@ def _log_and_register(config: TrainConfig, state: dict, data: DatasetInfo, ident
     from mlflow.models import infer_signature
 
     from ipsr_model.unet import UNetGenerator
-    from ipsr_platform import tracking
 
     tags = {
         tracking.TAG_DATA_MANIFEST: data.manifest_sha256,
@@ -309,8 +330,11 @@ def _log_and_register(config: TrainConfig, state: dict, data: DatasetInfo, ident
         **{k: f"{v:.4f}" for k, v in state["metrics"].items() if k.startswith("val")},
     }
     client = tracking.client(uri)
-    existing = (client.search_model_versions(f"name='{config.register_as}' and run_id='{run_id}'")
-                if client.search_registered_models(f"name='{config.register_as}'") else [])
+    existing = (
+        client.search_model_versions(f"name='{config.register_as}' and run_id='{run_id}'")
+        if client.search_registered_models(f"name='{config.register_as}'")
+        else []
+    )
     if existing:
         version = str(max(int(v.version) for v in existing))
         tracking.tag_version(config.register_as, version, tags, uri)
@@ -331,8 +355,12 @@ def _log_and_register(config: TrainConfig, state: dict, data: DatasetInfo, ident
         # pt2 (torch.export): no pickle, loads without ipsr installed, and mlflow.pytorch.load_model returns a
         # module that runs batches of any size. (The pickle format would need torch.load(weights_only=False).)
         info = mlflow.pytorch.log_model(
-            generator, name="generator", signature=signature, input_example=example.numpy(),
-            serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            generator,
+            name="generator",
+            signature=signature,
+            input_example=example.numpy(),
+            serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     return tracking.register(info.model_uri, config.register_as, alias=tracking.CANDIDATE, tags=tags, uri=uri)
 

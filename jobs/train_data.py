@@ -61,11 +61,18 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
     # Only the split column is scanned to count; only val rows are materialised (no pixels) to pick pairs.
     n_train = train.count_rows(filter=pc.field("split") == "train")
     gallery, probe, pairs = _val_pairs(uri, val, config.val_identities)
-    return DatasetInfo(uri=uri, shards=by_split.get("train", by_split.get(None, [])), filesystem=fs,
-                       manifest_sha256=hashlib.sha256(manifest).hexdigest(), n_train=n_train,
-                       val_labels=np.array([p[0] for p in pairs], dtype=np.int64), val_gallery=gallery, val_probe=probe,
-                       hr_embeddings_sha256=embedded if "hr_embedding" in train.schema.names else None,
-                       mixed=None not in by_split)
+    return DatasetInfo(
+        uri=uri,
+        shards=by_split.get("train", by_split.get(None, [])),
+        filesystem=fs,
+        manifest_sha256=hashlib.sha256(manifest).hexdigest(),
+        n_train=n_train,
+        val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
+        val_gallery=gallery,
+        val_probe=probe,
+        hr_embeddings_sha256=embedded if "hr_embedding" in train.schema.names else None,
+        mixed=None not in by_split,
+    )
 
 
 def _read_manifest(uri: str, storage: Storage) -> tuple[bytes, list[dict] | None, str | None]:
@@ -132,8 +139,11 @@ def _val_pairs(uri: str, val, limit: int) -> tuple[np.ndarray, np.ndarray, list[
     (label, identity, gallery source, probe source) tuples; deterministic (sorted by label, then source)."""
     import pyarrow.compute as pc
 
-    rows = [] if val is None else val.to_table(columns=["identity", "label", "source"],
-                                                filter=pc.field("split") == "val").to_pylist()
+    rows = (
+        []
+        if val is None
+        else val.to_table(columns=["identity", "label", "source"], filter=pc.field("split") == "val").to_pylist()
+    )
     by_identity: dict[str, list[tuple[str, int]]] = {}
     for row in rows:
         by_identity.setdefault(row["identity"], []).append((row["source"], int(row["label"])))

@@ -79,8 +79,10 @@ def _epoch(w: _Worker, shard) -> None:
     try:
         for _ in range(todo):
             if (batch := next(batches, None)) is None:
-                raise RuntimeError(f"worker {w.rank}: train shard ended after {w.step - epoch * w.plan.steps_per_epoch} "
-                                   f"batches of epoch {epoch + 1}, expected {w.plan.steps_per_epoch}")
+                raise RuntimeError(
+                    f"worker {w.rank}: train shard ended after {w.step - epoch * w.plan.steps_per_epoch} "
+                    f"batches of epoch {epoch + 1}, expected {w.plan.steps_per_epoch}"
+                )
             window.add(w.train_step(batch))
             epoch_end = w.step % w.plan.steps_per_epoch == 0 or w.step == w.plan.total_steps
             if w.step % w.config.log_every == 0 or epoch_end:
@@ -98,8 +100,14 @@ def _epoch(w: _Worker, shard) -> None:
 class _Window:
     """Sums of the logged quantities between two log steps, on the device: no host sync per step."""
 
-    NAMES = ("loss/total", "loss/embedding", "loss/pixel", "grad_share/embedding", "grad_share/pixel",
-             "batch/distinct_identities")  # the last: identities per worker batch (~batch size when shards mix)
+    NAMES = (
+        "loss/total",
+        "loss/embedding",
+        "loss/pixel",
+        "grad_share/embedding",
+        "grad_share/pixel",
+        "batch/distinct_identities",
+    )  # the last: identities per worker batch (~batch size when shards mix)
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(self.NAMES), device=device)
@@ -152,8 +160,12 @@ class _Worker:
         loss_net = self.identity_net
         if self.config.compile:  # FaceNet is ~85 % of a step's FLOPs: compile it too (validation keeps it eager)
             self.model, loss_net = torch.compile(self.model), torch.compile(self.identity_net)
-        self.loss_fn = IdentityPreservingLoss(loss_net, beta=self.config.beta, embedding_loss=self.config.embedding_loss,
-                                              jitter=self.config.identity_jitter)
+        self.loss_fn = IdentityPreservingLoss(
+            loss_net,
+            beta=self.config.beta,
+            embedding_loss=self.config.embedding_loss,
+            jitter=self.config.identity_jitter,
+        )
         self.degradation = MultiScaleDegradation()
         self.mlflow, self.validator = self._tracking() if self.rank == 0 else (None, None)
 
@@ -167,12 +179,15 @@ class _Worker:
         if self.identity_net.weights_sha256 != self.plan.identity_net_sha256:
             raise RuntimeError(
                 f"worker {self.rank} loaded identity weights {self.identity_net.weights_sha256[:12]}…, the driver "
-                f"{self.plan.identity_net_sha256[:12]}…: the '{c.identity_weights}' cache differs between nodes")
-        self.generator = UNetGenerator(c.base_channels, residual=c.residual).to(self.device,
-                                                                               memory_format=self.memory_format)
+                f"{self.plan.identity_net_sha256[:12]}…: the '{c.identity_weights}' cache differs between nodes"
+            )
+        self.generator = UNetGenerator(c.base_channels, residual=c.residual).to(
+            self.device, memory_format=self.memory_format
+        )
         self.optimizer = make_optimizer(self.generator, c.lr, fused=True if cuda else None)
-        self.scheduler = make_scheduler(self.optimizer, total_steps=self.plan.total_steps,
-                                        warmup_steps=c.lr_warmup_steps, schedule=c.lr_schedule)
+        self.scheduler = make_scheduler(
+            self.optimizer, total_steps=self.plan.total_steps, warmup_steps=c.lr_warmup_steps, schedule=c.lr_schedule
+        )
         # CPU generator even on a GPU: the degradation draws only steer which rows get which size, and drawing them
         # on the GPU would cost a device->host sync every step.
         self.degrade_rng = torch.Generator()
@@ -208,8 +223,11 @@ class _Worker:
         from ray.air.integrations.mlflow import setup_mlflow
 
         os.environ["MLFLOW_RUN_ID"] = self.plan.mlflow_run_id
-        mlflow = setup_mlflow(tracking_uri=self.plan.tracking_uri, registry_uri=self.plan.tracking_uri,
-                              experiment_id=self.plan.experiment_id)
+        mlflow = setup_mlflow(
+            tracking_uri=self.plan.tracking_uri,
+            registry_uri=self.plan.tracking_uri,
+            experiment_id=self.plan.experiment_id,
+        )
         mlflow.set_tag("ipsr.attempt_resumed_from_step", str(self.resumed_from))
         validator = _Validator(self.config, self.plan, self.identity_net, self.device)
         if self.step == 0:  # the bicubic baseline does not change: once per run
@@ -256,8 +274,11 @@ class _Worker:
         self.generator.train()
         metrics = {SCORE: float(np.mean([v for k, v in scores.items() if k != "HR"]))}
         metrics |= {f"val/{k}": v for k, v in scores.items()}
-        self.mlflow.log_metrics({f"val/rank1/{'HR' if k == 'HR' else 'model/' + k}": v for k, v in scores.items()}
-                                | {"val/rank1_mean": metrics[SCORE]}, step=self.step)
+        self.mlflow.log_metrics(
+            {f"val/rank1/{'HR' if k == 'HR' else 'model/' + k}": v for k, v in scores.items()}
+            | {"val/rank1_mean": metrics[SCORE]},
+            step=self.step,
+        )
         self.mlflow.log_image(grid, artifact_file=f"grids/step{self.step:07d}_epoch{epoch + 1:03d}.png")
         return metrics
 
@@ -271,8 +292,13 @@ def checkpoint_and_report(w: _Worker, metrics: dict[str, float]) -> None:
     if _distributed():
         states = [None] * w.world
         torch.distributed.all_gather_object(states, _rng_state(w.device, w.degrade_rng))
-    reported = {"step": w.step, "epoch": w.step / w.plan.steps_per_epoch, "resumed_from_step": w.resumed_from,
-                SCORE: NO_SCORE, **metrics}
+    reported = {
+        "step": w.step,
+        "epoch": w.step / w.plan.steps_per_epoch,
+        "resumed_from_step": w.resumed_from,
+        SCORE: NO_SCORE,
+        **metrics,
+    }
     name = f"checkpoint_step{w.step:09d}"
     if w.rank != 0:
         ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)

@@ -28,7 +28,7 @@ api = FastAPI(
     title="ipsr identification",
     description="Identity-preserving super-resolution (IPU-Net) + FaceNet identification. Bearer token on every "
     "route but /v1/healthz. Images: multipart field `image` (repeatable; enrolment also `identity`, one per "
-    "image, same order) or JSON `{\"images\": [{\"data\": BASE64, \"name\": ..., \"identity\": ...}]}`.",
+    'image, same order) or JSON `{"images": [{"data": BASE64, "name": ..., "identity": ...}]}`.',
     version="1",
 )
 
@@ -124,6 +124,13 @@ class Upload:
     image_id: str | None = None  # client-chosen: a retried enrolment of the same image is not stored twice
 
 
+def within_bytes(upload: Upload, cfg: ServeConfig) -> bytes:
+    """The upload's bytes; ``too_large`` past ``max_image_bytes`` (before anything is decoded)."""
+    if len(upload.data) > cfg.max_image_bytes:
+        raise Rejected("too_large", f"{len(upload.data)} bytes > max_image_bytes {cfg.max_image_bytes}")
+    return upload.data
+
+
 async def read_uploads(request: Request, cfg: ServeConfig, enrol: bool = False) -> list[Upload]:
     """Images from a multipart form (field ``image``) or JSON ``{"images": [{"data": base64, ...}]}``."""
     ctype = request.headers.get("content-type", "")
@@ -140,8 +147,15 @@ async def read_uploads(request: Request, cfg: ServeConfig, enrol: bool = False) 
         for i, f in enumerate(files):
             if isinstance(f, str):
                 raise HTTPException(400, "field 'image' must be a file upload")
-            uploads.append(Upload(i, f.filename or f"image-{i}", await f.read(), names[i] if enrol else None,
-                                  image_id=str(image_ids[i]) if image_ids else None))
+            uploads.append(
+                Upload(
+                    i,
+                    f.filename or f"image-{i}",
+                    await f.read(),
+                    names[i] if enrol else None,
+                    image_id=str(image_ids[i]) if image_ids else None,
+                )
+            )
     elif ctype.startswith("application/json"):
         try:
             body = await request.json()
@@ -154,8 +168,13 @@ async def read_uploads(request: Request, cfg: ServeConfig, enrol: bool = False) 
             raise HTTPException(400, f"{len(items)} images > max_images {cfg.max_images} per request")
         for i, item in enumerate(items):
             item = item if isinstance(item, dict) else {}
-            upload = Upload(i, str(item.get("name") or f"image-{i}"), None, item.get("identity"),
-                            image_id=None if item.get("image_id") is None else str(item["image_id"]))
+            upload = Upload(
+                i,
+                str(item.get("name") or f"image-{i}"),
+                None,
+                item.get("identity"),
+                image_id=None if item.get("image_id") is None else str(item["image_id"]),
+            )
             try:
                 upload.data = base64.b64decode(str(item.get("data", "")), validate=True)
             except ValueError:  # binascii.Error is a ValueError
@@ -166,8 +185,11 @@ async def read_uploads(request: Request, cfg: ServeConfig, enrol: bool = False) 
     if not uploads:
         raise HTTPException(400, "no images in the request")
     for upload in uploads:
-        if enrol and not upload.error and (not isinstance(upload.identity, str) or not upload.identity.strip()
-                                           or len(upload.identity) > 256):
+        if (
+            enrol
+            and not upload.error
+            and (not isinstance(upload.identity, str) or not upload.identity.strip() or len(upload.identity) > 256)
+        ):
             upload.error = Rejected("bad_request", "every image needs an 'identity' (1-256 characters)")
         if upload.image_id is not None and not 1 <= len(upload.image_id) <= 256:
             upload.error = Rejected("bad_request", "'image_id' must be 1-256 characters")

@@ -120,11 +120,15 @@ class GalleryStore:
             entries = self.storage.list(folder, recursive=True)
         except UserError:  # a missing folder lists as nothing on S3 and raises locally
             return [], [], False
-        files = [e.path[len(folder) + 1:] for e in entries if e.type == pafs.FileType.File]
-        segments = sorted(f[len(SEGMENTS) + 1:-len(".parquet")] for f in files
-                          if f.startswith(f"{SEGMENTS}/") and f.endswith(".parquet"))
-        deletes = sorted(f[len(DELETES) + 1:-len(".json")] for f in files
-                         if f.startswith(f"{DELETES}/") and f.endswith(".json"))
+        files = [e.path[len(folder) + 1 :] for e in entries if e.type == pafs.FileType.File]
+        segments = sorted(
+            f[len(SEGMENTS) + 1 : -len(".parquet")]
+            for f in files
+            if f.startswith(f"{SEGMENTS}/") and f.endswith(".parquet")
+        )
+        deletes = sorted(
+            f[len(DELETES) + 1 : -len(".json")] for f in files if f.startswith(f"{DELETES}/") and f.endswith(".json")
+        )
         return segments, deletes, LEGACY in files
 
     def _read_segment(self, name: str, segment: str) -> tuple[pa.Table, np.ndarray]:
@@ -133,8 +137,10 @@ class GalleryStore:
         try:
             table, embeddings = self.storage.call("read", path, _read_rows)
         except (pa.ArrowException, ValueError, KeyError) as err:  # not Parquet, or no fixed-size embedding column
-            raise UnreadableSegment(f"{path} is not a readable gallery segment ({type(err).__name__}: {err}); "
-                                    "restore it or delete that file") from None
+            raise UnreadableSegment(
+                f"{path} is not a readable gallery segment ({type(err).__name__}: {err}); "
+                "restore it or delete that file"
+            ) from None
         if "image_id" not in table.column_names:
             table = table.append_column("image_id", pa.nulls(table.num_rows, pa.string()))
         return table.append_column("segment", pa.array([segment] * table.num_rows, pa.string())), embeddings
@@ -147,9 +153,12 @@ class GalleryStore:
             return None
         with ThreadPoolExecutor(max_workers=16) as pool:  # S3: many small objects, latency-bound
             segments_read = list(pool.map(lambda s: self._read_segment(name, s), names))
-            tombstones = list(pool.map(
-                lambda d: (d, json.loads(self.storage.read_bytes(join(self.folder(name), f"{DELETES}/{d}.json")))),
-                deletes))
+            tombstones = list(
+                pool.map(
+                    lambda d: (d, json.loads(self.storage.read_bytes(join(self.folder(name), f"{DELETES}/{d}.json")))),
+                    deletes,
+                )
+            )
         return self._merge(segments_read, tombstones, (tuple(segments), tuple(deletes), legacy))
 
     def added_since(self, name: str, gallery: Gallery) -> Gallery | None:
@@ -161,9 +170,12 @@ class GalleryStore:
         they are, so a replica reads kilobytes instead of re-reading a million-face gallery per enrolment."""
         segments, deletes, legacy = self.listing(name)
         old_segments, old_deletes, old_legacy = gallery.stamp
-        added = segments[len(old_segments):]
-        if (tuple(segments[:len(old_segments)]) != old_segments or (tuple(deletes), legacy) != (old_deletes, old_legacy)
-                or (added and deletes and deletes[-1] >= added[0])):
+        added = segments[len(old_segments) :]
+        if (
+            tuple(segments[: len(old_segments)]) != old_segments
+            or (tuple(deletes), legacy) != (old_deletes, old_legacy)
+            or (added and deletes and deletes[-1] >= added[0])
+        ):
             return None
         stamp = (tuple(segments), tuple(deletes), legacy)
         if not added:
@@ -176,15 +188,21 @@ class GalleryStore:
         return delta
 
     @staticmethod
-    def _merge(segments: list[tuple[pa.Table, np.ndarray]], tombstones: list[tuple[str, dict]], stamp: tuple,
-               held: frozenset = frozenset()) -> Gallery:
+    def _merge(
+        segments: list[tuple[pa.Table, np.ndarray]],
+        tombstones: list[tuple[str, dict]],
+        stamp: tuple,
+        held: frozenset = frozenset(),
+    ) -> Gallery:
         """One gallery from segments in name order: rows older than their identity's tombstone are hidden, and a
         row whose image_id came earlier (or is in ``held``: rows merged before) is a retry, not kept again."""
         segments = [(t, e) for t, e in segments if t.num_rows]
         if not segments:
             return Gallery.empty(stamp=stamp)
-        table = pa.concat_tables([t.select(["identity", "source", "image_id", "identity_net_sha256", "segment"])
-                                  for t, _ in segments], promote_options="permissive")
+        table = pa.concat_tables(
+            [t.select(["identity", "source", "image_id", "identity_net_sha256", "segment"]) for t, _ in segments],
+            promote_options="permissive",
+        )
         identity, segment = table.column("identity").to_pylist(), table.column("segment").to_pylist()
         image_id = table.column("image_id").to_pylist()
         keep, seen = np.ones(table.num_rows, bool), set(held)
@@ -203,12 +221,20 @@ class GalleryStore:
         embeddings = segments[0][1] if len(segments) == 1 else np.concatenate([e for _, e in segments])
         if not keep.all():  # a filter copies: only when something is hidden
             table, embeddings = table.filter(pa.array(keep)), embeddings[keep]
-        identities, sources, image_ids = (np.asarray(table.column(c).to_pylist(), dtype=object)
-                                          for c in ("identity", "source", "image_id"))
+        identities, sources, image_ids = (
+            np.asarray(table.column(c).to_pylist(), dtype=object) for c in ("identity", "source", "image_id")
+        )
         return Gallery(identities, embeddings, sources, image_ids, shas.pop(), stamp)
 
-    def append(self, name: str, identities: list[str], embeddings: np.ndarray, sources: list[str],
-               image_ids: list[str | None], sha256: str) -> str:
+    def append(
+        self,
+        name: str,
+        identities: list[str],
+        embeddings: np.ndarray,
+        sources: list[str],
+        image_ids: list[str | None],
+        sha256: str,
+    ) -> str:
         """One new immutable segment; returns its name. Nothing existing is read or rewritten."""
         segment = _new_name()
         buf = io.BytesIO()
@@ -236,12 +262,19 @@ class GalleryStore:
         merged = f"{newest}-compacted-{uuid.uuid4().hex[:8]}"  # sorts right after the newest merged segment
         if len(gallery):
             buf = io.BytesIO()
-            pq.write_table(_table(gallery.identities, gallery.embeddings, gallery.sources, gallery.image_ids,
-                                  gallery.identity_net_sha256), buf)
+            pq.write_table(
+                _table(
+                    gallery.identities,
+                    gallery.embeddings,
+                    gallery.sources,
+                    gallery.image_ids,
+                    gallery.identity_net_sha256,
+                ),
+                buf,
+            )
             self.storage.write_bytes(join(self.folder(name), f"{SEGMENTS}/{merged}.parquet"), buf.getvalue())
         folder = self.folder(name)
-        stale = [f"{SEGMENTS}/{s}.parquet" for s in segments] + [f"{DELETES}/{d}.json" for d in deletes
-                                                                   if d <= newest]
+        stale = [f"{SEGMENTS}/{s}.parquet" for s in segments] + [f"{DELETES}/{d}.json" for d in deletes if d <= newest]
         for path in stale + ([LEGACY] if legacy else []):
             self.storage.delete(join(folder, path))
         return len(stale) + legacy, len(gallery)

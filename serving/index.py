@@ -31,7 +31,7 @@ class GalleryIndex:
     room: tuple[torch.Tensor, torch.Tensor]  # matrix and codes with spare rows: an enrolment rarely copies them
 
     @classmethod
-    def build(cls, gallery: Gallery, device: torch.device, dtype: str = "float16") -> "GalleryIndex":
+    def build(cls, gallery: Gallery, device: torch.device, dtype: str = "float16") -> GalleryIndex:
         unique, codes = np.unique(gallery.identities.astype(str), return_inverse=True)
         names = unique.tolist()
         # Spare rows from the start (as `extended` grows it): the first enrolments after a load copy nothing.
@@ -44,18 +44,19 @@ class GalleryIndex:
         gallery = dataclasses.replace(gallery, embeddings=np.empty((0, dim), np.float32))
         return cls(gallery, matrix[:rows], room[1][:rows], names, {n: c for c, n in enumerate(names)}, room)
 
-    def extended(self, delta: Gallery) -> "GalleryIndex":
+    def extended(self, delta: Gallery) -> GalleryIndex:
         """This index with the rows of ``delta`` (`GalleryStore.added_since`) appended: no re-read of the rest.
 
         New rows go into the spare rows past this index's end (an index in use by a batch reads only up to its
         own end), so a million-face matrix is copied once per ~N/8 enrolled faces, not once per enrolment."""
         names = self.names + [n for n in dict.fromkeys(delta.identities.tolist()) if n not in self.code_of]
-        self.code_of.update(zip(names[len(self.names):], range(len(self.names), len(names))))
+        self.code_of.update(zip(names[len(self.names) :], range(len(self.names), len(names))))
         n, m = len(self.embeddings), len(delta)
         matrix, codes = self.room
         if n + m > len(matrix):  # (an empty gallery may have no width yet: the new rows give it)
-            matrix = torch.empty((n + max(m, n // 8), delta.embeddings.shape[1]), dtype=matrix.dtype,
-                                 device=matrix.device)
+            matrix = torch.empty(
+                (n + max(m, n // 8), delta.embeddings.shape[1]), dtype=matrix.dtype, device=matrix.device
+            )
             codes = torch.empty(len(matrix), dtype=torch.long, device=codes.device)
             if n:
                 matrix[:n], codes[:n] = self.embeddings, self.codes
@@ -63,10 +64,13 @@ class GalleryIndex:
         codes[n : n + m] = torch.tensor([self.code_of[i] for i in delta.identities.tolist()], dtype=torch.long)
         old = self.gallery
         gallery = dataclasses.replace(
-            old, identities=np.concatenate([old.identities, delta.identities]),
+            old,
+            identities=np.concatenate([old.identities, delta.identities]),
             sources=np.concatenate([old.sources, delta.sources]),
             image_ids=np.concatenate([old.image_ids, delta.image_ids]),
-            identity_net_sha256=old.identity_net_sha256 or delta.identity_net_sha256, stamp=delta.stamp)
+            identity_net_sha256=old.identity_net_sha256 or delta.identity_net_sha256,
+            stamp=delta.stamp,
+        )
         return GalleryIndex(gallery, matrix[: n + m], codes[: n + m], names, self.code_of, (matrix, codes))
 
 

@@ -48,8 +48,11 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # S3 credentials reach Ray's workers as on a real cluster: from the node's environment (here moto's test keys,
     # inherited by every worker process), never in task arguments. No instance-metadata lookups off 127.0.0.1.
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         os.environ.setdefault(name, value)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=True, object_store_memory=512 * 2**20, log_to_driver=True)

@@ -9,15 +9,24 @@ IPSR = str(Path(sys.executable).with_name("ipsr"))
 
 
 def run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [IPSR, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
-    )
+    return subprocess.run([IPSR, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
 
 
 def test_help_lists_the_commands():
     result = run("--help")
     assert result.returncode == 0
-    commands = ("weights", "smoke", "preprocess", "train", "evaluate", "serve", "submit", "quickstart", "jobs", "config")
+    commands = (
+        "weights",
+        "smoke",
+        "preprocess",
+        "train",
+        "evaluate",
+        "serve",
+        "submit",
+        "quickstart",
+        "jobs",
+        "config",
+    )
     for command in commands:
         assert command in result.stdout
 
@@ -84,11 +93,14 @@ def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces,
         for k in (1, 2):
             shutil.copy(att_faces / person / f"{k}.pgm", src / person / f"{k}.pgm")
     env = {"IPSR_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    quiet = run("preprocess", "--input", str(src), "--output", str(tmp_path / "quiet"), "--split", "val=0,test=0",
-                **env)
+    quiet = run(
+        "preprocess", "--input", str(src), "--output", str(tmp_path / "quiet"), "--split", "val=0,test=0", **env
+    )
     text = quiet.stdout + quiet.stderr
     assert quiet.returncode == 0, text[-3000:]
-    ray_lines = re.compile(r"streaming_executor|logging_progress|Started a local Ray|\(pid=|INFO|Execution plan|core_worker")
+    ray_lines = re.compile(
+        r"streaming_executor|logging_progress|Started a local Ray|\(pid=|INFO|Execution plan|core_worker"
+    )
     assert not [line for line in text.splitlines() if ray_lines.search(line)], text
     logs = [line for line in text.splitlines() if line.startswith("logs: ")]
     assert len(logs) == 1, text
@@ -96,8 +108,17 @@ def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces,
     assert log_file.parent == tmp_path / "home" / "logs" and ray_lines.search(log_file.read_text())
     assert "preprocess" in text and "aligned" in text and "4" in text  # the progress bar and the summary table
 
-    loud = run("preprocess", "--input", str(src), "--output", str(tmp_path / "loud"), "--split", "val=0,test=0",
-               "--verbose", **env)
+    loud = run(
+        "preprocess",
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "loud"),
+        "--split",
+        "val=0,test=0",
+        "--verbose",
+        **env,
+    )
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert "logs: " not in loud.stdout + loud.stderr and ray_lines.search(loud.stdout + loud.stderr)
 

@@ -26,9 +26,20 @@ def test_cpu_mode_runs_without_ray_mlflow_or_pydantic(tmp_path, facenet_test_ima
     log = tmp_path / "log"
     with log.open("w") as out:  # a file, not a pipe: a stray grandchild cannot keep the wait from ending
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "device_check.py"), "--device", "cpu", "--out",
-             str(tmp_path / "out"), "--faces", str(facenet_test_images)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240,
+            [
+                sys.executable,
+                str(ROOT / "bench" / "device_check.py"),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "out"),
+                "--faces",
+                str(facenet_test_images),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=240,
         )
     wall = time.monotonic() - began
     assert proc.returncode == 0, log.read_text()[-5000:]
@@ -38,17 +49,27 @@ def test_cpu_mode_runs_without_ray_mlflow_or_pydantic(tmp_path, facenet_test_ima
     by = {}
     for row in report["rows"]:
         by.setdefault(row["section"], []).append(row)
-    assert {r["check"] for r in by["parity"]} == {"degradation", "unet_forward", "step_loss", "step_grad_norm",
-                                                  "step_loss_bf16"}
+    assert {r["check"] for r in by["parity"]} == {
+        "degradation",
+        "unet_forward",
+        "step_loss",
+        "step_grad_norm",
+        "step_loss_bf16",
+    }
     timed = [r for r in by["train"] if "img_per_s" in r]
     assert {(r["hr_embeddings"], r["batch"]) for r in timed} >= {("computed", 2), ("precomputed", 4)}
-    computed, precomputed = (next(r["gflop_per_sample"] for r in timed if r["hr_embeddings"] == k)
-                             for k in ("computed", "precomputed"))
+    computed, precomputed = (
+        next(r["gflop_per_sample"] for r in timed if r["hr_embeddings"] == k) for k in ("computed", "precomputed")
+    )
     assert 2.5 < computed - precomputed < 3.2, "the HR forward through FaceNet is ~2.84 GFLOP a sample"
     assert all(r["img_per_s"] > 0 for r in timed)
     assert all(r["faces_found"] > 0.5 and r["img_per_s"] > 0 for r in by["mtcnn"]), by["mtcnn"]
-    assert {(r["gallery"], r["batch"]) for r in by["identify"]} == {(10_000, 1), (10_000, 8), (100_000, 1),
-                                                                    (100_000, 8)}
+    assert {(r["gallery"], r["batch"]) for r in by["identify"]} == {
+        (10_000, 1),
+        (10_000, 8),
+        (100_000, 1),
+        (100_000, 8),
+    }
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in by["identify"])
     assert "## parity" in (tmp_path / "out" / "device_check.md").read_text()
 

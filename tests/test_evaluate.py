@@ -33,15 +33,21 @@ def trained(att_faces, cached_weights) -> torch.nn.Module:
     from ipsr_model.losses import IdentityPreservingLoss
     from ipsr_model.training import make_optimizer, training_step
     from ipsr_model.unet import UNetGenerator
-    from ipsr_platform.smoke import load_faces
+    from ipsr_platform.cli.smoke import load_faces
 
     torch.manual_seed(0)
     faces = load_faces([att_faces / f"s{s}" / f"{k}.pgm" for s in range(1, 21) for k in range(1, 11)])
     generator = UNetGenerator(base_channels=8)
     loss_fn = IdentityPreservingLoss(IdentityNet(str(cached_weights[0])))
-    optimizer, degradation, rng = make_optimizer(generator, lr=1e-3), MultiScaleDegradation(), torch.Generator().manual_seed(0)
+    optimizer, degradation, rng = (
+        make_optimizer(generator, lr=1e-3),
+        MultiScaleDegradation(),
+        torch.Generator().manual_seed(0),
+    )
     for _ in range(40):
-        training_step(generator, loss_fn, optimizer, faces[torch.randint(len(faces), (8,), generator=rng)], degradation, rng)
+        training_step(
+            generator, loss_fn, optimizer, faces[torch.randint(len(faces), (8,), generator=rng)], degradation, rng
+        )
     return generator.eval()
 
 
@@ -86,9 +92,9 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     by smoke's loader), a trained model's row, valid CMCs, outputs
     on disk and in MLflow."""
     from ipsr_model.identity import IdentityNet
-    from ipsr_platform.scoring import rank1_by_size
     from ipsr_platform import tracking
-    from ipsr_platform.smoke import list_identities, load_faces
+    from ipsr_platform.cli.smoke import list_identities, load_faces
+    from ipsr_platform.scoring import rank1_by_size
     from jobs.evaluate import run
 
     checkpoint = tmp_path / "tiny_unet.pt"
@@ -97,9 +103,9 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     summary = run(config(data=str(att_faces), models=(str(checkpoint),), output=str(out)))
 
     sizes = ["11x8", "16x12", "16x16", "21x15", "32x32"]
-    assert summary["columns"] == sizes
+    assert summary.columns == sizes
     for recognizer in ("facenet", "sface"):
-        table = summary["rank1"][recognizer]
+        table = summary.rank1[recognizer]
         assert list(table) == ["hr", "bicubic", "tiny_unet"]
         assert table["hr"]["mean"] >= 0.95, (recognizer, table["hr"])
         assert all(0.0 <= v <= 1.0 for v in table["tiny_unet"].values())
@@ -113,11 +119,12 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     probes = load_faces([identities[n][1] for n in names])
     from ipsr_model.degradation import parse_size
 
-    foundation = rank1_by_size(IdentityNet("casia-webface-offline"), gallery, probes, labels,
-                               tuple(parse_size(s) for s in sizes))
+    foundation = rank1_by_size(
+        IdentityNet("casia-webface-offline"), gallery, probes, labels, tuple(parse_size(s) for s in sizes)
+    )
     for size in sizes:
-        assert summary["rank1"]["facenet"]["bicubic"][size] == pytest.approx(foundation[size], abs=1e-6)
-    assert summary["rank1"]["facenet"]["hr"]["32x32"] == pytest.approx(foundation["HR"], abs=1e-6)
+        assert summary.rank1["facenet"]["bicubic"][size] == pytest.approx(foundation[size], abs=1e-6)
+    assert summary.rank1["facenet"]["hr"]["32x32"] == pytest.approx(foundation["HR"], abs=1e-6)
 
     import json
 
@@ -131,8 +138,8 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     for row in rows:  # every cell has its interval; every model row its paired test against bicubic
         assert float(row["rank1_ci95_low"]) <= float(row["rank1"]) <= float(row["rank1_ci95_high"]), row
         assert (row["p_vs_bicubic"] != "") == (row["method"] == "tiny_unet"), row
-    cell = summary["statistics"]["sface"]["tiny_unet"]["11x8"]
-    bicubic_hits = summary["statistics"]["sface"]["bicubic"]["11x8"]["hits"]
+    cell = summary.statistics["sface"]["tiny_unet"]["11x8"]
+    bicubic_hits = summary.statistics["sface"]["bicubic"]["11x8"]["hits"]
     assert cell["hits"] - bicubic_hits == cell["only_model"] - cell["only_bicubic"]  # McNemar's discordant pairs
     assert 0 < cell["p_vs_bicubic"] <= 1 and cell["n"] == 40
     table = (out / "table.md").read_text()
@@ -148,10 +155,10 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     grid = Image.open(out / "samples_11x8.png")
     assert grid.size[0] > 4 * 128 and (grid.size[1] - 20) % 132 == 0 and grid.size[1] > 128
 
-    run_data = tracking.client().get_run(summary["mlflow_run_id"])
+    run_data = tracking.client().get_run(summary.mlflow_run_id)
     assert run_data.info.status == "FINISHED"
-    assert run_data.data.metrics["rank1/sface/bicubic/11x8"] == pytest.approx(summary["rank1"]["sface"]["bicubic"]["11x8"])
-    artifacts = {a.path for a in tracking.client().list_artifacts(summary["mlflow_run_id"])}
+    assert run_data.data.metrics["rank1/sface/bicubic/11x8"] == pytest.approx(summary.rank1["sface"]["bicubic"]["11x8"])
+    artifacts = {a.path for a in tracking.client().list_artifacts(summary.mlflow_run_id)}
     assert {"table.md", "results.csv", "cmc.png"} <= artifacts
 
 
@@ -170,7 +177,9 @@ def test_seed_groups_aggregate_mean_std_and_per_seed_tests(tmp_path):
     n = 40
     bicubic = torch.tensor([0] * 10 + [1] * 30)  # rank 0 = hit: 10 of 40
     seeds = [torch.tensor([0] * 30 + [1] * 10), torch.tensor([0] * 28 + [1] * 12), torch.tensor([0] * 12 + [1] * 28)]
-    ranks = {("sface", BICUBIC, "16x12"): bicubic} | {("sface", f"eq2.{i + 1}", "16x12"): r for i, r in enumerate(seeds)}
+    ranks = {("sface", BICUBIC, "16x12"): bicubic} | {
+        ("sface", f"eq2.{i + 1}", "16x12"): r for i, r in enumerate(seeds)
+    }
     ranks |= {("sface", "one.1", "16x12"): seeds[0]}
     dummy = torch.nn.Identity()
     methods = [Method(BICUBIC)] + [Method(f"eq2.{i}", dummy, "x", None, "eq2") for i in (1, 2, 3)]
@@ -179,7 +188,9 @@ def test_seed_groups_aggregate_mean_std_and_per_seed_tests(tmp_path):
     table = seed_table(stats, methods, ["16x12"])
     cell = table["eq2"]["16x12"]
     assert cell["seeds"] == [30 / n, 28 / n, 12 / n]
-    assert cell["mean"] == pytest.approx(70 / 3 / n) and cell["std"] == pytest.approx(torch.tensor([30.0, 28, 12]).std().item() / n)
+    assert cell["mean"] == pytest.approx(70 / 3 / n) and cell["std"] == pytest.approx(
+        torch.tensor([30.0, 28, 12]).std().item() / n
+    )
     assert cell["p_vs_bicubic"][0] < 1e-4 and cell["p_vs_bicubic"][2] == 0.5  # seed 3: 2 discordant probes: p = 2 · 1/4
     assert cell["verdict"] == "" and format_seed_cell(cell).startswith("0.583 ±0.")
     assert table["one"]["16x12"]["verdict"] == "better" and table["one"]["16x12"]["std"] == 0.0
@@ -200,8 +211,17 @@ def test_promotion_decision_needs_bicubic_and_the_champion_beaten():
     # Better than a poor champion is not enough when bicubic is better still.
     assert not promotion_decision(("candidate v3", 0.60), 0.70, ("champion v2", 0.50), metric)[0]
     # With per-probe evidence a higher mean must also be a significant paired gain, and the verdict says so.
-    evidence = {"probes": 90, "columns": 2, "only_model": 9, "only_bicubic": 4, "p": 0.27, "model_rank1": 0.72,
-                "bicubic_rank1": 0.70, "model_ci95": (0.65, 0.78), "bicubic_ci95": (0.63, 0.76)}
+    evidence = {
+        "probes": 90,
+        "columns": 2,
+        "only_model": 9,
+        "only_bicubic": 4,
+        "p": 0.27,
+        "model_rank1": 0.72,
+        "bicubic_rank1": 0.70,
+        "model_ci95": (0.65, 0.78),
+        "bicubic_ci95": (0.63, 0.76),
+    }
     promoted, why = promotion_decision(("candidate v2", 0.72), 0.70, None, metric, evidence)
     assert not promoted and "not significantly better than bicubic" in why and "90 probes × 2 columns" in why
     assert "95 % CI 0.650–0.780" in why and "p = 0.27" in why
@@ -222,20 +242,20 @@ def test_promotion_never_serves_a_model_worse_than_bicubic(home_with_weights, at
 
     assert register(untrained) == "1"
     first = run(config(**common, output=str(tmp_path / "eval1")))
-    decision = first["promotion"]
-    assert not decision["promoted"] and "does not beat bicubic" in decision["why"], decision
-    assert decision["candidate_score"] < decision["bicubic_score"]
+    decision = first.promotion
+    assert not decision.promoted and "does not beat bicubic" in decision.why, decision
+    assert decision.candidate_score < decision.bicubic_score
     assert tracking.version_or_none("ipsr-unet", "champion") is None
     assert tracking.client().get_model_version("ipsr-unet", "1").tags["promotion"].startswith("not promoted")
     # The summary a registered model's evaluation returns is the whole one (the terminal report reads it).
-    assert first["protocol"] == "ar" and set(first["rank1"]) == {"sface"}, sorted(first)
+    assert first.protocol == "ar" and set(first.rank1) == {"sface"}, first
 
     assert register(trained) == "2"
     tracking.set_alias("ipsr-unet", "champion", "2")  # an earlier promotion
     assert register(untrained) == "3"
     second = run(config(**common, output=str(tmp_path / "eval2")))
-    decision = second["promotion"]
-    assert not decision["promoted"] and decision["champion"] == "2" and "does not beat bicubic" in decision["why"]
+    decision = second.promotion
+    assert not decision.promoted and decision.champion == "2" and "does not beat bicubic" in decision.why
     assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "2"
 
 
@@ -261,8 +281,9 @@ def test_promotion_fails_closed(home_with_weights, att_faces, monkeypatch):
     results = {("sface", BICUBIC, "16x12"): torch.ones(probes), ("sface", "ipsr-unet-v3", "16x12"): torch.zeros(probes)}
     tracking.set_alias("ipsr-unet", "champion", "2")  # someone promoted v2 meanwhile
     with pytest.raises(UserError, match="moved to v2 while this evaluation compared against v1"):
-        promote(config(data="x", promote=True), protocol, results, tables, methods, versions, "run",
-                tracking.tracking_uri())
+        promote(
+            config(data="x", promote=True), protocol, results, tables, methods, versions, "run", tracking.tracking_uri()
+        )
     assert str(tracking.version_for_alias("ipsr-unet", "champion").version) == "2"
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -274,9 +295,9 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
     """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
     protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""
     from ipsr_model.metrics import cmc_from_ranks
+    from ipsr_model.sface import SFaceNet
     from ipsr_platform.scoring import BICUBIC, Method, rank1_table, score
     from jobs.evaluate import build_protocol
-    from ipsr_model.sface import SFaceNet
 
     root = tmp_path / "scface"
     people = [f"s{s}" for s in range(21, 31)]
@@ -364,7 +385,9 @@ def test_protocols_read_s3(att_faces, s3, tmp_path):
             Image.open(att_faces / person / f"{k}.pgm").convert("RGB").resize((128, 128)).save(buf, "PNG")
             rows["image"].append(buf.getvalue()), rows["identity"].append(person)
             rows["source"].append(f"{person}/{k}.pgm"), rows["split"].append(split)
-            s3.put_object(Bucket="eval", Key=f"folders/{person}/{k}.pgm", Body=(att_faces / person / f"{k}.pgm").read_bytes())
+            s3.put_object(
+                Bucket="eval", Key=f"folders/{person}/{k}.pgm", Body=(att_faces / person / f"{k}.pgm").read_bytes()
+            )
     buf = io.BytesIO()
     pq.write_table(pa.table(rows), buf)
     s3.put_object(Bucket="eval", Key="aligned/data/part-00000.parquet", Body=buf.getvalue())

@@ -89,7 +89,7 @@ def test_rayjob_entrypoints_name_real_modules_and_flags(job):
     """The entrypoint's flags parse with the real CLI, and the result validates as that job's config."""
     import typer.main
 
-    from ipsr_platform import cli
+    from ipsr_platform.cli import main as cli
 
     (rayjob,) = [j for j in kuberay("RayJob") if j["metadata"]["name"] == f"ipsr-{job}"]
     (cluster,) = kuberay("RayCluster")
@@ -171,7 +171,7 @@ def test_every_documented_serve_key_is_one_the_code_reads():
     text = (ROOT / "serving" / "serve_config.yaml").read_text()
     (application,) = yaml.safe_load(text)["applications"]
     assert set(application["args"]) <= set(ServeConfig.model_fields), application["args"]
-    block = text[text.index("user_config:") + len("user_config:"):]
+    block = text[text.index("user_config:") + len("user_config:") :]
     documented = set(re.findall(r"^\s*#?\s*([a-z_]+):", block, flags=re.M))
     assert "generator" in documented  # the pinning example is documented…
     assert documented <= set(USER_CONFIG_KEYS), documented - set(USER_CONFIG_KEYS)  # …and read under that name

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from ipsr_model.metrics import (
-    cmc, cosine_similarity, leave_one_out_rank1, mcnemar_exact, probe_ranks, psnr, rank1, ssim, wilson_interval,
+    cmc,
+    cosine_similarity,
+    leave_one_out_rank1,
+    mcnemar_exact,
+    probe_ranks,
+    psnr,
+    rank1,
+    ssim,
+    wilson_interval,
 )
 
 

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from ipsr_model.errors import UserError
-from ipsr_platform import cli
+from ipsr_platform.cli import main as cli
 from ipsr_platform.config import PreprocessConfig, build_config, parse_split
-from ipsr_platform.storage import RetryPolicy, Storage, StorageError
 from ipsr_platform.faces import Rejected, decode
+from ipsr_platform.storage import RetryPolicy, Storage, StorageError
 from jobs.preprocess import REASONS, assign_splits, list_inputs, run, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +160,10 @@ def test_s3_in_and_out_through_the_real_api(ray_session, s3, preprocess_src, bad
     keys = {k for k in keys if k and not k.endswith("/")}  # pyarrow's empty "directory" markers hold no data
     assert keys == {"_SUCCESS", "manifest.json", "rejects.parquet"} | {f["path"] for f in manifest["files"]}
     assert json.loads(read("manifest.json"))["counts"] == manifest["counts"]
-    assert all(r.startswith("s3://pp-in/faces/") for r in pq.read_table(io.BytesIO(read("rejects.parquet")))["source"]
-               .to_pylist())
+    assert all(
+        r.startswith("s3://pp-in/faces/")
+        for r in pq.read_table(io.BytesIO(read("rejects.parquet")))["source"].to_pylist()
+    )
 
 
 def test_s3_output_not_writable_fails_before_any_work(s3, preprocess_src, monkeypatch):
@@ -224,11 +226,18 @@ def test_interrupted_run_leaves_no_success_and_a_rerun_completes(ray_session, at
     src, out = tmp_path / "orl", tmp_path / "out"
     for person in [f"s{i}" for i in range(1, 6)]:
         shutil.copytree(att_faces / person, src / person)
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
-               IPSR_PREPROCESS_ROWS_PER_SHARD="4", IPSR_PREPROCESS_BATCH_SIZE="4")
+    env = dict(
+        os.environ,
+        RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+        IPSR_PREPROCESS_ROWS_PER_SHARD="4",
+        IPSR_PREPROCESS_BATCH_SIZE="4",
+    )
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.preprocess", "--input", str(src), "--output", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 180
@@ -265,7 +274,8 @@ def test_inputs_enter_the_pipeline_in_hash_order_so_blocks_mix_identities():
     listing = pa.table({"source": sources, "identity": [s.split("/")[3] for s in sources]})
     mixed = mixed_order(listing)
     assert mixed.column("source").to_pylist() == sorted(
-        sources, key=lambda s: hashlib.blake2b(s.encode(), digest_size=8).digest())
+        sources, key=lambda s: hashlib.blake2b(s.encode(), digest_size=8).digest()
+    )
     first_block = mixed.column("identity").to_pylist()[:50]
     assert len(set(first_block)) == 10  # sorted by identity, the first 50 rows would be one person
     assert mixed.equals(mixed_order(listing))
@@ -277,8 +287,11 @@ def test_zero_faces_is_a_failure_with_the_top_reasons(ray_session, bad_inputs, t
     for name in ("gradient.png", "text.jpg", "truncated.jpg"):
         (src / "nobody" / name).write_bytes(bad_inputs[name][0])
     (src / "nobody" / "copy.png").write_bytes(bad_inputs["gradient.png"][0])
-    with pytest.raises(UserError, match=r"^no face aligned from 4 input\(s\) \(no_face 2, (corrupt 1, "
-                       r"unsupported_format 1|unsupported_format 1, corrupt 1)\); see .*rejects\.parquet$"):
+    with pytest.raises(
+        UserError,
+        match=r"^no face aligned from 4 input\(s\) \(no_face 2, (corrupt 1, "
+        r"unsupported_format 1|unsupported_format 1, corrupt 1)\); see .*rejects\.parquet$",
+    ):
         run(_cfg(src, out))
     # Not committed (a rerun would otherwise answer "nothing to do"), but the evidence stays for inspection.
     assert not (out / "_SUCCESS").exists() and (out / "rejects.parquet").is_file() and (out / "manifest.json").is_file()
@@ -299,8 +312,12 @@ def test_gif_first_frame_and_tiff_pages_decode(facenet_test_images):
     assert np.abs(decoded - np.asarray(photo, np.float32)).mean() < 12  # the first frame (palette-quantised)
     for mode in ("RGB", "L", "I;16", "F"):
         grey = np.asarray(photo.convert("L"), np.float32)
-        img = {"RGB": photo, "L": photo.convert("L"), "I;16": Image.fromarray((grey * 257).astype(np.uint16)),
-               "F": Image.fromarray(grey / 255)}[mode]
+        img = {
+            "RGB": photo,
+            "L": photo.convert("L"),
+            "I;16": Image.fromarray((grey * 257).astype(np.uint16)),
+            "F": Image.fromarray(grey / 255),
+        }[mode]
         tiff = io.BytesIO()
         img.save(tiff, "TIFF", compression="tiff_lzw" if mode != "F" else None)
         out = decode(tiff.getvalue(), 25_000_000)
@@ -341,7 +358,7 @@ def test_any_colour_mode_becomes_rgb(mode):
         "L" if mode == "I;16" else mode
     )
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(img, dtype=np.uint16) * 257))
+        img = Image.fromarray(np.asarray(img, dtype=np.uint16) * 257)
     buf = io.BytesIO()
     img.save(buf, fmt)
     out = decode(buf.getvalue(), 25_000_000)
@@ -397,8 +414,9 @@ def test_config_precedence_yaml_env_flags(tmp_path, monkeypatch):
     (tmp_path / "c.yaml").write_text("input: /in\noutput: /out\nbatch_size: 8\nmargin: 4\n")
     monkeypatch.setenv("IPSR_PREPROCESS_BATCH_SIZE", "16")
     monkeypatch.setenv("IPSR_PREPROCESS_SPLIT", "val=0.1")
-    cfg = build_config(PreprocessConfig, env_prefix="IPSR_PREPROCESS_", yaml_file=tmp_path / "c.yaml", limit=5,
-                       margin=None)
+    cfg = build_config(
+        PreprocessConfig, env_prefix="IPSR_PREPROCESS_", yaml_file=tmp_path / "c.yaml", limit=5, margin=None
+    )
     assert (cfg.batch_size, cfg.margin, cfg.limit, cfg.split) == (16, 4, 5, {"val": 0.1})
     cfg = build_config(PreprocessConfig, env_prefix="IPSR_PREPROCESS_", yaml_file=tmp_path / "c.yaml", batch_size=64)
     assert cfg.batch_size == 64
@@ -443,13 +461,27 @@ def test_cli_missing_input_and_foreign_output(monkeypatch, capsys, tmp_path):
 
 def test_module_entry_point_reports_user_errors(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.preprocess", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
-         "--split", "holdout=0.1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "jobs.preprocess",
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o"),
+            "--split",
+            "holdout=0.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == ["error: invalid PreprocessConfig: split: unknown split 'holdout': "
-                                                "only val and test take a fraction (train gets the rest)"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: invalid PreprocessConfig: split: unknown split 'holdout': "
+        "only val and test take a fraction (train gets the rest)"
+    ]
 
 
 def test_synthetic_vggface2_tree_local_and_s3(s3, tmp_path):
@@ -458,8 +490,18 @@ def test_synthetic_vggface2_tree_local_and_s3(s3, tmp_path):
 
     synthesize(str(tmp_path / "v"), 12, per_identity=5, workers=1)
     names = (tmp_path / "v" / "train_list.txt").read_text().split()
-    assert names[:6] == ["n000001/0001_01.jpg", "n000001/0002_02.jpg", "n000001/0003_03.jpg", "n000001/0004_01.jpg",
-                         "n000001/0005_02.jpg", "n000002/0001_01.jpg"] and len(names) == 12
+    assert (
+        names[:6]
+        == [
+            "n000001/0001_01.jpg",
+            "n000001/0002_02.jpg",
+            "n000001/0003_03.jpg",
+            "n000001/0004_01.jpg",
+            "n000001/0005_02.jpg",
+            "n000002/0001_01.jpg",
+        ]
+        and len(names) == 12
+    )
     for name in names:
         with Image.open(tmp_path / "v" / "train" / name) as img:
             assert img.format == "JPEG" and 200 <= max(img.size) <= 300
@@ -470,8 +512,11 @@ def test_synthetic_vggface2_tree_local_and_s3(s3, tmp_path):
         assert body == (tmp_path / "v" / "train" / name).read_bytes()  # a pure function of (seed, index)
     cfg = _cfg("s3://synth/vgg/train", "s3://synth/out", manifest="s3://synth/vgg/train_list.txt")
     table, _ = list_inputs(cfg, Storage.from_env())
-    assert table.num_rows == 12 and sorted(set(table.column("identity").to_pylist())) == ["n000001", "n000002",
-                                                                                         "n000003"]
+    assert table.num_rows == 12 and sorted(set(table.column("identity").to_pylist())) == [
+        "n000001",
+        "n000002",
+        "n000003",
+    ]
 
 
 def test_dataset_faces_decode_to_uint8_and_a_face_of_another_size_is_refused():

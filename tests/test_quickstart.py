@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import free_port
 
 IPSR = str(Path(sys.executable).with_name("ipsr"))
-
 
 
 def quickstart_env(home: Path) -> dict[str, str]:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import free_port
 
 requests = pytest.importorskip("requests")
@@ -101,10 +100,12 @@ def register_generator(generator, identity_sha: str, alias: str, fmt: str = "pt2
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.pytorch.log_model(generator, name="generator", signature=signature, input_example=example.numpy(),
-                                        serialization_format=fmt)
-    return tracking.register(info.model_uri, "ipsr-unet", alias=alias,
-                             tags={tracking.TAG_IDENTITY_NET: identity_sha}, uri=uri)
+        info = mlflow.pytorch.log_model(
+            generator, name="generator", signature=signature, input_example=example.numpy(), serialization_format=fmt
+        )
+    return tracking.register(
+        info.model_uri, "ipsr-unet", alias=alias, tags={tracking.TAG_IDENTITY_NET: identity_sha}, uri=uri
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +149,14 @@ def server_config(env):
     from ipsr_platform.config import ServeConfig
 
     return ServeConfig(
-        identity_weights=env["facenet"], max_batch_size=8, max_ongoing_requests=8, max_queued_requests=2,
-        max_body_bytes=2 * 2**20, max_images=48, model_poll_s=1.0, gallery_refresh_s=0.5,
+        identity_weights=env["facenet"],
+        max_batch_size=8,
+        max_ongoing_requests=8,
+        max_queued_requests=2,
+        max_body_bytes=2 * 2**20,
+        max_images=48,
+        model_poll_s=1.0,
+        gallery_refresh_s=0.5,
         gallery_chunk=16,  # 40 gallery rows: three chunks, so the chunked top-k merge is what every test exercises
     )
 
@@ -176,8 +183,14 @@ def server(ray_session, server_config, champion):
 def gallery(server, orl):
     files = [("image", (f"{s}-1.pgm", orl[s][0], "image/x-portable-graymap")) for s in SUBJECTS]
     data = [("identity", s) for s in SUBJECTS]
-    r = requests.post(f"{server}/v1/galleries/orl/enroll", params={"aligned": "true"}, files=files, data=data,
-                      headers=AUTH, timeout=TIMEOUT)
+    r = requests.post(
+        f"{server}/v1/galleries/orl/enroll",
+        params={"aligned": "true"},
+        files=files,
+        data=data,
+        headers=AUTH,
+        timeout=TIMEOUT,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["enrolled"] == 40 and body["rejected"] == 0 and body["gallery_identities"] == 40, body
@@ -186,8 +199,9 @@ def gallery(server, orl):
 
 def identify(server, name, probes: dict[str, bytes], **params):
     images = [{"name": s, "data": base64.b64encode(data).decode()} for s, data in probes.items()]
-    return requests.post(f"{server}/v1/galleries/{name}/identify", params=params, json={"images": images},
-                         headers=AUTH, timeout=TIMEOUT)
+    return requests.post(
+        f"{server}/v1/galleries/{name}/identify", params=params, json={"images": images}, headers=AUTH, timeout=TIMEOUT
+    )
 
 
 def rank1(body) -> float:
@@ -209,8 +223,13 @@ def test_auth_health_and_model(server, champion):
     assert requests.get(f"{server}/docs", timeout=10).status_code == 200
     # A name no gallery can have (it names a folder) is a 400 on every gallery route, before any store access.
     bad = f"{server}/v1/galleries/-bad..name"
-    for method, url in [("get", bad), ("delete", bad), ("delete", f"{bad}/identities/x"),
-                        ("post", f"{bad}/identify"), ("post", f"{bad}/enroll")]:
+    for method, url in [
+        ("get", bad),
+        ("delete", bad),
+        ("delete", f"{bad}/identities/x"),
+        ("post", f"{bad}/identify"),
+        ("post", f"{bad}/enroll"),
+    ]:
         r = requests.request(method, url, headers=AUTH, json={"images": []}, timeout=10)
         assert r.status_code == 400 and "gallery name must match" in r.text, (method, url, r.status_code, r.text)
 
@@ -234,8 +253,10 @@ def test_lr_probes_not_worse_than_bicubic(server, gallery, orl):
     assert sr.status_code == both.status_code == bicubic.status_code == 200, (sr.text, both.text, bicubic.text)
     assert all(p["super_resolved"] for p in sr.json()["results"])
     assert not any(p["super_resolved"] for p in bicubic.json()["results"])
-    print(f"16x12 rank-1: SR {rank1(sr.json()):.3f}, SR ⊕ bicubic {rank1(both.json()):.3f}, "
-          f"bicubic {rank1(bicubic.json()):.3f}")
+    print(
+        f"16x12 rank-1: SR {rank1(sr.json()):.3f}, SR ⊕ bicubic {rank1(both.json()):.3f}, "
+        f"bicubic {rank1(bicubic.json()):.3f}"
+    )
     assert rank1(sr.json()) >= rank1(bicubic.json())
     assert rank1(both.json()) >= rank1(bicubic.json())
 
@@ -268,11 +289,17 @@ def test_enroll_with_mtcnn_and_rejects(server, facenet_test_images, bad_inputs):
     body = r.json()
     assert body["enrolled"] == 1 and [x["reason"] for x in body["rejects"]] == ["no_face"]
     truncated, _ = bad_inputs["truncated.jpg"]
-    r = requests.post(f"{server}/v1/galleries/people/enroll", files=[("image", ("t.jpg", truncated))],
-                      data=[("identity", "x")], headers=AUTH, timeout=TIMEOUT)
+    r = requests.post(
+        f"{server}/v1/galleries/people/enroll",
+        files=[("image", ("t.jpg", truncated))],
+        data=[("identity", "x")],
+        headers=AUTH,
+        timeout=TIMEOUT,
+    )
     assert r.status_code == 400 and r.json()["rejects"][0]["reason"] == "corrupt"
-    missing = requests.post(f"{server}/v1/galleries/people/enroll", files=[("image", ("a.jpg", photo))],
-                            headers=AUTH, timeout=30)
+    missing = requests.post(
+        f"{server}/v1/galleries/people/enroll", files=[("image", ("a.jpg", photo))], headers=AUTH, timeout=30
+    )
     assert missing.status_code == 400
     unknown = identify(server, "nope", {"s1": photo})
     assert unknown.status_code == 404
@@ -283,14 +310,19 @@ def test_body_cap_413(server):
     r = requests.post(f"{server}/v1/superresolve", files=[("image", ("big.jpg", big))], headers=AUTH, timeout=30)
     assert r.status_code == 413
     chunks = iter([b'{"images": [{"data": "', b"A" * 2**20, b"A" * 2**20, b"A" * 2**20, b'"}]}'])
-    r = requests.post(f"{server}/v1/superresolve", data=chunks,  # a generator: chunked, no Content-Length
-                      headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    r = requests.post(
+        f"{server}/v1/superresolve",
+        data=chunks,  # a generator: chunked, no Content-Length
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 413
 
 
 def test_superresolve(server, orl, champion):
-    r = requests.post(f"{server}/v1/superresolve", files=[("image", ("s1.png", orl["s1"][2]))], headers=AUTH,
-                      timeout=TIMEOUT)
+    r = requests.post(
+        f"{server}/v1/superresolve", files=[("image", ("s1.png", orl["s1"][2]))], headers=AUTH, timeout=TIMEOUT
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     from PIL import Image
 
@@ -303,9 +335,12 @@ def test_superresolve(server, orl, champion):
     with torch.no_grad():
         expected = champion["generator"](to_tensor(low))
     assert (to_tensor(served) - expected).abs().max() < 0.02
-    two = requests.post(f"{server}/v1/superresolve", files=[("image", ("a.png", orl["s1"][2])),
-                                                             ("image", ("b.png", orl["s2"][2]))],
-                        headers=AUTH, timeout=TIMEOUT)
+    two = requests.post(
+        f"{server}/v1/superresolve",
+        files=[("image", ("a.png", orl["s1"][2])), ("image", ("b.png", orl["s2"][2]))],
+        headers=AUTH,
+        timeout=TIMEOUT,
+    )
     assert two.status_code == 200 and len(two.json()["results"]) == 2 and two.json()["results"][1]["image"]
 
 
@@ -334,8 +369,11 @@ def test_alias_switch_without_restart(server, champion):
     tracking.set_alias("ipsr-unet", "champion", version)
     try:
         info = wait_for(
-            lambda: (i := requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json())["version"] == version
-            and i, 30, f"version {version} to be served",
+            lambda: (
+                (i := requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json())["version"] == version and i
+            ),
+            30,
+            f"version {version} to be served",
         )
         assert info["alias"] == "champion"
     finally:
@@ -345,11 +383,11 @@ def test_alias_switch_without_restart(server, champion):
 def test_another_replicas_enrolment_is_found_by_identify_alone(server, gallery, orl):
     """A segment another replica wrote (here: written to the store directly) is found within a bounded time by
     identify requests alone, which never read the store: the replica's background refresh picks it up."""
-    from ipsr_model.weights import ipsr_home
+    from ipsr_model.paths import galleries_dir
     from ipsr_platform.storage import Storage
     from serving.gallery import GalleryStore
 
-    store = GalleryStore(str(ipsr_home() / "galleries"), Storage.from_env())
+    store = GalleryStore(str(galleries_dir()), Storage.from_env())
     s1 = store.load(gallery)
     row = s1.identities.tolist().index("s1")
     store.append(gallery, ["s1-twin"], s1.embeddings[row : row + 1], ["twin.pgm"], [None], s1.identity_net_sha256)
@@ -367,8 +405,11 @@ def test_gallery_survives_replica_restart(server, gallery, orl, ray_session):
     import ray
 
     before = requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json()["replica"]
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if "SERVE_REPLICA" in a["name"] and "ipsr-test" in a["name"]]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA" in a["name"] and "ipsr-test" in a["name"]
+    ]
     assert len(replicas) == 1, replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
 
@@ -384,11 +425,16 @@ def test_gallery_survives_replica_restart(server, gallery, orl, ray_session):
 
 def test_cli_refuses_to_start_without_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "IPSR_SERVE_TOKEN"} | {"IPSR_HOME": str(tmp_path)}
-    run = subprocess.run([IPSR, "serve"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([IPSR, "serve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "no bearer token" in run.stderr and "Traceback" not in run.stderr, run.stderr
-    run = subprocess.run([IPSR, "serve", "--insecure-no-auth", "--model", "x"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [IPSR, "serve", "--insecure-no-auth", "--model", "x"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "models:/" in run.stderr, run.stderr
 
 
@@ -413,8 +459,15 @@ def test_gallery_store_is_append_only(where, s3, tmp_path):
     assert store.load("orl") is None
     e = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
     # The pre-segment layout: one gallery.parquet, read as the oldest segment.
-    legacy = pa.table({"identity": ["old"], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e[5]), 512),
-                       "source": ["o.png"], "identity_net_sha256": ["sha"], "enrolled_at": [0.0]})
+    legacy = pa.table(
+        {
+            "identity": ["old"],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e[5]), 512),
+            "source": ["o.png"],
+            "identity_net_sha256": ["sha"],
+            "enrolled_at": [0.0],
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(legacy, buf)
     storage.write_bytes(join(root, "orl", "gallery.parquet"), buf.getvalue())
@@ -454,8 +507,8 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
     anything else (a removal, a compaction, a segment named before the newest) falls back to the full reload."""
     from ipsr_model.identify import best_per_identity
     from ipsr_platform.storage import Storage
-    from serving.index import GalleryIndex
     from serving.gallery import GalleryStore, WeightsMismatch
+    from serving.index import GalleryIndex
 
     store = GalleryStore(str(tmp_path / "galleries"), Storage.from_env())
     e = torch.nn.functional.normalize(torch.randn(9, 512, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
@@ -487,8 +540,11 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
     assert first == second == third != fourth
     assert [len(index.embeddings) for index in indexes] == [16, 17, 18, 19]
     torch.testing.assert_close(indexes[-1].embeddings, many)
-    assert [indexes[-1].names[c] for c in indexes[-1].codes.tolist()] == [f"p{i}" for i in range(16)] + ["p0", "new",
-                                                                                                        "last"]
+    assert [indexes[-1].names[c] for c in indexes[-1].codes.tolist()] == [f"p{i}" for i in range(16)] + [
+        "p0",
+        "new",
+        "last",
+    ]
     # The last person removed: an empty gallery (it used to fail to load), and enrolling into it works again.
     store.append("solo", ["x"], e[:1], ["x.png"], ["img-x"], "sha")
     store.delete_identity("solo", "x")
@@ -502,8 +558,10 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
     assert store.added_since("g", grown.gallery) is None  # a removal hides old rows: reload
     before = store.load("g")
     segment = store.listing("g")[0][0]  # a writer whose clock is behind: its segment sorts before the newest
-    store.storage.write_bytes(f"{store.folder('g')}/segments/{segment}-late.parquet",
-                              store.storage.read_bytes(f"{store.folder('g')}/segments/{segment}.parquet"))
+    store.storage.write_bytes(
+        f"{store.folder('g')}/segments/{segment}-late.parquet",
+        store.storage.read_bytes(f"{store.folder('g')}/segments/{segment}.parquet"),
+    )
     assert store.added_since("g", before) is None
     store.compact("g")
     assert store.added_since("g", store.load("g")) is not None and store.added_since("g", before) is None
@@ -559,8 +617,9 @@ def test_enrolment_is_idempotent_partial_and_inspectable(server, orl, bad_inputs
     def enrol(items):  # (name, bytes, identity, image_id)
         files = [("image", (n, b)) for n, b, _, _ in items]
         data = [("identity", i) for _, _, i, _ in items] + [("image_id", k) for _, _, _, k in items]
-        return requests.post(f"{url}/enroll", params={"aligned": "true"}, files=files, data=data, headers=AUTH,
-                             timeout=TIMEOUT)
+        return requests.post(
+            f"{url}/enroll", params={"aligned": "true"}, files=files, data=data, headers=AUTH, timeout=TIMEOUT
+        )
 
     first = enrol([("s1.pgm", orl["s1"][0], "s1", "s1-a"), ("bad.jpg", truncated, "x", "bad-1")])
     assert first.status_code == 200, first.text
@@ -596,9 +655,14 @@ def test_gallery_of_other_weights_is_409(server, env, orl):
     store.append("foreign", ["x"], np.eye(1, 512, dtype=np.float32), ["x.png"], [None], "0" * 64)
     r = identify(server, "foreign", {"s1": orl["s1"][1]})
     assert r.status_code == 409 and "identity net 000000000000" in r.json()["detail"], r.text
-    enrol = requests.post(f"{server}/v1/galleries/foreign/enroll", params={"aligned": "true"},
-                          files=[("image", ("s1.pgm", orl["s1"][0]))], data=[("identity", "s1")], headers=AUTH,
-                          timeout=TIMEOUT)
+    enrol = requests.post(
+        f"{server}/v1/galleries/foreign/enroll",
+        params={"aligned": "true"},
+        files=[("image", ("s1.pgm", orl["s1"][0]))],
+        data=[("identity", "s1")],
+        headers=AUTH,
+        timeout=TIMEOUT,
+    )
     assert enrol.status_code == 409
 
 
@@ -671,8 +735,15 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
     if where == "s3":
         s3.create_bucket(Bucket="crowd")
     root = "s3://crowd/galleries" if where == "s3" else str(tmp_path / "galleries")
-    cfg = server_config.model_copy(update={"galleries": root, "num_replicas": 2, "cpus_per_replica": 0.25,
-                                           "max_ongoing_requests": 16, "max_queued_requests": 512})
+    cfg = server_config.model_copy(
+        update={
+            "galleries": root,
+            "num_replicas": 2,
+            "cpus_per_replica": 0.25,
+            "max_ongoing_requests": 16,
+            "max_queued_requests": 512,
+        }
+    )
     serve.run(build_app(cfg, name="Crowd"), name="ipsr-crowd", route_prefix="/crowd")
     base = f"{server}/crowd"
     wait_for(lambda: requests.get(f"{base}/v1/healthz", timeout=5).status_code == 200, 120, "the crowd app")
@@ -680,10 +751,14 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
 
     def enrol(i: int) -> tuple[int, int, str | None]:
         try:
-            r = requests.post(f"{base}/v1/galleries/crowd/enroll", params={"aligned": "true"},
-                              files=[("image", (f"{i}.pgm", faces[i % len(faces)]))],
-                              data=[("identity", f"person-{i:03d}"), ("image_id", f"img-{i}")], headers=AUTH,
-                              timeout=TIMEOUT)
+            r = requests.post(
+                f"{base}/v1/galleries/crowd/enroll",
+                params={"aligned": "true"},
+                files=[("image", (f"{i}.pgm", faces[i % len(faces)]))],
+                data=[("identity", f"person-{i:03d}"), ("image_id", f"img-{i}")],
+                headers=AUTH,
+                timeout=TIMEOUT,
+            )
             return i, r.status_code, r.json().get("replica") if r.status_code == 200 else None
         except (requests.RequestException, ValueError):
             return i, 0, None
@@ -694,8 +769,11 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
             for future in concurrent.futures.as_completed([pool.submit(enrol, i) for i in range(240)]):
                 results.append(future.result())
                 if len(results) == 80 and not killed:  # mid-enrolment: requests are in flight on both replicas
-                    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                                if "SERVE_REPLICA" in a["name"] and "ipsr-crowd" in a["name"]]
+                    replicas = [
+                        a
+                        for a in ray.util.list_named_actors(all_namespaces=True)
+                        if "SERVE_REPLICA" in a["name"] and "ipsr-crowd" in a["name"]
+                    ]
                     assert len(replicas) == 2, replicas
                     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
                     killed = True

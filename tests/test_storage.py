@@ -116,8 +116,10 @@ def test_s3_retries_until_the_endpoint_answers(s3):
     timer = threading.Timer(0.6, late.start)
     timer.start()
     try:
-        st = Storage(S3Options(endpoint_url=f"http://127.0.0.1:{port}", **KEYS),
-                     RetryPolicy(attempts=40, base_delay_s=0.1, max_delay_s=0.4))
+        st = Storage(
+            S3Options(endpoint_url=f"http://127.0.0.1:{port}", **KEYS),
+            RetryPolicy(attempts=40, base_delay_s=0.1, max_delay_s=0.4),
+        )
         t = time.perf_counter()
         assert st.read_bytes("s3://storage-late/k.jpg") == b"late"
         assert time.perf_counter() - t >= 0.5  # it did have to wait for the server
@@ -127,8 +129,9 @@ def test_s3_retries_until_the_endpoint_answers(s3):
 
 
 def test_s3_unreachable_gives_a_clear_error_naming_the_object():
-    st = Storage(S3Options(endpoint_url=f"http://127.0.0.1:{_free_port()}", **KEYS),
-                 RetryPolicy(attempts=3, base_delay_s=0.05))
+    st = Storage(
+        S3Options(endpoint_url=f"http://127.0.0.1:{_free_port()}", **KEYS), RetryPolicy(attempts=3, base_delay_s=0.05)
+    )
     t = time.perf_counter()
     with pytest.raises(StorageError) as err:
         st.read_bytes("s3://some-bucket/people/x.jpg")

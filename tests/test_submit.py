@@ -18,13 +18,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import free_port, stop_process_group
 
 VENV_BIN = Path(sys.executable).parent
 IPSR = str(VENV_BIN / "ipsr")
 TOKEN = "ipsr-test-token-0123456789abcdef"
-
 
 
 def wait_for_http(url: str, timeout_s: float) -> None:
@@ -131,8 +129,19 @@ def test_dry_run_shows_the_job_without_secrets_and_checks_access(token_cluster, 
     assert '"AWS_SECRET_ACCESS_KEY": "***"' in forwarded.stdout and "very-secret-value" not in forwarded.stdout
     assert "warning: AWS_SECRET_ACCESS_KEY is forwarded" in forwarded.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:pw-in-uri@127.0.0.1:5000")
-    leaky = run_ipsr("submit", "preprocess", "--address", token_cluster, "--dry-run", "--input", str(small_faces),
-                     "--output", str(tmp_path / "out"), token=TOKEN, home=tmp_path)
+    leaky = run_ipsr(
+        "submit",
+        "preprocess",
+        "--address",
+        token_cluster,
+        "--dry-run",
+        "--input",
+        str(small_faces),
+        "--output",
+        str(tmp_path / "out"),
+        token=TOKEN,
+        home=tmp_path,
+    )
     assert leaky.returncode == 2 and leaky.stderr.startswith("error: MLFLOW_TRACKING_URI holds a password"), leaky
 
 
@@ -143,8 +152,11 @@ def test_submitted_job_runs_to_completion_with_the_token(token_cluster, small_fa
 
     from ipsr_platform.tracking import git_commit
 
-    secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret-value-42", "MLFLOW_TRACKING_PASSWORD": "mlflow-secret-value-42",
-               "AWS_SESSION_TOKEN": "session-token-value-42"}
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-value-42",
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-secret-value-42",
+        "AWS_SESSION_TOKEN": "session-token-value-42",
+    }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import free_port, stop_process_group
+
 from ipsr_model.errors import UserError
 
 VENV_BIN = Path(sys.executable).parent
 ADMIN, PASSWORD = "admin", "ipsr-test-password-1"
 BUCKET = "ipsr-mlflow"
-
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,13 @@ def mlflow_server(tmp_path_factory, moto_server):
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)  # fmt: skip
     port = free_port()
-    env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": moto_server, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "ipsr-test-csrf-key"}  # basic-auth needs a fixed CSRF key
+    env = {
+        **os.environ,
+        **s3_env,
+        "MLFLOW_S3_ENDPOINT_URL": moto_server,
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "ipsr-test-csrf-key",
+    }  # basic-auth needs a fixed CSRF key
     cmd = [
         str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", f"s3://{BUCKET}/ipsr",
@@ -58,7 +62,8 @@ def mlflow_server(tmp_path_factory, moto_server):
                 break  # answering (even 401) means up
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
+                    log = (home / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"mlflow server did not start: {log}") from None
                 time.sleep(0.5)
         yield url
     finally:

@@ -111,10 +111,10 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
 
     from ipsr_model.degradation import degrade
     from ipsr_model.identity import IdentityNet
+    from ipsr_model.images import from_uint8
     from ipsr_model.unet import UNetGenerator
     from ipsr_platform import tracking
     from ipsr_platform.storage import Storage
-    from ipsr_model.images import from_uint8
     from jobs.train import train
     from jobs.train_data import inspect_dataset
     from jobs.train_worker import load_state
@@ -126,7 +126,9 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     total = 2 * STEPS_PER_EPOCH
     assert summary["steps"] == total and summary["resumed_from_step"] == 0
     assert set(summary["val_rank1"]) == {"HR", "16x12", "21x15", "32x32", "mean"} and summary["val_rank1"]["HR"] == 1.0
-    assert summary["model_version"] == "1" and summary["checkpoint"] == f"s3://ckpts/runs/run/checkpoint_step{total:09d}"
+    assert (
+        summary["model_version"] == "1" and summary["checkpoint"] == f"s3://ckpts/runs/run/checkpoint_step{total:09d}"
+    )
 
     # Checkpoints live in S3: keep_checkpoints=1 keeps the best validated one plus the latest; the step
     # checkpoints (3, 6, 9, 12) carry no validation and are gone.
@@ -153,11 +155,16 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
         assert client.get_metric_history(run.info.run_id, f"val/rank1/bicubic/{size}")
     assert client.get_metric_history(run.info.run_id, "val/rank1/HR")[-1].value == 1.0  # FaceNet on HR val faces
     # Each term's share of the gradient entering the generator: Eq. 2's identity term is alive.
-    shares = {k: [m.value for m in client.get_metric_history(run.info.run_id, f"grad_share/{k}")] for k in ("embedding", "pixel")}
+    shares = {
+        k: [m.value for m in client.get_metric_history(run.info.run_id, f"grad_share/{k}")]
+        for k in ("embedding", "pixel")
+    }
     assert len(shares["embedding"]) == 8 and all(0.5 < e < 1 for e in shares["embedding"]), shares
     assert all(abs(e + p - 1) < 1e-4 for e, p in zip(shares["embedding"], shares["pixel"]))
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
-    assert lrs[:3] == sorted(lrs[:3]) and max(lrs) == pytest.approx(config.lr) and lrs[-1] < config.lr  # warm-up, cosine
+    assert (
+        lrs[:3] == sorted(lrs[:3]) and max(lrs) == pytest.approx(config.lr) and lrs[-1] < config.lr
+    )  # warm-up, cosine
     assert run.data.params["embedding_loss"] == "distance" and run.data.params["residual"] == "True"
     grids = [a.path for a in client.list_artifacts(run.info.run_id, "grids")]
     assert grids == [f"grids/step{STEPS_PER_EPOCH:07d}_epoch001.png", f"grids/step{total:07d}_epoch002.png"]
@@ -228,7 +235,9 @@ def test_killed_worker(faces_dataset, facenet_path, home, max_failures):
     killed: list[int] = []
     stop = threading.Event()
     watcher = threading.Thread(
-        target=_kill_one_worker_after_checkpoint, args=(home / "runs" / "run", killed, stop, set(train_worker_pids())), daemon=True
+        target=_kill_one_worker_after_checkpoint,
+        args=(home / "runs" / "run", killed, stop, set(train_worker_pids())),
+        daemon=True,
     )
     watcher.start()
     try:
@@ -268,7 +277,9 @@ def test_driver_killed_then_rerun_resumes(faces_dataset, facenet_path, home, ray
     run_dir = home / "runs" / "run"
     log_file = home.parent / "driver.log"
     with open(log_file, "wb") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.train", *flags], cwd=ROOT, env=env, stdout=log, stderr=log)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "jobs.train", *flags], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
 
     def checkpoint_or_driver_gone() -> int:
         if driver.poll() is not None:
@@ -330,8 +341,10 @@ def test_cli_user_error_exit_code(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: --data {tmp_path} has no _SUCCESS marker: not a finished "
-                                                "`ipsr preprocess` output (still running, or interrupted? rerun preprocess)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --data {tmp_path} has no _SUCCESS marker: not a finished "
+        "`ipsr preprocess` output (still running, or interrupted? rerun preprocess)"
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ fast units
@@ -341,11 +354,10 @@ def test_gpu_step_path_bf16_channels_last_runs_on_cpu(facenet_path):
     """The GPU code path (bf16 autocast, channels_last) is plain torch: check its dtypes on CPU autocast."""
     from ipsr_model.degradation import MultiScaleDegradation
     from ipsr_model.identity import IdentityNet
-    from ipsr_model.losses import IdentityPreservingLoss
-    from ipsr_model.training import make_optimizer
-    from ipsr_model.unet import UNetGenerator
-    from ipsr_model.training import training_step
     from ipsr_model.images import from_uint8
+    from ipsr_model.losses import IdentityPreservingLoss
+    from ipsr_model.training import make_optimizer, training_step
+    from ipsr_model.unet import UNetGenerator
 
     identity_net = IdentityNet(facenet_path).to(memory_format=torch.channels_last)
     generator = UNetGenerator(4).to(memory_format=torch.channels_last)
@@ -372,7 +384,9 @@ def test_loss_and_schedule_options(monkeypatch):
     assert (default.embedding_loss, default.residual, default.identity_jitter) == ("mse", True, 0.0)
     assert (default.lr_warmup_steps, default.lr_schedule) == (0, "constant")
     monkeypatch.setenv("IPSR_TRAIN_EMBEDDING_LOSS", "distance")
-    cfg = build_config(TrainConfig, env_prefix="IPSR_TRAIN_", data="d", run_name="r", residual=False, lr_warmup_steps=50)
+    cfg = build_config(
+        TrainConfig, env_prefix="IPSR_TRAIN_", data="d", run_name="r", residual=False, lr_warmup_steps=50
+    )
     assert (cfg.embedding_loss, cfg.residual, cfg.lr_warmup_steps) == ("distance", False, 50)
     with pytest.raises(UserError, match="embedding_loss"):
         build_config(TrainConfig, env_prefix="IPSR_TRAIN_", data="d", run_name="r", embedding_loss="l1")
@@ -426,8 +440,15 @@ def test_precomputed_hr_embedding_is_the_same_step():
     for given in (None, embed(identity_net, hr)):
         torch.manual_seed(1)
         generator = UNetGenerator(4)
-        stats = training_step(generator, IdentityPreservingLoss(identity_net), make_optimizer(generator), hr,
-                              MultiScaleDegradation(), torch.Generator().manual_seed(0), hr_embedding=given)
+        stats = training_step(
+            generator,
+            IdentityPreservingLoss(identity_net),
+            make_optimizer(generator),
+            hr,
+            MultiScaleDegradation(),
+            torch.Generator().manual_seed(0),
+            hr_embedding=given,
+        )
         results.append((stats.total, [p.detach().clone() for p in generator.parameters()]))
     (loss_a, params_a), (loss_b, params_b) = results
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
@@ -452,8 +473,11 @@ def test_preprocess_hr_embeddings_feed_training(ray_session, att_faces, facenet_
     from jobs.train_data import hr_embeddings_use, inspect_dataset
 
     out = tmp_path / "aligned"
-    manifest = run(PreprocessConfig(input=str(att_faces), output=str(out), limit=160, split={"val": 0.35},
-                                    hr_embeddings=facenet_path))
+    manifest = run(
+        PreprocessConfig(
+            input=str(att_faces), output=str(out), limit=160, split={"val": 0.35}, hr_embeddings=facenet_path
+        )
+    )
     net = IdentityNet(facenet_path)
     assert manifest["hr_embeddings"]["identity_net_sha256"] == net.weights_sha256
     table = pads.dataset(str(out / "data")).to_table(columns=["image", "hr_embedding"]).slice(0, 8)
@@ -466,7 +490,9 @@ def test_preprocess_hr_embeddings_feed_training(ray_session, att_faces, facenet_
     data = inspect_dataset(config, Storage.from_env())
     assert hr_embeddings_use(config, data, net.weights_sha256)[0] is True
     assert hr_embeddings_use(config, data, "0" * 64) == (
-        False, "computed each step (the dataset's were made with other FaceNet weights)")
+        False,
+        "computed each step (the dataset's were made with other FaceNet weights)",
+    )
     jittered = make_config(str(out), facenet_path, identity_jitter=0.05)
     assert "jitter" in hr_embeddings_use(jittered, data, net.weights_sha256)[1]
 
@@ -491,15 +517,32 @@ def test_batches_mix_identities_at_vggface2_shape(ray_session, facenet_path, hom
 
     src, out = tmp_path / "vggface2", tmp_path / "aligned"
     synthesize(str(src), 10_000, per_identity=100, workers=2, sides=(64, 96))
-    manifest = run(PreprocessConfig(input=str(src / "train"), output=str(out), split={"val": 0.03},
-                                    detect_size=48, min_face_size=12, rows_per_shard=300))
+    manifest = run(
+        PreprocessConfig(
+            input=str(src / "train"),
+            output=str(out),
+            split={"val": 0.03},
+            detect_size=48,
+            min_face_size=12,
+            rows_per_shard=300,
+        )
+    )
     assert manifest["counts"]["aligned"] >= 0.95 * 10_000, manifest["counts"]
     assert {f["split"] for f in manifest["files"]} == {"train", "val"}
     assert all(f["path"].startswith(f"data/{f['split']}/") for f in manifest["files"])
 
     batch = 12
-    summary = train(make_config(str(out), facenet_path, max_steps=30, batch_size=batch, log_every=3,
-                                embedding_loss="none", lr_warmup_steps=0))
+    summary = train(
+        make_config(
+            str(out),
+            facenet_path,
+            max_steps=30,
+            batch_size=batch,
+            log_every=3,
+            embedding_loss="none",
+            lr_warmup_steps=0,
+        )
+    )
     client = tracking.client(tracking.tracking_uri())
     distinct = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "batch/distinct_identities")]
     assert len(distinct) == 10 and all(1 <= d <= batch for d in distinct), distinct

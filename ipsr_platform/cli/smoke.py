@@ -33,12 +33,17 @@ def list_identities(root: Path) -> dict[str, list[Path]]:
     """identity folder name -> its image files in natural order (identities with >= 2 images only)."""
     if not root.is_dir():
         raise UserError(f"--data {root}: no such directory")
-    folders = {folder.name: sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
-               for folder in sorted(root.iterdir()) if folder.is_dir()}
+    folders = {
+        folder.name: sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+        for folder in sorted(root.iterdir())
+        if folder.is_dir()
+    }
     usable = {name: files for name, files in folders.items() if len(files) >= 2}
     if len(usable) < 2:
-        raise UserError(f"--data {root}: need identity folders (DIR/<identity>/<image>) with >= 2 images each for at "
-                        f"least 2 identities; found {len(usable)}")
+        raise UserError(
+            f"--data {root}: need identity folders (DIR/<identity>/<image>) with >= 2 images each for at "
+            f"least 2 identities; found {len(usable)}"
+        )
     return usable
 
 
@@ -54,7 +59,10 @@ def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: i
     console.print(f"[bold]data[/]: {data} — {len(names)} identities, {sum(map(len, identities.values()))} images")
 
     identity_net = IdentityNet(identity_weights)
-    console.print(f"[bold]identity net[/]: FaceNet InceptionResnetV1 ({identity_weights}, sha256 {identity_net.weights_sha256[:12]}…)")
+    console.print(
+        f"[bold]identity net[/]: FaceNet InceptionResnetV1 ({identity_weights}, "
+        f"sha256 {identity_net.weights_sha256[:12]}…)"
+    )
 
     labels = torch.arange(len(names))
     gallery = load_faces([identities[name][0] for name in names])
@@ -79,13 +87,18 @@ def run_smoke(data: Path, *, identity_weights: str, steps: int, base_channels: i
     trained = rank1_by_size(identity_net, gallery, probes, labels, AR_SIZES, restore=generator)
     elapsed = time.perf_counter() - started
 
-    table = Table("method", *(Column(column, justify="right") for column in bicubic),
-                  title=f"AR-style rank-1 (gallery: first image, probe: second image; {len(names)} identities)")
+    table = Table(
+        "method",
+        *(Column(column, justify="right") for column in bicubic),
+        title=f"AR-style rank-1 (gallery: first image, probe: second image; {len(names)} identities)",
+    )
     table.add_row("bicubic", *(f"{value:.3f}" for value in bicubic.values()))
     table.add_row(f"U-Net w{base_channels}, {steps} steps", *(f"{value:.3f}" for value in trained.values()))
     console.print(table)
     first, last = losses[0], losses[-1]
-    console.print(f"training: {steps} steps × batch {BATCH_SIZE} on {len(train_faces)} faces — loss "
-                  f"{first['total']:.4f} → {last['total']:.4f} (embedding {first['embedding']:.5f} → "
-                  f"{last['embedding']:.5f}, pixel {first['pixel']:.4f} → {last['pixel']:.4f}); {elapsed:.1f} s")
+    console.print(
+        f"training: {steps} steps × batch {BATCH_SIZE} on {len(train_faces)} faces — loss "
+        f"{first['total']:.4f} → {last['total']:.4f} (embedding {first['embedding']:.5f} → "
+        f"{last['embedding']:.5f}, pixel {first['pixel']:.4f} → {last['pixel']:.4f}); {elapsed:.1f} s"
+    )
     return {"bicubic": bicubic, "trained": trained, "losses": losses}

@@ -1,9 +1,10 @@
 """`ipsr quickstart`: the whole platform once, on the embedded default (local Ray, SQLite MLflow, local files).
 
 preprocess (MTCNN on Ray Data) → train a small U-Net for a few minutes (Ray Train) → evaluate against bicubic on
-the held-out *test* identities (both recognizers, table + CMC) → register and promote in MLflow → start Ray
-Serve, enrol the test identities' first faces, identify their second faces sent as real 16×12 crops → say where
-everything is.
+the held-out *test* identities (every face but each identity's first is a probe; both recognizers, intervals, paired
+tests, table + CMC + labelled sample grids) → register, and promote in MLflow only if the model beats bicubic
+significantly → start Ray Serve, enrol the test identities' first faces, identify their second faces sent as real
+16×12 crops → say where everything is.
 
 Models go to their own registry name (`ipsr-quickstart`), so a quickstart never moves a real `ipsr-unet@champion`.
 A rerun reuses the aligned dataset (the preprocess output is committed once per data folder and limit).
@@ -15,34 +16,49 @@ import hashlib
 import os
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from ipsr_model.errors import UserError
-from ipsr_model.weights import ipsr_home
+from ipsr_model.paths import datasets_dir, quickstart_dir
 from ipsr_platform import cluster, datasets, tracking
 from ipsr_platform import console as terminal
 from ipsr_platform.config import EvaluateConfig, PreprocessConfig, ServeConfig, TrainConfig
 from ipsr_platform.faces import decode_face, encode_png
+
+if TYPE_CHECKING:
+    from jobs.evaluate import Promotion
 
 REGISTERED_NAME = "ipsr-quickstart"
 EXPERIMENT = "ipsr-quickstart"
 GALLERY = "quickstart"
 PROBE_SIZE = (16, 12)  # H×W: a surveillance-sized crop, well below what FaceNet needs
 SPLIT = {"val": 0.2, "test": 0.2}
+SIZES = ("11x8", "16x12", "16x16")  # where a model can beat bicubic; 21x15 and up are near HR for both
 HTTP_TIMEOUT_S = 120
 
 
-def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None, max_steps: int, base_channels: int,
-                   batch_size: int, identity_weights: str, serve: bool, keep_serving: bool, port: int) -> None:
+def run_quickstart(
+    *,
+    data: Path | None,
+    output: Path | None,
+    limit: int,
+    max_steps: int,
+    base_channels: int,
+    batch_size: int,
+    identity_weights: str,
+    serve: bool,
+    keep_serving: bool,
+    port: int,
+) -> None:
     console = Console(file=terminal.out())
     timings: dict[str, float] = {}
-    out = (output or ipsr_home() / "quickstart").expanduser().resolve()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = (output or quickstart_dir()).expanduser().resolve()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
 
     def stage(name: str, text: str) -> float:
         console.rule(f"[bold]{name}[/] — {text}")
@@ -52,12 +68,13 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
     # Ray's detail would drown the five stages: it goes to the log file `ipsr quickstart` prints (unless --verbose).
     cluster.connect()
 
-    t = stage("1/5 preprocess", f"MTCNN alignment of {data} on Ray Data")
+    subset = f"the first {limit} images of " if limit else ""
+    t = stage("1/5 preprocess", f"MTCNN alignment of {subset}{data} on Ray Data")
     from jobs.preprocess import run as preprocess
 
-    key = hashlib.sha256(f"{data}|{limit}".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{data}|{limit or None}".encode()).hexdigest()[:10]
     aligned = out / "aligned" / f"{data.name}-{key}"
-    manifest = preprocess(PreprocessConfig(input=str(data), output=str(aligned), limit=limit, split=SPLIT))
+    manifest = preprocess(PreprocessConfig(input=str(data), output=str(aligned), limit=limit or None, split=SPLIT))
     timings["preprocess"] = time.perf_counter() - t
     splits = manifest["counts"]["splits"]
     console.print(f"aligned dataset: {aligned} (train {splits.get('train', 0)}, val {splits.get('val', 0)}, "
@@ -75,15 +92,19 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
     timings["train"] = time.perf_counter() - t
     console.print(f"registered {REGISTERED_NAME} version {trained['model_version']} @candidate")
 
-    t = stage("3/5 evaluate", "AR-style rank-1 on the unseen test identities: HR, bicubic, the new model")
+    t = stage(
+        "3/5 evaluate",
+        "rank-1 on the unseen test identities (every face but the first a probe): HR, bicubic, the new model",
+    )
     from jobs.evaluate import run_and_report
 
-    evaluation = run_and_report(EvaluateConfig(  # promotes the new version if it beats @champion
-        data=str(aligned), protocol="ar", split="test", identity_weights=identity_weights, promote=True,
-        register_as=REGISTERED_NAME, experiment=EXPERIMENT, output=str(out / f"evaluation-{stamp}"),
+    evaluation = run_and_report(EvaluateConfig(  # promotes the new version if it beats bicubic and @champion
+        data=str(aligned), protocol="folder", split="test", sizes=SIZES, identity_weights=identity_weights,
+        promote=True, register_as=REGISTERED_NAME, experiment=EXPERIMENT, output=str(out / f"evaluation-{stamp}"),
     ))  # fmt: skip
     timings["evaluate"] = time.perf_counter() - t
-    served = _verdict(console, evaluation["promotion"])
+    assert evaluation.promotion is not None  # promote=True
+    served = _verdict(console, evaluation.promotion)
 
     if serve:
         t = stage("4/5 serve", f"Ray Serve: enrol the test identities, identify {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes")
@@ -91,7 +112,7 @@ def run_quickstart(*, data: Path | None, output: Path | None, limit: int | None,
         timings["serve"] = time.perf_counter() - t
 
     stage("5/5 done", f"{sum(timings.values()):.0f} s")
-    _where_to_look(console, out, evaluation["output"])
+    _where_to_look(console, out, evaluation.output)
 
 
 def _data(console: Console, data: Path | None) -> Path:
@@ -99,7 +120,7 @@ def _data(console: Console, data: Path | None) -> Path:
     if data is None:
         console.print(
             "no --data given: downloading LFW (13,233 faces, 173 MB, sha256-checked) into "
-            f"{ipsr_home() / 'datasets'}; pass --data DIR to use your own identity folders"
+            f"{datasets_dir()}; pass --data DIR to use your own identity folders"
         )
         data = datasets.lfw()
     data = data.expanduser().resolve()
@@ -108,13 +129,15 @@ def _data(console: Console, data: Path | None) -> Path:
     return data
 
 
-def _verdict(console: Console, promotion: dict[str, Any]) -> str:
+def _verdict(console: Console, promotion: Promotion) -> str:
     """Say plainly whether the new model beat bicubic; return the alias worth serving (champion when there is
     one, else the candidate, with a warning that it is no better than bicubic)."""
-    if promotion["promoted"]:
-        console.print(f"[bold green]the new model beats bicubic[/] and is now {REGISTERED_NAME}@champion ({promotion['why']})")
+    if promotion.promoted:
+        console.print(
+            f"[bold green]the new model beats bicubic[/] and is now {REGISTERED_NAME}@champion ({promotion.why})"
+        )
         return tracking.CHAMPION
-    console.print(f"[bold yellow]the new model was not promoted[/]: {promotion['why']}")
+    console.print(f"[bold yellow]the new model was not promoted[/]: {promotion.why}")
     if tracking.version_or_none(REGISTERED_NAME, tracking.CHAMPION) is not None:
         console.print(f"serving the existing {REGISTERED_NAME}@champion instead")
         return tracking.CHAMPION
@@ -132,7 +155,11 @@ def _test_faces(aligned: Path) -> tuple[list[str], list[bytes], list[bytes]]:
     pairs = {name: faces for name, faces in read_identities(aligned, split="test")[0].items() if len(faces) >= 2}
     if len(pairs) < 2:
         raise UserError(f"{aligned}: the test split has {len(pairs)} identities with 2 faces; use more identities")
-    return list(pairs), [encode_png(f[0].load()) for f in pairs.values()], [encode_png(f[1].load()) for f in pairs.values()]
+    return (
+        list(pairs),
+        [encode_png(f[0].load()) for f in pairs.values()],
+        [encode_png(f[1].load()) for f in pairs.values()],
+    )
 
 
 def _small_crop(png: bytes) -> bytes:
@@ -143,7 +170,13 @@ def _small_crop(png: bytes) -> bytes:
 
 
 def _serve_demo(
-    aligned: Path, out: Path, stamp: str, identity_weights: str, port: int, keep_serving: bool, console: Console,
+    aligned: Path,
+    out: Path,
+    stamp: str,
+    identity_weights: str,
+    port: int,
+    keep_serving: bool,
+    console: Console,
     alias: str,
 ) -> None:
     import requests
@@ -154,8 +187,12 @@ def _serve_demo(
     names, gallery, probes = _test_faces(aligned)
     token = os.environ.get(TOKEN_ENV) or secrets.token_hex(24)
     os.environ[TOKEN_ENV] = token
-    cfg = ServeConfig(generator=f"models:/{REGISTERED_NAME}@{alias}", port=port, identity_weights=identity_weights,
-                      galleries=str(out / "galleries"))
+    cfg = ServeConfig(
+        generator=f"models:/{REGISTERED_NAME}@{alias}",
+        port=port,
+        identity_weights=identity_weights,
+        galleries=str(out / "galleries"),
+    )
     url = serving.deploy(cfg, echo=console.print)
     headers = {"Authorization": f"Bearer {token}"}
     try:
@@ -173,8 +210,13 @@ def _serve_demo(
         )  # fmt: skip
         answer.raise_for_status()
         results = answer.json()["results"]
-        table = Table("probe (truth)", "top-1", "score", "",
-                      title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1")
+        table = Table(
+            "probe (truth)",
+            "top-1",
+            "score",
+            "",
+            title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1",
+        )
         correct = 0
         for name, result in zip(names, results):
             top = result["matches"][0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -31,8 +32,14 @@ from ipsr_model.errors import UserError, first_line
 JOBS = ("preprocess", "train", "evaluate")
 
 # Settings, not secrets: forwarded when set.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "IPSR_S3_ENDPOINT_URL")
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "IPSR_S3_ENDPOINT_URL",
+)
 SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
 CONFIG_ENV = "IPSR_CONFIG_YAML"
 COMMIT_ENV = "IPSR_GIT_COMMIT"
@@ -69,8 +76,15 @@ def redact(env: dict[str, str]) -> dict[str, str]:
     return {k: ("***" if any(m in k for m in SECRET_MARKERS) else v) for k, v in env.items()}
 
 
-def build_submission(job: str, args: list[str], config_file: Path | None, forward_env: list[str] = (), *,
-                     commands: dict[str, Any], warn=print) -> dict[str, Any]:
+def build_submission(
+    job: str,
+    args: list[str],
+    config_file: Path | None,
+    forward_env: Sequence[str] = (),
+    *,
+    commands: Mapping[str, Any],
+    warn=print,
+) -> dict[str, Any]:
     """Entrypoint + runtime_env for ``job``; the job flags are parsed first by its CLI command (``commands``: the
     CLI's click commands by name) so mistakes fail locally."""
     if job not in JOBS:
@@ -85,15 +99,19 @@ def build_submission(job: str, args: list[str], config_file: Path | None, forwar
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if urlparse(env.get("MLFLOW_TRACKING_URI", "")).password:
-        raise UserError("MLFLOW_TRACKING_URI holds a password, which would be readable in the job's record: give the "
-                        "cluster MLFLOW_TRACKING_USERNAME/PASSWORD as a Secret (infra/README.md) and drop them from the "
-                        "URI, or pass --forward-env MLFLOW_TRACKING_URI to send it anyway")
+        raise UserError(
+            "MLFLOW_TRACKING_URI holds a password, which would be readable in the job's record: give the "
+            "cluster MLFLOW_TRACKING_USERNAME/PASSWORD as a Secret (infra/README.md) and drop them from the "
+            "URI, or pass --forward-env MLFLOW_TRACKING_URI to send it anyway"
+        )
     for name in forward_env:
         if name not in os.environ:
             raise UserError(f"--forward-env {name}: no such environment variable here")
         env[name] = os.environ[name]
-        warn(f"warning: {name} is forwarded in the job's runtime_env: anyone who can list jobs on this cluster can "
-             "read it, for as long as the cluster keeps the job's record")
+        warn(
+            f"warning: {name} is forwarded in the job's runtime_env: anyone who can list jobs on this cluster can "
+            "read it, for as long as the cluster keeps the job's record"
+        )
     from ipsr_platform.tracking import git_commit
 
     env.setdefault(COMMIT_ENV, git_commit())
@@ -154,7 +172,9 @@ def follow(address: str, job_id: str, echo) -> str:
     try:
         asyncio.run(asyncio.wait_for(tail(), timeout=FOLLOW_TIMEOUT_S))
     except TimeoutError:
-        raise UserError(f"job {job_id} still running after {FOLLOW_TIMEOUT_S:.0f}s of --follow; it keeps running") from None
+        raise UserError(
+            f"job {job_id} still running after {FOLLOW_TIMEOUT_S:.0f}s of --follow; it keeps running"
+        ) from None
     # The log stream can end a moment before the status is final.
     deadline = time.monotonic() + 60
     while not (status := job_client.get_job_status(job_id)).is_terminal() and time.monotonic() < deadline:

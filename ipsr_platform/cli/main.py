@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, cast
 
+import click
 import typer
 import typer.main
 import yaml
 
 from ipsr_model.errors import UserError, first_line
-from ipsr_platform import commands
+from ipsr_model.paths import galleries_dir, ipsr_home
+from ipsr_platform import commands, tracking
 from ipsr_platform.commands import VerboseOption, job_command, run_main
 
 app = typer.Typer(
@@ -28,9 +30,9 @@ app.add_typer(weights_app, name="weights")
 
 @weights_app.command("fetch")
 def weights_fetch(
-    source: Annotated[str, typer.Option(help="casia-webface-offline | ms-celeb-keras | vggface2 | casia-webface | PATH")] = (
-        "casia-webface-offline"
-    ),
+    source: Annotated[
+        str, typer.Option(help="casia-webface-offline | ms-celeb-keras | vggface2 | casia-webface | PATH")
+    ] = ("casia-webface-offline"),
     force: Annotated[bool, typer.Option(help="Fetch again even when cached.")] = False,
 ) -> None:
     """Download or convert FaceNet weights into the cache ($IPSR_HOME/weights) and print path + sha256."""
@@ -50,40 +52,59 @@ def smoke(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Smoke run of the model core: AR-style bicubic baseline, then a short CPU training run."""
-    from ipsr_platform.smoke import run_smoke
+    from ipsr_platform.cli.smoke import run_smoke
 
     run_smoke(data, identity_weights=identity_weights, steps=steps, base_channels=base_channels, seed=seed)
 
 
-app.command("preprocess")(job_command(
-    "preprocess", "jobs.preprocess:run",
-    doc="Detect and align faces with MTCNN on Ray Data: identity folders → 128×128 Parquet dataset + rejects."))
-app.command("train")(job_command(
-    "train", "jobs.train:run_and_report",
-    doc="Train the U-Net with Ray Train (DDP) on Ray Data, track in MLflow, register @candidate."))
-app.command("evaluate")(job_command(
-    "evaluate", "jobs.evaluate:run_and_report",
-    doc="Identification (rank-1, CMC) of HR / bicubic / SR probes with FaceNet and SFace; optional promotion."))
-app.command("serve")(job_command(
-    "serve", "serving.app:serve_forever", quiet=False,
-    doc="Serve gallery enrolment + batch identification (Ray Serve, FastAPI); blocks until Ctrl-C."))
+app.command("preprocess")(
+    job_command(
+        "preprocess",
+        "jobs.preprocess:run",
+        doc="Detect and align faces with MTCNN on Ray Data: identity folders → 128×128 Parquet dataset + rejects.",
+    )
+)
+app.command("train")(
+    job_command(
+        "train",
+        "jobs.train:run_and_report",
+        doc="Train the U-Net with Ray Train (DDP) on Ray Data, track in MLflow, register @candidate.",
+    )
+)
+app.command("evaluate")(
+    job_command(
+        "evaluate",
+        "jobs.evaluate:run_and_report",
+        doc="Identification (rank-1, CMC) of HR / bicubic / SR probes with FaceNet and SFace; optional promotion.",
+    )
+)
+app.command("serve")(
+    job_command(
+        "serve",
+        "serving.app:serve_forever",
+        quiet=False,
+        doc="Serve gallery enrolment + batch identification (Ray Serve, FastAPI); blocks until Ctrl-C.",
+    )
+)
 
-gallery_app = typer.Typer(help="Enrolled galleries of `ipsr serve` (the store, without a running service).",
-                          no_args_is_help=True)
+gallery_app = typer.Typer(
+    help="Enrolled galleries of `ipsr serve` (the store, without a running service).", no_args_is_help=True
+)
 app.add_typer(gallery_app, name="gallery")
 
 
 @gallery_app.command("compact")
 def gallery_compact(
     name: Annotated[str, typer.Argument(help="Gallery name.")],
-    galleries: Annotated[Optional[str], typer.Option(help="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")] = None,
+    galleries: Annotated[
+        Optional[str], typer.Option(help="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")
+    ] = None,
 ) -> None:
     """Merge a gallery's segments and deletions into one segment; enrolments landing meanwhile are kept."""
-    from ipsr_model.weights import ipsr_home
     from ipsr_platform.storage import Storage
     from serving.gallery import GalleryStore
 
-    store = GalleryStore(galleries or str(ipsr_home() / "galleries"), Storage.from_env())
+    store = GalleryStore(galleries or str(galleries_dir()), Storage.from_env())
     merged, rows = store.compact(name)
     typer.echo(f"gallery {name}: {merged} files merged into one segment of {rows} faces")
 
@@ -101,16 +122,24 @@ def submit(
     config: Annotated[Optional[Path], typer.Option(help="YAML with the job's options (shipped with the job).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print entrypoint + runtime_env, check access.")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
-    forward_env: Annotated[Optional[list[str]], typer.Option(
-        "--forward-env", help="Send this environment variable with the job (repeatable; it becomes readable in the "
-        "job's record: the cluster should have its own credentials).")] = None,
+    forward_env: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--forward-env",
+            help="Send this environment variable with the job (repeatable; it becomes readable in the "
+            "job's record: the cluster should have its own credentials).",
+        ),
+    ] = None,
 ) -> None:
     """Run a job on a Ray cluster through the Jobs API (token auth from RAY_AUTH_TOKEN / its token file)."""
-    from ipsr_platform import submit as jobs_api
+    from ipsr_platform.cli import submit as jobs_api
 
-    commands = typer.main.get_command(app).commands  # the job's own flags are checked here, before submitting
-    submission = jobs_api.build_submission(job, ctx.args, config, forward_env or [], commands=commands,
-                                           warn=lambda line: typer.echo(line, err=True))
+    commands = cast(
+        click.Group, typer.main.get_command(app)
+    ).commands  # the job's own flags are checked here, before submitting
+    submission = jobs_api.build_submission(
+        job, ctx.args, config, forward_env or [], commands=commands, warn=lambda line: typer.echo(line, err=True)
+    )
     if dry_run:
         shown = {**submission["runtime_env"], "env_vars": jobs_api.redact(submission["runtime_env"]["env_vars"])}
         typer.echo(f"entrypoint: {submission['entrypoint']}\nruntime_env: {json.dumps(shown, indent=2)}")
@@ -134,7 +163,7 @@ def submit(
 
 @jobs_app.command("list")
 def jobs_list(address: AddressOption) -> None:
-    from ipsr_platform.submit import client
+    from ipsr_platform.cli.submit import client
 
     for info in client(address).list_jobs():
         typer.echo(f"{info.submission_id}\t{info.status}\t{info.entrypoint}")
@@ -157,7 +186,7 @@ def jobs_stop(job_id: str, address: AddressOption) -> None:
 
 
 def _job_call(address: str, job_id: str, call):
-    from ipsr_platform.submit import API_ERRORS, client
+    from ipsr_platform.cli.submit import API_ERRORS, client
 
     try:
         return call(client(address))
@@ -175,8 +204,6 @@ def config_show(
     job: Annotated[Optional[list[str]], typer.Argument(help="Only these sections (default: all).")] = None,
 ) -> None:
     """Print what each job would run with: YAML file < IPSR_* environment (flags are per run, not shown)."""
-    from ipsr_model.weights import ipsr_home
-    from ipsr_platform import tracking
     from ipsr_platform.config import PLATFORM_ENV, SECTIONS, apply_platform, effective_config, job_configs, read_yaml
 
     wanted = job or list(SECTIONS)
@@ -203,11 +230,18 @@ def config_show(
 
 @app.command()
 def quickstart(
-    data: Annotated[Optional[Path], typer.Option(help="Identity folders DIR/<identity>/<image>; default: download LFW.")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Where everything goes (default $IPSR_HOME/quickstart).")] = None,
-    limit: Annotated[int, typer.Option(min=0, help="Only the first N images, sorted by identity (the demo's time "
-                                       "budget); 0 = all.")] = 1500,
-    max_steps: Annotated[int, typer.Option(min=1, help="Training steps (~1.5 s each at the defaults on 2 CPUs).")] = 120,
+    data: Annotated[
+        Optional[Path], typer.Option(help="Identity folders DIR/<identity>/<image>; default: download LFW.")
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Where everything goes (default $IPSR_HOME/quickstart).")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=0, help="Only the first N images, sorted by identity (the demo's time budget); 0 = all.")
+    ] = 1500,
+    max_steps: Annotated[
+        int, typer.Option(min=1, help="Training steps (~1.5 s each at the defaults on 2 CPUs).")
+    ] = 120,
     base_channels: Annotated[int, typer.Option(min=1, help="U-Net width (64 = paper; small for CPU).")] = 16,
     batch_size: Annotated[int, typer.Option(min=2, help="Faces per training step.")] = 16,
     identity_weights: Annotated[str, typer.Option(help="FaceNet weights source or PATH.")] = "casia-webface-offline",
@@ -218,11 +252,19 @@ def quickstart(
 ) -> None:
     """End to end on this machine: preprocess → train → evaluate vs bicubic → register + promote → serve."""
     with commands.output("quickstart", verbose):
-        from ipsr_platform.quickstart import run_quickstart
+        from ipsr_platform.cli.quickstart import run_quickstart
 
         run_quickstart(
-            data=data, output=output, limit=limit, max_steps=max_steps, base_channels=base_channels,
-            batch_size=batch_size, identity_weights=identity_weights, serve=serve, keep_serving=keep_serving, port=port,
+            data=data,
+            output=output,
+            limit=limit,
+            max_steps=max_steps,
+            base_channels=base_channels,
+            batch_size=batch_size,
+            identity_weights=identity_weights,
+            serve=serve,
+            keep_serving=keep_serving,
+            port=port,
         )
 
 
