@@ -110,9 +110,7 @@ def score(
                 chunk = column.images[start : start + batch_size]
                 images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
                 if start == 0 and grid_faces:
-                    samples[column.name] = _sample_grid(
-                        protocol, column, chunk[:grid_faces], {k: v[:grid_faces] for k, v in images.items()}
-                    )
+                    samples[column.name] = _sample_grid(protocol, column, grid_faces, methods, transform)
                 if column.size is not None:  # the probes are HR originals: fidelity of what the recognizer sees
                     for label, restored in images.items():
                         quality.setdefault((label, column.name), []).append(fidelity(restored, chunk))
@@ -137,11 +135,19 @@ def score(
 
 
 def _sample_grid(
-    protocol: Protocol, column: ProbeColumn, hr: torch.Tensor, restored: dict[str, torch.Tensor]
+    protocol: Protocol, column: ProbeColumn, faces: int, methods: list[Method], transform: Callable
 ) -> SampleGrid:
-    """What a reader needs to judge a restoration: the pixels the model was given (nearest-neighbour enlarged, so
-    the low resolution shows), bicubic, every model, and the HR original when there is one."""
-    rows = [protocol.identities[i] for i in column.labels[: len(hr)].tolist()]
+    """What a reader needs to judge a restoration, for the first probe of each of the first ``faces`` people (six
+    photos of one person say less): the pixels the model was given (nearest-neighbour enlarged, so the low
+    resolution shows), bicubic, every model, and the HR original when there is one."""
+    picks: dict[int, int] = {}  # identity → its first probe
+    for i, label in enumerate(column.labels.tolist()):
+        picks.setdefault(label, i)
+        if len(picks) == faces:
+            break
+    hr = column.images[list(picks.values())]
+    restored = {m.label: transform(m, hr, column.size) for m in methods if m.label != HR}
+    rows = [protocol.identities[label] for label in picks]
     if column.size is None:  # natural low-resolution probes (SCface): no HR original exists
         return SampleGrid(
             rows, [("probe" if label == BICUBIC else label, images) for label, images in restored.items()]

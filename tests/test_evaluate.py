@@ -291,6 +291,21 @@ def test_promotion_fails_closed(home_with_weights, att_faces, monkeypatch):
         tracking.version_or_none("ipsr-unet", "champion", "http://127.0.0.1:9")  # nothing listens on port 9
 
 
+def test_sample_grid_shows_one_probe_of_each_person(home_with_weights, att_faces, trained):
+    """The folder protocol has nine probes per person: the grid's rows are different people, each with its LR input,
+    bicubic, the model and HR."""
+    from ipsr_model.sface import SFaceNet
+    from ipsr_platform.scoring import BICUBIC, Method, score
+    from jobs.evaluate import build_protocol
+
+    protocol = build_protocol(config(data=str(att_faces), protocol="folder", identities="s31,s32,s33", sizes="11x8"))
+    methods = [Method(BICUBIC), Method("tiny", trained, "tiny")]
+    grid = score(protocol, methods, {"sface": SFaceNet()}, grid_faces=3, progress=False).samples["11x8"]
+    assert sorted(grid.rows) == ["s31", "s32", "s33"]
+    assert [title for title, _ in grid.columns] == ["LR 11x8", BICUBIC, "tiny", "HR"]
+    assert all(images.shape == (3, 3, 128, 128) for _, images in grid.columns)
+
+
 def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path):
     """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
     protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""

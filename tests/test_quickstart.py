@@ -37,8 +37,10 @@ def test_quickstart_end_to_end_on_orl(att_faces, home_with_weights, tmp_path):
     # A plain verdict either way: promoted only when it beats bicubic; otherwise the candidate is served with a
     # warning (there is no earlier champion in this fresh $IPSR_HOME).
     promoted = "the new model beats bicubic" in text
-    assert promoted or ("the new model was not promoted" in text and "does not beat bicubic" in text), text[-3000:]
-    assert promoted or "warning: no champion exists; serving ipsr-quickstart@candidate" in " ".join(text.split())
+    verdicts = ("does not beat bicubic", "is not significantly better than bicubic")  # jobs.evaluate's two refusals
+    flat = " ".join(text.split())
+    assert promoted or ("the new model was not promoted" in flat and any(v in flat for v in verdicts)), text[-3000:]
+    assert promoted or "warning: no champion exists; serving ipsr-quickstart@candidate" in flat
     assert "served model version 1: rank-1" in text
     assert "mlflow ui --backend-store-uri sqlite:///" in text
     # ipsr's own output only: Ray's and the libraries' lines are in the one log file it names.
