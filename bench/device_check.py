@@ -431,16 +431,9 @@ def identification(device: torch.device, sizes: dict, deadline: float) -> list[d
             codes = torch.arange(gallery_size, device=device) // 2
             index = SimpleNamespace(embeddings=gallery, codes=codes, names=names)  # a `Searchable`, like GalleryIndex
             for batch in sizes["probe_batches"]:
+                case = {"gallery": gallery_size, "dtype": str(dtype)[6:], "batch": batch}  # the row's key columns
                 if time.monotonic() > deadline:
-                    rows.append(
-                        row(
-                            "identify",
-                            gallery=gallery_size,
-                            dtype=str(dtype)[6:],
-                            batch=batch,
-                            skipped="time budget spent",
-                        )
-                    )
+                    rows.append(row("identify", **case, skipped="time budget spent"))
                     continue
                 bicubic = resize(faces_tensor(batch)[:, :, :16, :12], (128, 128))
                 probes = [Probe(image, super_resolve=True, gallery=index, top_k=5) for image in bicubic]
@@ -457,9 +450,7 @@ def identification(device: torch.device, sizes: dict, deadline: float) -> list[d
                 rows.append(
                     row(
                         "identify",
-                        gallery=gallery_size,
-                        dtype=str(dtype)[6:],
-                        batch=batch,
+                        **case,
                         probes_per_s=round(batch * 1e3 / statistics.mean(times), 1),
                         p50_ms=round(p50, 2),
                         p99_ms=round(p99, 2),
