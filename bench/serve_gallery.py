@@ -39,8 +39,8 @@ def write_gallery(root: str, faces: int, sha256: str, seed: int = 0) -> float:
     """Random unit embeddings, two rows per identity, appended as one segment; returns seconds."""
     import numpy as np
 
+    from ipsr_platform.gallery import GalleryStore
     from ipsr_platform.storage import Storage
-    from serving.gallery import GalleryStore
 
     rng = np.random.default_rng(seed)
     embeddings = rng.standard_normal((faces, 512), dtype=np.float32)
@@ -54,8 +54,8 @@ def write_gallery(root: str, faces: int, sha256: str, seed: int = 0) -> float:
 
 
 def load_seconds(root: str) -> float:
+    from ipsr_platform.gallery import GalleryStore
     from ipsr_platform.storage import Storage
-    from serving.gallery import GalleryStore
 
     began = time.perf_counter()
     gallery = GalleryStore(root, Storage.from_env()).load("million")

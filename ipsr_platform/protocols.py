@@ -32,6 +32,7 @@ from ipsr_model.degradation import parse_size, resize
 from ipsr_model.errors import UserError
 from ipsr_model.images import square_face, to_tensor
 from ipsr_model.unet import IMAGE_SIZE
+from ipsr_platform import aligned
 from ipsr_platform.faces import IMAGE_SUFFIXES, decode_face, natural_key, read_image
 from ipsr_platform.storage import Storage, is_s3, join, normalize
 
@@ -111,7 +112,7 @@ def _aligned_dataset(uri: str, storage: Storage, split: str | None = None) -> di
     import pyarrow.parquet as pq
 
     filters = [("split", "=", split)] if split else None
-    fs, path = storage.resolve(join(uri, "data"))
+    fs, path = storage.resolve(join(uri, aligned.DATA))
     table = pq.read_table(path, filesystem=fs, columns=["image", "identity", "source"], filters=filters).to_pydict()
     if split and not table["identity"]:
         raise UserError(f"--data {uri}: the {split!r} split is empty (see manifest.json counts)")
@@ -131,7 +132,7 @@ def read_identities(data: str | Path, split: str | None = None) -> tuple[dict[st
     every split): scoring the identities a model was trained on would flatter it. Identity folders have no split.
     """
     storage, uri = Storage.from_env(), normalize(str(data))
-    if storage.exists(join(uri, "_SUCCESS")) and storage.is_dir(join(uri, "data")):  # a committed preprocess output
+    if aligned.is_committed(uri, storage):
         chosen = split or "test"
         return _aligned_dataset(uri, storage, None if chosen == "all" else chosen), chosen
     if split not in (None, "all"):

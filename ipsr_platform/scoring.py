@@ -72,70 +72,88 @@ def score(
     With ``concat_bicubic`` a generator's probe embedding is [bicubic ; SR] (each L2-normalised) and its gallery
     embedding [HR ; HR] (SCface protocol 2: [bicubic ; SR] of the gallery too), as the paper does for SCface.
     """
-
-    def transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-        low = degrade(images, size) if size is not None else images
-        return low if method.restore is None else _restore(method, low, batch_size)
-
-    # Gallery embeddings: one set per recognizer for an HR gallery; per method when it is low resolution.
-    gallery: dict[tuple[str, str], torch.Tensor] = {}
-    for rec_name, recognizer in recognizers.items():
-        base = _embed(recognizer, protocol.gallery, batch_size)
-        for method in methods:
-            restore_gallery = protocol.gallery_lr and method.restore is not None
-            own = (
-                _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
-                if restore_gallery
-                else base
-            )
-            gallery[rec_name, method.label] = (
-                torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
-            )
-
+    gallery = _gallery_embeddings(protocol, methods, recognizers, batch_size, concat_bicubic)
     # HR probes (synthetic protocols) are the same faces in every column: embed them once.
     hr_probes = {
         r: _embed(recognizer, protocol.columns[0].images, batch_size) for r, recognizer in recognizers.items()
     } if any(m.label == HR for m in methods) else {}  # fmt: skip
-
-    results: dict[tuple[str, str, str], torch.Tensor] = {}
+    ranks: dict[tuple[str, str, str], torch.Tensor] = {}
     samples: dict[str, SampleGrid] = {}
     quality: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     total = sum(len(column.images) for column in protocol.columns)
     bar = console.progress(f"evaluate {protocol.name}", total, "probes") if progress else None
     with bar or contextlib.nullcontext(lambda n: None) as advance:
         for column in protocol.columns:
-            # Stream the probes in batches: degrade, restore with every model, embed with every recognizer.
-            probes: dict[tuple[str, str], list[torch.Tensor]] = {}
-            for start in range(0, len(column.images), batch_size):
-                chunk = column.images[start : start + batch_size]
-                images = {m.label: transform(m, chunk, column.size) for m in methods if m.label != HR}
-                if start == 0 and grid_faces:
-                    samples[column.name] = _sample_grid(protocol, column, grid_faces, methods, transform)
-                if column.size is not None:  # the probes are HR originals: fidelity of what the recognizer sees
-                    for label, restored in images.items():
-                        quality.setdefault((label, column.name), []).append(fidelity(restored, chunk))
-                for rec_name, recognizer in recognizers.items():
-                    embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
-                    for label, value in embedded.items():
-                        if concat_bicubic and label != BICUBIC:
-                            value = torch.cat([embedded[BICUBIC], value], 1)
-                        probes.setdefault((rec_name, label), []).append(value)
-                advance(len(chunk))
+            if grid_faces:
+                samples[column.name] = _sample_grid(protocol, column, grid_faces, methods, batch_size)
+            probes = _column_probes(column, methods, recognizers, batch_size, concat_bicubic, quality, advance)
             for rec_name in recognizers:
                 for method in methods:
-                    queries = hr_probes[rec_name] if method.label == HR else torch.cat(probes[rec_name, method.label])
+                    queries = hr_probes[rec_name] if method.label == HR else probes[rec_name, method.label]
                     similarity = cosine_similarity(queries, gallery[rec_name, method.label])
-                    results[rec_name, method.label, column.name] = probe_ranks(
+                    ranks[rec_name, method.label, column.name] = probe_ranks(
                         similarity, column.labels, protocol.gallery_labels
                     )
     measured = {
         key: (torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])) for key, parts in quality.items()
     }
-    return Scores(results, samples, measured)
+    return Scores(ranks, samples, measured)
+
+
+def _transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None, batch_size: int) -> torch.Tensor:
+    """What ``method`` makes of HR ``images`` degraded to ``size`` (natural LR probes: ``size`` None)."""
+    low = degrade(images, size) if size is not None else images
+    return low if method.restore is None else _restore(method, low, batch_size)
+
+
+def _gallery_embeddings(
+    protocol: Protocol, methods: list[Method], recognizers: dict[str, Embedder], batch_size: int, concat_bicubic: bool
+) -> dict[tuple[str, str], torch.Tensor]:
+    """(recognizer, method label) → gallery embeddings: one set per recognizer for an HR gallery; per method
+    when it is low resolution."""
+    gallery: dict[tuple[str, str], torch.Tensor] = {}
+    for rec_name, recognizer in recognizers.items():
+        base = _embed(recognizer, protocol.gallery, batch_size)
+        for method in methods:
+            own = base
+            if protocol.gallery_lr and method.restore is not None:
+                own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
+            gallery[rec_name, method.label] = (
+                torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
+            )
+    return gallery
+
+
+def _column_probes(
+    column: ProbeColumn,
+    methods: list[Method],
+    recognizers: dict[str, Embedder],
+    batch_size: int,
+    concat_bicubic: bool,
+    quality: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]],
+    advance: Callable[[int], Any],
+) -> dict[tuple[str, str], torch.Tensor]:
+    """(recognizer, method label) → one column's probe embeddings, streamed in batches: degrade, restore with
+    every model, embed with every recognizer. Appends each batch's fidelity to ``quality`` (HR originals only)."""
+    probes: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for start in range(0, len(column.images), batch_size):
+        chunk = column.images[start : start + batch_size]
+        images = {m.label: _transform(m, chunk, column.size, batch_size) for m in methods if m.label != HR}
+        if column.size is not None:  # the probes are HR originals: fidelity of what the recognizer sees
+            for label, restored in images.items():
+                quality.setdefault((label, column.name), []).append(fidelity(restored, chunk))
+        for rec_name, recognizer in recognizers.items():
+            embedded = {label: _embed(recognizer, batch, batch_size) for label, batch in images.items()}
+            for label, value in embedded.items():
+                if concat_bicubic and label != BICUBIC:
+                    value = torch.cat([embedded[BICUBIC], value], 1)
+                probes.setdefault((rec_name, label), []).append(value)
+        advance(len(chunk))
+    return {key: torch.cat(parts) for key, parts in probes.items()}
 
 
 def _sample_grid(
-    protocol: Protocol, column: ProbeColumn, faces: int, methods: list[Method], transform: Callable
+    protocol: Protocol, column: ProbeColumn, faces: int, methods: list[Method], batch_size: int
 ) -> SampleGrid:
     """What a reader needs to judge a restoration, for the first probe of each of the first ``faces`` people (six
     photos of one person say less): the pixels the model was given (nearest-neighbour enlarged, so the low
@@ -146,7 +164,7 @@ def _sample_grid(
         if len(picks) == faces:
             break
     hr = column.images[list(picks.values())]
-    restored = {m.label: transform(m, hr, column.size) for m in methods if m.label != HR}
+    restored = {m.label: _transform(m, hr, column.size, batch_size) for m in methods if m.label != HR}
     rows = [protocol.identities[label] for label in picks]
     if column.size is None:  # natural low-resolution probes (SCface): no HR original exists
         return SampleGrid(

@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 
 from ipsr_model.errors import UserError
 from ipsr_platform import cluster, console
+from ipsr_platform.aligned import DATA, ENTRIES, FACE_COLUMNS, HR_EMBEDDING, MANIFEST, REJECTS, SUCCESS, TEMPORARY
 from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import SPLITS, PreprocessConfig
 from ipsr_platform.faces import FACE_SIZE, FaceAligner, Rejected, encode_png
@@ -73,14 +74,9 @@ from ipsr_platform.storage import Storage, StorageError, join, normalize
 REASONS = ("no_face", "corrupt", "too_large", "unsupported_format", "io_error")
 MAX_BLOCK_ROWS = 1024  # rows per input block: the unit of work of a read task and of an actor call
 
-# Written last; its presence is what makes a dataset committed.
-SUCCESS = "_SUCCESS"
-TEMPORARY = "_temporary"
-_OWNED = {SUCCESS, TEMPORARY, "data", "rejects.parquet", "manifest.json"}
 
 INPUT_SCHEMA = pa.schema([("source", pa.string()), ("identity", pa.string()), ("size", pa.int64())])
 EMBEDDING_DIM = 512  # ipsr_model.identity.EMBEDDING_DIM (not imported: this module loads without torch)
-FACE_COLUMNS = ["image", "identity", "label", "split", "source", "det_prob", "box", "landmarks"]
 ALIGNED_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -95,7 +91,7 @@ ALIGNED_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("done_at", pa.float64()),  # wall clock when its batch finished: throughput without start-up (not stored)
         # FaceNet embedding of the aligned face (``--hr-embeddings``): the HR half of the identity loss, precomputed
-        ("hr_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
+        (HR_EMBEDDING, pa.list_(pa.float32(), EMBEDDING_DIM)),
     ]
 )
 REJECT_COLUMNS = ["source", "identity", "reason", "detail"]
@@ -156,7 +152,7 @@ def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]
     """(source, identity, size) sorted by identity then source, and the number of ignored top-level files."""
     src = normalize(cfg.input)
     if cfg.manifest:
-        table, ignored = _read_manifest(cfg.manifest, src, storage), 0
+        table, ignored = _read_input_list(cfg.manifest, src, storage), 0
     else:
         if not storage.is_dir(src):
             raise UserError(f"input folder not found: {src}")
@@ -187,7 +183,7 @@ def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]
     return table.sort_by([("identity", "ascending"), ("source", "ascending")]).slice(0, cfg.limit), ignored
 
 
-def _read_manifest(manifest: str, src: str, storage: Storage) -> pa.Table:
+def _read_input_list(manifest: str, src: str, storage: Storage) -> pa.Table:
     uri = manifest if manifest.startswith("s3://") else normalize(manifest)
     data = storage.read_bytes(uri)
     if manifest.endswith(".parquet"):
@@ -288,7 +284,7 @@ class Aligner:
         with torch.inference_mode():
             vectors = embed(self.identity_net, faces.to(device, memory_format=torch.channels_last)).cpu().numpy()
         for r, v in zip(done, vectors):
-            r["hr_embedding"] = v.tolist()
+            r[HR_EMBEDDING] = v.tolist()
 
 
 def write_stage(batch: pa.Table, storage: Storage, tmp: str, columns: list[str]) -> pa.Table:
@@ -383,17 +379,17 @@ def _prepare_output(storage: Storage, out: str) -> None:
     if not storage.is_dir(out):
         raise UserError(f"output {out} exists and is a file")
     entries = {i.base_name for i in storage.list(out)}
-    foreign = sorted(entries - _OWNED)
+    foreign = sorted(entries - ENTRIES)
     if foreign:
         raise UserError(
             f"output {out} holds files that are not an ipsr dataset ({', '.join(foreign[:3])}); "
             "choose an empty or new path"
         )
     # data/ alone may be someone's own folder; with rejects.parquet beside it, it is ours (a crash mid-commit).
-    if entries and not entries & {SUCCESS, TEMPORARY, "manifest.json", "rejects.parquet"}:
+    if entries and not entries & {SUCCESS, TEMPORARY, MANIFEST, REJECTS}:
         raise UserError(f"output {out} is not empty and holds no ipsr dataset; choose an empty or new path")
     # _SUCCESS goes first: from this moment the old dataset is visibly not committed.
-    for name in (SUCCESS, "manifest.json", "rejects.parquet", "data", TEMPORARY):
+    for name in (SUCCESS, MANIFEST, REJECTS, DATA, TEMPORARY):
         storage.delete(join(out, name))
 
 
@@ -404,17 +400,8 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     t_start = time.perf_counter()
     if storage.exists(join(out, SUCCESS)) and not cfg.overwrite:
         console.say(f"{out} is already committed (_SUCCESS present); nothing to do. Use --overwrite to rebuild it.")
-        return json.loads(storage.read_bytes(join(out, "manifest.json")))
-    identity_net_sha256 = None
-    if cfg.hr_embeddings:  # resolve the weights once here: a bad source fails before any actor starts
-        from ipsr_model.weights import load_identity_weights
-
-        state, identity_net_sha256 = load_identity_weights(cfg.hr_embeddings)
-        if state["last_linear.weight"].shape[0] != EMBEDDING_DIM:  # the column's fixed width, what training reads
-            raise UserError(
-                f"--hr-embeddings {cfg.hr_embeddings}: a {state['last_linear.weight'].shape[0]}-D FaceNet; "
-                f"the dataset's hr_embedding column holds {EMBEDDING_DIM}-D ones (use a 512-D source)"
-            )
+        return json.loads(storage.read_bytes(join(out, MANIFEST)))
+    identity_net_sha256 = _hr_embeddings_sha256(cfg)  # resolved once here: a bad source fails before any actor
     _prepare_output(storage, out)
 
     inputs, ignored = list_inputs(cfg, storage)
@@ -422,12 +409,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
         console.say(
             f"warning: ignored {ignored} file(s) directly under {normalize(cfg.input)} (not in an identity folder)"
         )
-    idents = inputs.column("identity").to_pylist()
-    names = sorted(set(idents))
-    label_of = {n: i for i, n in enumerate(names)}
-    inputs = inputs.append_column("label", pa.array([label_of[n] for n in idents], pa.int32()))
-    split_by_name = assign_splits(names, cfg.split)
-    inputs = mixed_order(inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string())))
+    inputs, names = _label_and_split(inputs, cfg.split)
     t_listed = time.perf_counter()
 
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -458,7 +440,7 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
     # The manifest (with its timings) goes before _SUCCESS: whoever sees the marker sees the whole manifest. The
     # scratch (orphans of retried tasks) goes after the manifest, so a crash at any point leaves _temporary or
     # manifest.json behind: a rerun recognises the output as its own and rebuilds it.
-    storage.write_bytes(join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    storage.write_bytes(join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
     storage.delete(join(out, TEMPORARY))
     _print_summary(manifest, out)
     if not manifest["counts"]["aligned"]:  # left uncommitted, for inspection: a rerun rebuilds it
@@ -466,10 +448,37 @@ def run(cfg: PreprocessConfig, storage: Storage | None = None) -> dict[str, Any]
         raise UserError(
             f"no face aligned from {manifest['counts']['seen']} input(s) ("
             + ", ".join(f"{reason} {n}" for reason, n in top)
-            + f"); see {join(out, 'rejects.parquet')}"
+            + f"); see {join(out, REJECTS)}"
         )
     storage.write_bytes(join(out, SUCCESS), b"")
     return manifest
+
+
+def _hr_embeddings_sha256(cfg: PreprocessConfig) -> str | None:
+    """The sha256 of the FaceNet behind ``--hr-embeddings`` (None without it); a net the column cannot hold is
+    refused."""
+    if not cfg.hr_embeddings:
+        return None
+    from ipsr_model.weights import load_identity_weights
+
+    state, sha256 = load_identity_weights(cfg.hr_embeddings)
+    if state["last_linear.weight"].shape[0] != EMBEDDING_DIM:  # the column's fixed width, what training reads
+        raise UserError(
+            f"--hr-embeddings {cfg.hr_embeddings}: a {state['last_linear.weight'].shape[0]}-D FaceNet; "
+            f"the dataset's hr_embedding column holds {EMBEDDING_DIM}-D ones (use a 512-D source)"
+        )
+    return sha256
+
+
+def _label_and_split(inputs: pa.Table, split: dict[str, float]) -> tuple[pa.Table, list[str]]:
+    """The listing with each input's label (its identity's index in name order) and split (by identity), in
+    hash order; and the identity names."""
+    idents = inputs.column("identity").to_pylist()
+    names = sorted(set(idents))
+    label_of = {n: i for i, n in enumerate(names)}
+    inputs = inputs.append_column("label", pa.array([label_of[n] for n in idents], pa.int32()))
+    split_by_name = assign_splits(names, split)
+    return mixed_order(inputs.append_column("split", pa.array([split_by_name[n] for n in idents], pa.string()))), names
 
 
 def _process(
@@ -563,9 +572,7 @@ def _pipeline(
             compute=ray.data.ActorPoolStrategy(size=io_actors),
             fn_constructor_kwargs=dict(
                 fn=write_stage,
-                kwargs=dict(
-                    storage=storage, tmp=tmp, columns=FACE_COLUMNS + ["hr_embedding"] * bool(cfg.hr_embeddings)
-                ),
+                kwargs=dict(storage=storage, tmp=tmp, columns=FACE_COLUMNS + [HR_EMBEDDING] * bool(cfg.hr_embeddings)),
             ),
         )
     )
@@ -603,17 +610,11 @@ def _commit(
     moves, files = [], []  # (scratch name, committed path), and the manifest's shard list
     for split in SPLITS:
         for i, shard in enumerate(s for s in sorted(tally.shards) if s.startswith(f"{split}/")):
-            moves.append((shard, f"data/{split}/part-{i:05d}.parquet"))
+            moves.append((shard, f"{DATA}/{split}/part-{i:05d}.parquet"))
             files.append({"path": moves[-1][1], "split": split, "rows": tally.shards[shard]})
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(lambda m: storage.move(join(tmp, m[0]), join(out, m[1])), moves))
-    storage.call("write", join(out, "rejects.parquet"), lambda fs, path: pq.write_table(rejects, path, filesystem=fs))
-
-    from importlib.metadata import version
-
-    import PIL
-    import ray
-    import torch
+    storage.call("write", join(out, REJECTS), lambda fs, path: pq.write_table(rejects, path, filesystem=fs))
 
     return {
         "format": "ipsr-aligned-faces/1",
@@ -621,18 +622,29 @@ def _commit(
         "image": {"size_hw": [FACE_SIZE, FACE_SIZE], "mode": "RGB", "encoding": "png"},
         "counts": counts,
         "files": files,
-        "rejects": "rejects.parquet",
+        "rejects": REJECTS,
         "labels": names,  # label i is names[i]; dense over the listed identities, sorted
         "config": cfg.model_dump(),
-        "versions": {
-            "ipsr": version("ipsr"),
-            "python": platform.python_version(),
-            "ray": ray.__version__,
-            "torch": torch.__version__,
-            "facenet-pytorch": version("facenet-pytorch"),
-            "pillow": PIL.__version__,
-            "pyarrow": pa.__version__,
-        },
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    """What made the dataset: the versions that decide its pixels (MTCNN, resampling, PNG) and its layout."""
+    from importlib.metadata import version
+
+    import PIL
+    import ray
+    import torch
+
+    return {
+        "ipsr": version("ipsr"),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "facenet-pytorch": version("facenet-pytorch"),
+        "pillow": PIL.__version__,
+        "pyarrow": pa.__version__,
     }
 
 

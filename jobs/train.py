@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ipsr_model import checkpoint
 from ipsr_model.degradation import degrade, parse_size
 from ipsr_model.errors import UserError
 from ipsr_model.images import from_uint8
@@ -32,7 +33,7 @@ from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import TrainConfig
 from ipsr_platform.storage import Storage, join, normalize
 from jobs.train_data import DatasetInfo, hr_embeddings_use, inspect_dataset, train_dataset
-from jobs.train_worker import SCORE, Plan, load_state, train_loop
+from jobs.train_worker import SCORE, Plan, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     use_embeddings, why = hr_embeddings_use(config, data, identity_sha256)
     console.say(f"HR embeddings: {why}")
     if not data.mixed:
-        console.say(
-            f"warning: {data.uri} holds every split in identity-sorted shards (an older `ipsr preprocess`): "
-            "batches will hold few identities; rerun preprocess with --overwrite to mix them"
-        )
-
+        console.say(f"warning: {data.uri} holds every split in identity-sorted shards (an older `ipsr preprocess`): "
+                    "batches will hold few identities; rerun preprocess with --overwrite to mix them")  # fmt: skip
     cpus, steps_per_epoch, total_steps = _size_run(config, data)
     plan_params = {
         "steps_per_epoch": steps_per_epoch,
@@ -150,29 +148,35 @@ def train(config: TrainConfig) -> dict[str, Any]:
         val_gallery=data.val_gallery,
         val_probe=data.val_probe,
     )
-    checkpoint = _fit(config, plan, train_dataset(data, use_embeddings), storage, storage_root, cpus)
-    with checkpoint.as_directory() as directory:
-        state = load_state(directory)
+    last = _fit(config, plan, train_dataset(data, use_embeddings), storage, storage_root, cpus)
+    with last.as_directory() as directory:
+        state = checkpoint.load(directory)
     if state["step"] != total_steps:
         raise RuntimeError(f"run {config.run_name}: last checkpoint is at step {state['step']}, expected {total_steps}")
 
     run_id = record["mlflow_run_id"]
     version = _log_and_register(config, state, data, identity_sha256, run_id, uri)
-    summary = {
+    summary = _summary(config, state, run_id, version, join(storage_root, config.run_name, Path(last.path).name))
+    tracking.set_run_status(run_id, "FINISHED", uri)
+    _write_json(storage, record_uri, {**record, "status": "finished", "summary": summary})
+    return summary
+
+
+def _summary(config: TrainConfig, state: dict[str, Any], run_id: str, version: str, checkpoint_uri: str) -> dict:
+    """What `ipsr train` answers (and keeps in the run record): the registered version, steps, validation."""
+    metrics = state["metrics"]
+    return {
         "run_name": config.run_name,
         "mlflow_run_id": run_id,
         "model": config.register_as,
         "model_version": version,
         "model_uri": f"models:/{config.register_as}@{tracking.CANDIDATE}",
         "steps": int(state["step"]),
-        "resumed_from_step": int(state["metrics"].get("resumed_from_step", 0)),
-        "checkpoint": join(storage_root, config.run_name, Path(checkpoint.path).name),
-        "val_rank1": {k.removeprefix("val/"): v for k, v in state["metrics"].items() if k.startswith("val/")}
-        | {"mean": state["metrics"][SCORE]},
+        "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
+        "checkpoint": checkpoint_uri,
+        "val_rank1": {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
+        | {"mean": metrics[SCORE]},
     }
-    tracking.set_run_status(run_id, "FINISHED", uri)
-    _write_json(storage, record_uri, {**record, "status": "finished", "summary": summary})
-    return summary
 
 
 def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, storage_root: str, uri: str) -> dict | None:
@@ -316,8 +320,6 @@ def _log_and_register(
     import mlflow
     from mlflow.models import infer_signature
 
-    from ipsr_model.unet import UNetGenerator
-
     tags = {
         tracking.TAG_DATA_MANIFEST: data.manifest_sha256,
         tracking.TAG_IDENTITY_NET: identity_sha256,
@@ -341,9 +343,7 @@ def _log_and_register(
         tracking.set_alias(config.register_as, tracking.CANDIDATE, version, uri)
         return version
 
-    generator = UNetGenerator(config.base_channels, residual=config.residual)
-    generator.load_state_dict(state["generator"])
-    generator.eval()
+    generator = checkpoint.generator_from_state(state["generator"]).eval()
     # A realistic input: two val faces degraded to the first val size (batch 2 keeps the batch dim dynamic).
     example = degrade(from_uint8(torch.from_numpy(data.val_probe[:2])), parse_size(config.val_sizes[0]))
     with torch.no_grad():

@@ -9,7 +9,6 @@ torch import costs those processes seconds before the first batch reaches traini
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ipsr_model.errors import UserError, first_line
+from ipsr_platform import aligned
 from ipsr_platform.faces import decode_faces
 from ipsr_platform.storage import Storage, join, normalize
 
@@ -31,7 +31,7 @@ def decode_batch(batch: dict[str, np.ndarray], embeddings: bool = False) -> dict
     plus the precomputed ``hr_embedding`` (float32 [512]) when asked."""
     out = {"hr": decode_faces(batch["image"]), "label": batch["label"].astype(np.int32)}
     if embeddings:
-        out["hr_embedding"] = np.stack(list(batch["hr_embedding"])).astype(np.float32)
+        out[aligned.HR_EMBEDDING] = np.stack(list(batch[aligned.HR_EMBEDDING])).astype(np.float32)
     return out
 
 
@@ -54,7 +54,8 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
     import pyarrow.compute as pc
 
     uri = normalize(config.data)
-    manifest, files, embedded = _read_manifest(uri, storage)
+    manifest, parsed = aligned.read_manifest(uri, storage)
+    files, embedded = parsed.get("files"), (parsed.get("hr_embeddings") or {}).get("identity_net_sha256")
     fs, _ = storage.resolve(uri)
     by_split = _shards_by_split(uri, files, storage)
     train, val = _open_shards(uri, fs, by_split, "train"), _open_shards(uri, fs, by_split, "val")
@@ -70,29 +71,9 @@ def inspect_dataset(config: TrainConfig, storage: Storage) -> DatasetInfo:
         val_labels=np.array([p[0] for p in pairs], dtype=np.int64),
         val_gallery=gallery,
         val_probe=probe,
-        hr_embeddings_sha256=embedded if "hr_embedding" in train.schema.names else None,
+        hr_embeddings_sha256=embedded if aligned.HR_EMBEDDING in train.schema.names else None,
         mixed=None not in by_split,
     )
-
-
-def _read_manifest(uri: str, storage: Storage) -> tuple[bytes, list[dict] | None, str | None]:
-    """(manifest.json's bytes, its shard list, the sha256 of the net behind its hr_embedding column)."""
-    if not storage.exists(join(uri, "_SUCCESS")):
-        if not storage.exists(uri):
-            raise UserError(f"--data {uri}: no such dataset")
-        raise UserError(
-            f"--data {uri} has no _SUCCESS marker: not a finished `ipsr preprocess` output (still running, or "
-            "interrupted? rerun preprocess)"
-        )
-    try:
-        manifest = storage.read_bytes(join(uri, "manifest.json"))
-    except UserError:
-        raise UserError(f"--data {uri}: manifest.json is missing (not an `ipsr preprocess` output?)") from None
-    try:
-        parsed = json.loads(manifest)
-        return manifest, parsed.get("files"), (parsed.get("hr_embeddings") or {}).get("identity_net_sha256")
-    except (ValueError, AttributeError):
-        raise UserError(f"--data {uri}: manifest.json is not a JSON object") from None
 
 
 def _shards_by_split(uri: str, files: list[dict] | None, storage: Storage) -> dict[str | None, list[str]]:
@@ -108,10 +89,10 @@ def _shards_by_split(uri: str, files: list[dict] | None, storage: Storage) -> di
             if info.is_file
             and info.path.endswith(".parquet")
             and not any(part.startswith(("_", ".")) for part in info.path[len(uri) :].split("/"))
-            and Path(info.path).name != "rejects.parquet"
+            and Path(info.path).name != aligned.REJECTS
         ]
     if not any(out.values()):
-        raise UserError(f"--data {uri}: no Parquet shards besides rejects.parquet")
+        raise UserError(f"--data {uri}: no Parquet shards besides {aligned.REJECTS}")
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -185,7 +166,7 @@ def train_dataset(data: DatasetInfo, embeddings: bool = False):
     from ray.data.expressions import col
 
     ds = ray.data.read_parquet(data.shards, filesystem=data.filesystem, shuffle="files")
-    columns = ["image", "label", "split"] + ["hr_embedding"] * embeddings
+    columns = ["image", "label", "split"] + [aligned.HR_EMBEDDING] * embeddings
     ds = ds.select_columns(columns).filter(expr=col("split") == "train")
     # Decoding is CPU work in Ray Data tasks, beside the training workers, never in their step.
     return ds.map_batches(decode_batch, batch_format="numpy", batch_size=128, fn_kwargs={"embeddings": embeddings})

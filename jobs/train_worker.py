@@ -19,20 +19,17 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ipsr_model import checkpoint
 from ipsr_model.degradation import MultiScaleDegradation, degrade, parse_size
 from ipsr_model.images import from_uint8, to_pil
 from ipsr_model.losses import IdentityPreservingLoss
 from ipsr_platform.config import TrainConfig
 
-STATE_FILE = "state.pt"
-CHECKPOINT_FORMAT = 2  # 2: + the learning-rate scheduler state
 SCORE = "val_rank1"  # mean model rank-1 over the val sizes: the checkpoint score (CheckpointConfig)
 NO_SCORE = -1.0  # step checkpoints carry no validation: they rank below every validated one
 
@@ -196,12 +193,12 @@ class _Worker:
         """Continue from Ray Train's latest checkpoint, if any; returns the step resumed from."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             self._seed(0)
             return 0
-        with checkpoint.as_directory() as directory:
-            state = load_state(directory)
+        with latest.as_directory() as directory:
+            state = checkpoint.load(directory)
         self.generator.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -304,11 +301,8 @@ def checkpoint_and_report(w: _Worker, metrics: dict[str, float]) -> None:
         ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)
         return
     with tempfile.TemporaryDirectory(prefix="ipsr-ckpt-", ignore_cleanup_errors=True) as directory:
-        torch.save({
-            "format": CHECKPOINT_FORMAT,
-            # on the CPU; ``_extra_state`` (e.g. the U-Net's residual flag) is kept as it is
-            "generator": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                          for k, v in w.generator.state_dict().items()},
+        checkpoint.save(directory, {
+            "generator": checkpoint.cpu_state_dict(w.generator),
             "optimizer": w.optimizer.state_dict(),
             "scheduler": w.scheduler.state_dict(),
             "step": w.step,
@@ -319,16 +313,8 @@ def checkpoint_and_report(w: _Worker, metrics: dict[str, float]) -> None:
             "metrics": {k: float(v) for k, v in reported.items()},
             "identity_net_sha256": w.plan.identity_net_sha256,
             "data_manifest_sha256": w.plan.data_manifest_sha256,
-        }, Path(directory) / STATE_FILE)  # fmt: skip
+        })  # fmt: skip
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
-
-
-def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """A checkpoint's training state (weights_only load)."""
-    state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise RuntimeError(f"checkpoint {checkpoint_dir}: format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    return state
 
 
 # ------------------------------------------------------------------------------------------------ helpers

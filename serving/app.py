@@ -31,11 +31,11 @@ from ipsr_model.unet import IMAGE_SIZE
 from ipsr_platform import tracking
 from ipsr_platform.config import ServeConfig, build_config
 from ipsr_platform.faces import Rejected, decode, encode_png
+from ipsr_platform.gallery import GalleryStore
 from ipsr_platform.models import parse_model_uri
 from ipsr_platform.storage import Storage
 from serving.edge import Upload, api, read_uploads, token_sha256, within_bytes
 from serving.enrolment import Enrolment
-from serving.gallery import GalleryStore
 from serving.gallery_cache import GalleryCache, check_gallery_name, store_errors
 from serving.model_slot import ModelSlot
 

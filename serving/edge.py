@@ -132,65 +132,61 @@ def within_bytes(upload: Upload, cfg: ServeConfig) -> bytes:
 
 
 async def read_uploads(request: Request, cfg: ServeConfig, enrol: bool = False) -> list[Upload]:
-    """Images from a multipart form (field ``image``) or JSON ``{"images": [{"data": base64, ...}]}``."""
+    """Images from a multipart form (field ``image``) or JSON ``{"images": [{"data": base64, ...}]}``; an
+    upload with a bad field carries its reason (``error``) instead of failing the request."""
     ctype = request.headers.get("content-type", "")
-    uploads: list[Upload] = []
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=cfg.max_images, max_fields=cfg.max_images + 16)
-        files = form.getlist("image")
-        names = form.getlist("identity")
-        image_ids = form.getlist("image_id")
-        if enrol and len(names) != len(files):
-            raise HTTPException(400, f"{len(files)} images but {len(names)} identity fields: give one per image")
-        if image_ids and len(image_ids) != len(files):
-            raise HTTPException(400, f"{len(files)} images but {len(image_ids)} image_id fields: none or one per image")
-        for i, f in enumerate(files):
-            if isinstance(f, str):
-                raise HTTPException(400, "field 'image' must be a file upload")
-            uploads.append(
-                Upload(
-                    i,
-                    f.filename or f"image-{i}",
-                    await f.read(),
-                    names[i] if enrol else None,
-                    image_id=str(image_ids[i]) if image_ids else None,
-                )
-            )
+        uploads = await _form_uploads(request, cfg, enrol)
     elif ctype.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPException(400, "body is not valid JSON") from None
-        items = body.get("images") if isinstance(body, dict) else None
-        if not isinstance(items, list):
-            raise HTTPException(400, 'JSON body must be {"images": [{"data": BASE64, ...}, ...]}')
-        if len(items) > cfg.max_images:
-            raise HTTPException(400, f"{len(items)} images > max_images {cfg.max_images} per request")
-        for i, item in enumerate(items):
-            item = item if isinstance(item, dict) else {}
-            upload = Upload(
-                i,
-                str(item.get("name") or f"image-{i}"),
-                None,
-                item.get("identity"),
-                image_id=None if item.get("image_id") is None else str(item["image_id"]),
-            )
-            try:
-                upload.data = base64.b64decode(str(item.get("data", "")), validate=True)
-            except ValueError:  # binascii.Error is a ValueError
-                upload.error = Rejected("bad_request", "'data' is not valid base64")
-            uploads.append(upload)
+        uploads = await _json_uploads(request, cfg)
     else:
         raise HTTPException(415, "send multipart/form-data (field 'image') or application/json")
     if not uploads:
         raise HTTPException(400, "no images in the request")
     for upload in uploads:
-        if (
-            enrol
-            and not upload.error
-            and (not isinstance(upload.identity, str) or not upload.identity.strip() or len(upload.identity) > 256)
-        ):
+        named = isinstance(upload.identity, str) and 1 <= len(upload.identity.strip()) and len(upload.identity) <= 256
+        if enrol and not upload.error and not named:
             upload.error = Rejected("bad_request", "every image needs an 'identity' (1-256 characters)")
         if upload.image_id is not None and not 1 <= len(upload.image_id) <= 256:
             upload.error = Rejected("bad_request", "'image_id' must be 1-256 characters")
+    return uploads
+
+
+async def _form_uploads(request: Request, cfg: ServeConfig, enrol: bool) -> list[Upload]:
+    form = await request.form(max_files=cfg.max_images, max_fields=cfg.max_images + 16)
+    files, names, image_ids = form.getlist("image"), form.getlist("identity"), form.getlist("image_id")
+    if enrol and len(names) != len(files):
+        raise HTTPException(400, f"{len(files)} images but {len(names)} identity fields: give one per image")
+    if image_ids and len(image_ids) != len(files):
+        raise HTTPException(400, f"{len(files)} images but {len(image_ids)} image_id fields: none or one per image")
+    uploads = []
+    for i, f in enumerate(files):
+        if isinstance(f, str):
+            raise HTTPException(400, "field 'image' must be a file upload")
+        image_id = str(image_ids[i]) if image_ids else None
+        identity = names[i] if enrol else None
+        uploads.append(Upload(i, f.filename or f"image-{i}", await f.read(), identity, image_id=image_id))
+    return uploads
+
+
+async def _json_uploads(request: Request, cfg: ServeConfig) -> list[Upload]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(400, "body is not valid JSON") from None
+    items = body.get("images") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise HTTPException(400, 'JSON body must be {"images": [{"data": BASE64, ...}, ...]}')
+    if len(items) > cfg.max_images:
+        raise HTTPException(400, f"{len(items)} images > max_images {cfg.max_images} per request")
+    uploads = []
+    for i, item in enumerate(items):
+        item = item if isinstance(item, dict) else {}
+        image_id = None if item.get("image_id") is None else str(item["image_id"])
+        upload = Upload(i, str(item.get("name") or f"image-{i}"), None, item.get("identity"), image_id=image_id)
+        try:
+            upload.data = base64.b64decode(str(item.get("data", "")), validate=True)
+        except ValueError:  # binascii.Error is a ValueError
+            upload.error = Rejected("bad_request", "'data' is not valid base64")
+        uploads.append(upload)
     return uploads

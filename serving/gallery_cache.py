@@ -1,5 +1,5 @@
 """A replica's galleries: one ``serving.index.GalleryIndex`` per name, read from the append-only store of
-``serving.gallery`` and kept current by a background thread every ``gallery_refresh_s`` (only the segments added
+``ipsr_platform.gallery`` and kept current by a background thread every ``gallery_refresh_s`` (only the segments added
 since are read), so that an identify never waits on storage. The store's failures become one-line HTTP answers.
 """
 
@@ -16,8 +16,8 @@ from fastapi import HTTPException
 
 from ipsr_model.errors import UserError
 from ipsr_platform.config import ServeConfig
+from ipsr_platform.gallery import GalleryStore, UnreadableSegment, WeightsMismatch, check_name
 from ipsr_platform.storage import StorageError
-from serving.gallery import GalleryStore, UnreadableSegment, WeightsMismatch, check_name
 from serving.index import GalleryIndex, return_freed_memory
 
 log = logging.getLogger("ipsr.serve")

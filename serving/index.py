@@ -1,4 +1,4 @@
-"""A replica's in-memory index of one gallery (``serving.gallery`` is the store it is read from): the embeddings
+"""A replica's in-memory index of one gallery (``ipsr_platform.gallery`` is the store it is read from): the embeddings
 as one matrix on the replica's device, identities as dense codes for the per-identity max, and spare rows so that
 an enrolment appends without copying a million-face matrix.
 
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from serving.gallery import Gallery
+from ipsr_platform.gallery import Gallery
 
 
 @dataclass

@@ -384,8 +384,8 @@ def test_another_replicas_enrolment_is_found_by_identify_alone(server, gallery, 
     """A segment another replica wrote (here: written to the store directly) is found within a bounded time by
     identify requests alone, which never read the store: the replica's background refresh picks it up."""
     from ipsr_model.paths import galleries_dir
+    from ipsr_platform.gallery import GalleryStore
     from ipsr_platform.storage import Storage
-    from serving.gallery import GalleryStore
 
     store = GalleryStore(str(galleries_dir()), Storage.from_env())
     s1 = store.load(gallery)
@@ -448,8 +448,8 @@ def test_gallery_store_is_append_only(where, s3, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ipsr_platform.gallery import GalleryStore, WeightsMismatch
     from ipsr_platform.storage import Storage, join
-    from serving.gallery import GalleryStore, WeightsMismatch
 
     if where == "s3":
         s3.create_bucket(Bucket="galleries")
@@ -506,8 +506,8 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
     """What another replica enrolled is merged onto the cached index alone — same answers as a full reload —, and
     anything else (a removal, a compaction, a segment named before the newest) falls back to the full reload."""
     from ipsr_model.identify import best_per_identity
+    from ipsr_platform.gallery import GalleryStore, WeightsMismatch
     from ipsr_platform.storage import Storage
-    from serving.gallery import GalleryStore, WeightsMismatch
     from serving.index import GalleryIndex
 
     store = GalleryStore(str(tmp_path / "galleries"), Storage.from_env())
@@ -648,8 +648,8 @@ def test_enrolment_is_idempotent_partial_and_inspectable(server, orl, bad_inputs
 def test_gallery_of_other_weights_is_409(server, env, orl):
     import numpy as np
 
+    from ipsr_platform.gallery import GalleryStore
     from ipsr_platform.storage import Storage
-    from serving.gallery import GalleryStore
 
     store = GalleryStore(str(env["home"] / "galleries"), Storage.from_env())
     store.append("foreign", ["x"], np.eye(1, 512, dtype=np.float32), ["x.png"], [None], "0" * 64)
@@ -671,8 +671,8 @@ def test_an_unreadable_gallery_file_is_named_not_a_bare_500(server, env, orl):
     store says it to `ipsr gallery compact` as a one-line error; deleting the file makes the gallery usable again."""
     import numpy as np
 
+    from ipsr_platform.gallery import GalleryStore, UnreadableSegment
     from ipsr_platform.storage import Storage
-    from serving.gallery import GalleryStore, UnreadableSegment
 
     store = GalleryStore(str(env["home"] / "galleries"), Storage.from_env())
     store.append("broken", ["x"], np.eye(1, 512, dtype=np.float32), ["x.png"], [None], "0" * 64)
@@ -723,14 +723,14 @@ def test_pickle_models_are_refused_unless_allowed(env, champion):
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, server_config, orl, s3, tmp_path):
-    """2 replicas, 240 single-face enrolments from 12 client threads, one replica killed after 80 answers: every
+    """2 replicas, 120 single-face enrolments from 12 client threads, one replica killed after 40 answers: every
     enrolment answered 200 is in the gallery afterwards (the old read-modify-write kept about two thirds)."""
     import ray
     from ray import serve
 
+    from ipsr_platform.gallery import GalleryStore
     from ipsr_platform.storage import Storage
     from serving.app import build_app
-    from serving.gallery import GalleryStore
 
     if where == "s3":
         s3.create_bucket(Bucket="crowd")
@@ -766,9 +766,9 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
     results, killed = [], False
     try:
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            for future in concurrent.futures.as_completed([pool.submit(enrol, i) for i in range(240)]):
+            for future in concurrent.futures.as_completed([pool.submit(enrol, i) for i in range(120)]):
                 results.append(future.result())
-                if len(results) == 80 and not killed:  # mid-enrolment: requests are in flight on both replicas
+                if len(results) == 40 and not killed:  # mid-enrolment: requests are in flight on both replicas
                     replicas = [
                         a
                         for a in ray.util.list_named_actors(all_namespaces=True)
@@ -778,7 +778,7 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
                     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
                     killed = True
         answered = {i for i, status, _ in results if status == 200}
-        assert len(answered) >= 200, sorted({status for _, status, _ in results})
+        assert len(answered) >= 100, sorted({status for _, status, _ in results})
         assert len({replica for _, status, replica in results if status == 200}) >= 2
         gallery = GalleryStore(root, Storage.from_env()).load("crowd")
         missing = {f"person-{i:03d}" for i in answered} - set(gallery.identities.tolist())
@@ -786,3 +786,4 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
         assert len(gallery) == len(set(gallery.identities.tolist()))  # and none is there twice
     finally:
         serve.delete("ipsr-crowd")
+

@@ -70,15 +70,8 @@ def run_quickstart(
 
     subset = f"the first {limit} images of " if limit else ""
     t = stage("1/5 preprocess", f"MTCNN alignment of {subset}{data} on Ray Data")
-    from jobs.preprocess import run as preprocess
-
-    key = hashlib.sha256(f"{data}|{limit or None}".encode()).hexdigest()[:10]
-    aligned = out / "aligned" / f"{data.name}-{key}"
-    manifest = preprocess(PreprocessConfig(input=str(data), output=str(aligned), limit=limit or None, split=SPLIT))
+    aligned = _preprocess(console, data, limit, out)
     timings["preprocess"] = time.perf_counter() - t
-    splits = manifest["counts"]["splits"]
-    console.print(f"aligned dataset: {aligned} (train {splits.get('train', 0)}, val {splits.get('val', 0)}, "
-                  f"test {splits.get('test', 0)} faces)", soft_wrap=True)  # fmt: skip
 
     t = stage("2/5 train", f"U-Net width {base_channels}, {max_steps} steps on Ray Train (CPU)")
     from jobs.train import train
@@ -113,6 +106,19 @@ def run_quickstart(
 
     stage("5/5 done", f"{sum(timings.values()):.0f} s")
     _where_to_look(console, out, evaluation.output)
+
+
+def _preprocess(console: Console, data: Path, limit: int, out: Path) -> Path:
+    """The aligned dataset of ``data`` (its first ``limit`` images), made once per data folder and limit."""
+    from jobs.preprocess import run as preprocess
+
+    key = hashlib.sha256(f"{data}|{limit or None}".encode()).hexdigest()[:10]
+    aligned = out / "aligned" / f"{data.name}-{key}"
+    manifest = preprocess(PreprocessConfig(input=str(data), output=str(aligned), limit=limit or None, split=SPLIT))
+    splits = manifest["counts"]["splits"]
+    console.print(f"aligned dataset: {aligned} (train {splits.get('train', 0)}, val {splits.get('val', 0)}, "
+                  f"test {splits.get('test', 0)} faces)", soft_wrap=True)  # fmt: skip
+    return aligned
 
 
 def _data(console: Console, data: Path | None) -> Path:
@@ -209,28 +215,28 @@ def _serve_demo(
             timeout=HTTP_TIMEOUT_S,
         )  # fmt: skip
         answer.raise_for_status()
-        results = answer.json()["results"]
-        table = Table(
-            "probe (truth)",
-            "top-1",
-            "score",
-            "",
-            title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1",
-        )
-        correct = 0
-        for name, result in zip(names, results):
-            top = result["matches"][0]
-            correct += top["identity"] == name
-            table.add_row(name, top["identity"], f"{top['score']:.3f}", "✓" if top["identity"] == name else "✗")
-        console.print(table)
-        rank1 = correct / len(names)
-        console.print(f"served model version {answer.json().get('model', {}).get('version')}: rank-1 {rank1:.3f} "
-                      f"over {len(names)} probes")  # fmt: skip
+        _print_identified(console, names, answer.json())
         if keep_serving:
             console.print(f"serving at {url}/v1 (token in ${TOKEN_ENV}; docs {url}/docs) — Ctrl-C stops")
             serving.wait_until_stopped()
     finally:
         serving.undeploy()
+
+
+def _print_identified(console: Console, names: list[str], answer: dict) -> None:
+    """The served model's top-1 for each probe, and its rank-1."""
+    table = Table(
+        "probe (truth)", "top-1", "score", "",
+        title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1",
+    )  # fmt: skip
+    correct = 0
+    for name, result in zip(names, answer["results"]):
+        top = result["matches"][0]
+        correct += top["identity"] == name
+        table.add_row(name, top["identity"], f"{top['score']:.3f}", "✓" if top["identity"] == name else "✗")
+    console.print(table)
+    console.print(f"served model version {answer.get('model', {}).get('version')}: rank-1 "
+                  f"{correct / len(names):.3f} over {len(names)} probes")  # fmt: skip
 
 
 def _where_to_look(console: Console, out: Path, evaluation: str) -> None:
