@@ -109,6 +109,44 @@ class PreprocessConfig(BaseModel):
         return self
 
 
+class EnrolConfig(BaseModel):
+    """``ipsr enrol``: identity folders (or a preprocess output) → FaceNet embeddings → new gallery segments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(
+        description="Identity folders SRC/<identity>/<file> (local or s3://), or an `ipsr preprocess` output."
+    )
+    gallery: str = Field(description="Gallery name (created when new; faces already in it are skipped).")
+    galleries: str | None = Field(None, description="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")
+    identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
+    aligned: bool = Field(
+        False, description="Inputs are face crops already: centre square, no MTCNN (as `ipsr serve`'s aligned=true)."
+    )
+    manifest: str | None = Field(
+        None, description="Optional list of inputs (.txt or .parquet, as `ipsr preprocess --manifest`)."
+    )
+    limit: int | None = Field(None, ge=1, description="Enrol only the first N inputs (sorted by identity, path).")
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_actors: int | None = Field(None, ge=1, description="Embedding actors; default one per CPU (cpu) or GPU (cuda).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per alignment and FaceNet call.")
+    max_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected before decoding.")
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
+    io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
+    rows_per_segment: int = Field(4096, ge=1, description="Faces per new gallery segment (one immutable file).")
+    rejects: str | None = Field(
+        None, description="Where to write the rejected inputs (Parquet; default a file in $IPSR_HOME/logs)."
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> EnrolConfig:
+        if not self.input.strip():
+            raise ValueError("input must not be empty")
+        if self.manifest and not self.manifest.endswith((".txt", ".parquet")):
+            raise ValueError(f"manifest must be a .txt or .parquet file, got {self.manifest!r}")
+        return self
+
+
 def build_config(model: type[M], *, env_prefix: str, yaml_file: str | Path | None = None, **flags: Any) -> M:
     """YAML file < environment (``{env_prefix}{FIELD}``) < flags that are not None; errors → ``UserError``.
 
@@ -139,7 +177,7 @@ def effective_config(
 
 
 # One file for the whole platform: `platform` (where things run) and one section per job.
-SECTIONS = ("platform", "preprocess", "train", "evaluate", "serve")
+SECTIONS = ("platform", "preprocess", "train", "evaluate", "serve", "enrol")
 
 
 class PlatformConfig(BaseModel):
@@ -168,6 +206,7 @@ def job_configs() -> dict[str, tuple[type[BaseModel], str]]:
         "train": TrainConfig,
         "evaluate": EvaluateConfig,
         "serve": ServeConfig,
+        "enrol": EnrolConfig,
     }
     return {job: (model, f"IPSR_{job.upper()}_") for job, model in models.items()}
 

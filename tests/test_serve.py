@@ -787,3 +787,89 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
     finally:
         serve.delete("ipsr-crowd")
 
+
+# ---------------------------------------------------------------------------------------- bulk enrolment (jobs)
+
+
+def _enrol_config(env, **overrides):
+    from ipsr_platform.config import EnrolConfig
+
+    defaults = {"identity_weights": env["facenet"], "galleries": str(env["home"] / "galleries")}
+    return EnrolConfig(**(defaults | overrides))
+
+
+@pytest.mark.slow
+def test_bulk_enrolment_equals_http_enrolment_and_a_rerun_adds_nothing(server, gallery, orl, env, tmp_path):
+    """`ipsr enrol --aligned` of the 40 gallery faces the HTTP fixture enrolled: the same embeddings row for row,
+    the same identify answers through the running service (picked up without a restart), a rejected file named,
+    nothing added by a rerun, and a gallery of other weights refused in one line."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from ipsr_platform.gallery import GalleryStore, WeightsMismatch
+    from ipsr_platform.storage import Storage
+    from jobs.enrol import run
+
+    src = tmp_path / "src"
+    for s in SUBJECTS:
+        (src / s).mkdir(parents=True)
+        (src / s / "1.pgm").write_bytes(orl[s][0])
+    (src / "s1" / "broken.jpg").write_bytes(b"not an image at all")
+    summary = run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True, rows_per_segment=16))
+    assert summary["enrolled"] == 40 and summary["rejected"] == {"unsupported_format": 1}, summary
+    assert summary["segments_written"] == 3 and summary["gallery_faces"] == 40  # 16 + 16 + 8: whole segments
+    rejects = pq.read_table(summary["rejects_file"]).to_pylist()
+    assert [r["source"] for r in rejects] == [str(src / "s1" / "broken.jpg")]
+
+    store = GalleryStore(str(env["home"] / "galleries"), Storage.from_env())
+    bulk, http = store.load("bulk"), store.load(gallery)
+    by_name = {n: e for n, e in zip(http.identities.tolist(), http.embeddings)}
+    assert sorted(bulk.identities.tolist()) == sorted(SUBJECTS)
+    assert np.allclose(bulk.embeddings, np.stack([by_name[n] for n in bulk.identities.tolist()]), atol=1e-5)
+    assert set(bulk.image_ids.tolist()) == {f"{s}/1.pgm" for s in SUBJECTS}
+    probes = {s: orl[s][2] for s in SUBJECTS}
+    answers = [identify(server, name, probes, top_k=1) for name in ("bulk", gallery)]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    top = [[r["matches"][0]["identity"] for r in a.json()["results"]] for a in answers]
+    assert top[0] == top[1]
+
+    again = run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True))
+    assert again["already_enrolled"] == 40 and again["enrolled"] == 0 and again["gallery_faces"] == 40
+    other = tmp_path / "other.pt"
+    state = torch.load(env["facenet"], map_location="cpu", weights_only=True)
+    torch.save({k: v + 1e-3 if k == "last_bn.bias" else v for k, v in state.items()}, other)
+    with pytest.raises(WeightsMismatch, match="holds embeddings of identity net"):
+        run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True, identity_weights=str(other)))
+
+
+@pytest.mark.slow
+def test_bulk_enrolment_command_aligns_photos_and_fails_when_nothing_enrols(server, env, facenet_test_images,
+                                                                            bad_inputs, tmp_path):  # fmt: skip
+    """`python -m jobs.enrol` (= `ipsr enrol`) on full photos: MTCNN finds the four faces, the gradient is a
+    no_face reject, the service identifies a photo against the new gallery; a folder with no face at all exits 2
+    with one line."""
+    import ray
+
+    src = tmp_path / "people"
+    for person in sorted(facenet_test_images.iterdir()):
+        (src / person.name).mkdir(parents=True)
+        (src / person.name / "1.jpg").write_bytes((person / "1.jpg").read_bytes())
+    for root in (src, tmp_path / "blank"):
+        (root / "nobody").mkdir(parents=True)
+        (root / "nobody" / "gradient.png").write_bytes(bad_inputs["gradient.png"][0])
+    environ = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    flags = ["--identity-weights", env["facenet"], "--galleries", str(env["home"] / "galleries")]
+    done = subprocess.run([sys.executable, "-m", "jobs.enrol", "--input", str(src), "--gallery", "photos", *flags],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    flat = " ".join(done.stdout.split())
+    assert "enrolled now │ 4" in flat and "rejected │ no_face 1" in flat, done.stdout
+    photo = (facenet_test_images / "paul_rudd" / "1.jpg").read_bytes()
+    answer = identify(server, "photos", {"rudd": photo}, top_k=1)
+    assert answer.status_code == 200 and answer.json()["results"][0]["matches"][0]["identity"] == "paul_rudd"
+
+    empty = subprocess.run([sys.executable, "-m", "jobs.enrol", "--input", str(tmp_path / "blank"), "--gallery", "none",
+                            *flags], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)  # fmt: skip
+    errors = [line for line in empty.stderr.splitlines() if line.startswith("error:")]
+    assert empty.returncode == 2 and len(errors) == 1, empty.stderr[-2000:]
+    assert errors[0].startswith("error: no face enrolled from 1 input(s) (no_face 1); see "), errors

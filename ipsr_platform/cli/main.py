@@ -78,6 +78,13 @@ app.command("evaluate")(
         doc="Identification (rank-1, CMC) of HR / bicubic / SR probes with FaceNet and SFace; optional promotion.",
     )
 )
+app.command("enrol")(
+    job_command(
+        "enrol",
+        "jobs.enrol:run",
+        doc="Bulk enrolment on Ray Data: identity folders → FaceNet embeddings → new segments of a gallery.",
+    )
+)
 app.command("serve")(
     job_command(
         "serve",
@@ -101,8 +108,8 @@ def gallery_compact(
     ] = None,
 ) -> None:
     """Merge a gallery's segments and deletions into one segment; enrolments landing meanwhile are kept."""
+    from ipsr_platform.gallery import GalleryStore
     from ipsr_platform.storage import Storage
-    from serving.gallery import GalleryStore
 
     store = GalleryStore(galleries or str(galleries_dir()), Storage.from_env())
     merged, rows = store.compact(name)
