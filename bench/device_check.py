@@ -565,7 +565,7 @@ def pack(dst: Path, data: Path) -> None:
 # --- main -------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="where device_check.json/.md go")
@@ -588,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time torch.compile rows (default: on cuda only; CPU inductor compiles take minutes)",
     )
     parser.add_argument("--pack", type=Path, help="write the GPU box's extra files to this folder and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.pack:
         pack(args.pack, args.faces)

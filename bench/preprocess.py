@@ -92,7 +92,7 @@ def job(src: Path, out: Path, limit: int, args: argparse.Namespace) -> tuple[flo
     return time.perf_counter() - t, manifest
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=4800)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -101,7 +101,11 @@ def main() -> None:
     ap.add_argument("--detect-size", type=int, default=160)
     ap.add_argument("--baseline-images", type=int, default=1200, help="a per-image rate needs no more")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     if args.batch_size is None:
         args.batch_size = 32 if args.device == "cpu" else 256
 

@@ -62,13 +62,10 @@ def main() -> None:
     )
 
     import ray
-    import requests
     import torch
     from ray import serve
 
     from ipsr_model.unet import UNetGenerator
-    from ipsr_platform.config import ServeConfig
-    from serving.app import build_app
 
     torch.manual_seed(0)
     version = register(UNetGenerator(args.base_channels).eval())
@@ -77,6 +74,20 @@ def main() -> None:
     ray.init(
         num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=False
     )
+    base, variants = deploy_variants(args, weights, levels)
+    results = measure(base, gallery, probes, levels, variants, args.warmup, args.seconds)
+    serve.shutdown()
+    ray.shutdown()
+    print_table(results, levels, args, version)
+
+
+def deploy_variants(args: argparse.Namespace, weights: str, levels: list[int]) -> tuple[str, dict[str, int]]:
+    """The batched and the unbatched application of the same code on one Serve proxy; (base URL, name → size)."""
+    from ray import serve
+
+    from ipsr_platform.config import ServeConfig
+    from serving.app import build_app
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -94,7 +105,14 @@ def main() -> None:
     variants = {"batched": args.batch_size, "unbatched": 1}
     for name, size in variants.items():
         serve.run(build_app(ServeConfig(**common, max_batch_size=size), name=name), name=name, route_prefix=f"/{name}")
-    base = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", variants
+
+
+def measure(base: str, gallery: dict[str, bytes], probes: list[bytes], levels: list[int], variants: dict[str, int],
+            warmup: float, seconds: float) -> dict[tuple[str, int], dict]:  # fmt: skip
+    """Enrol the gallery once, then load each deployment at each level in turn; (name, level) → its numbers."""
+    import requests
+
     auth = {"Authorization": f"Bearer {TOKEN}"}
     files = [("image", (f"{s}.pgm", data)) for s, data in gallery.items()]
     r = requests.post(
@@ -111,17 +129,18 @@ def main() -> None:
     for level in levels:
         for name in variants:
             url = f"{base}/{name}/v1/galleries/orl/identify"
-            run_load(url, auth, probes, level, args.warmup)  # warm-up, discarded
-            results[name, level] = run_load(url, auth, probes, level, args.seconds)
+            run_load(url, auth, probes, level, warmup)  # warm-up, discarded
+            results[name, level] = run_load(url, auth, probes, level, seconds)
             r = results[name, level]
             print(
                 f"{name:9s} c={level:2d}: {r['rps']:7.2f} probes/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
                 f"({r['n']} requests, {r['errors']} errors)",
                 flush=True,
             )
-    serve.shutdown()
-    ray.shutdown()
+    return results
 
+
+def print_table(results: dict[tuple[str, int], dict], levels: list[int], args: argparse.Namespace, version) -> None:
     print(
         f"\nmachine: {os.cpu_count()} CPUs ({cpu_name()}), device {args.device}; model version {version}, width "
         f"{args.base_channels}; batched max_batch_size {args.batch_size}\n"

@@ -194,7 +194,7 @@ def identify_while_enrolling(url: str, auth: dict, probes: list[bytes], faces: l
         side.join(timeout=120)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=200, help="sequential 1-probe requests (batches: a quarter)")
@@ -215,7 +215,11 @@ def main() -> None:
         default=2.0,
         help="also time 1-probe identifies while one face is enrolled every this many seconds (0: no)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _args()
     args.batches = [int(b) for b in args.batches.split(",")]
 
     home = Path(tempfile.mkdtemp(prefix="ipsr-bench-gallery-"))

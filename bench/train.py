@@ -306,26 +306,32 @@ def main() -> None:
             datasets={"train": train_dataset(data)},
         )
         result = trainer.fit()
-    rates = json.loads(result.metrics["rates"])
+    report(args, json.loads(result.metrics["rates"]), flops, cpus=cpus, cpus_per_worker=cpus_per_worker,
+           base=base, batch=batch, steps=steps, warmup=warmup)  # fmt: skip
+    ray.shutdown()
+
+
+def report(args: argparse.Namespace, rates: dict, flops: dict, **run: float) -> None:
+    """The medians of both feeds, their ratio and the achieved TFLOP/s; JSON to stdout (and ``--json``)."""
     memory, stream = statistics.median(rates["memory"]), statistics.median(rates["stream"])
-    device = "cuda" if gpu else "cpu"
+    device = "cuda" if args.gpu else "cpu"
     summary = {
-        "device": device, "host": platform.node(), "cpus": cpus, "workers": args.workers,
-        "cpus_per_worker": cpus_per_worker, "base_channels": base, "batch_size_per_worker": batch,
-        "bf16": gpu and not args.no_bf16,
-        "steps": steps, "warmup": warmup, "rounds": args.rounds, "rates": rates,
+        "device": device, "host": platform.node(), "cpus": run["cpus"], "workers": args.workers,
+        "cpus_per_worker": run["cpus_per_worker"], "base_channels": run["base"], "batch_size_per_worker": run["batch"],
+        "bf16": args.gpu and not args.no_bf16,
+        "steps": run["steps"], "warmup": run["warmup"], "rounds": args.rounds, "rates": rates,
         "memory_img_per_s": memory, "stream_img_per_s": stream, "ratio": stream / memory,
         "flops_per_sample": flops, "achieved_tflops_stream": stream * flops["train_step"] / 1e12,
     }  # fmt: skip
     print(json.dumps(summary, indent=2))
     print(
-        f"\n{device}, {args.workers} worker(s) x batch {batch}, width {base}: in-memory {memory:.1f} img/s, Ray Data "
-        f"streaming {stream:.1f} img/s → ratio {stream / memory:.3f} (target >= 0.9); "
+        f"\n{device}, {args.workers} worker(s) x batch {run['batch']}, width {run['base']}: "
+        f"in-memory {memory:.1f} img/s, Ray Data streaming {stream:.1f} img/s → ratio {stream / memory:.3f} "
+        "(target >= 0.9); "
         f"{summary['achieved_tflops_stream']:.3f} TFLOP/s achieved by the training step"
     )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
-    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,17 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ipsr_model.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+    from ipsr_platform.storage import Storage
 
 FACE_SIZE = 128
 PNG_LEVEL = 1
@@ -146,6 +152,29 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".webp", ".gi
 def natural_key(name: str | Path) -> list:
     """'2.pgm' before '10.pgm' (on the file name)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", Path(name).name)]
+
+
+def identity_files(
+    uri: str, storage: Storage, *, recursive: bool = False
+) -> tuple[dict[str, list[pafs.FileInfo]], int]:
+    """Identity folders ``URI/<identity>/<file>`` (local or s3://): identity → every file in it (``recursive``: and
+    below), in natural order; and how many files sit directly under ``uri``, in no identity folder. One listing
+    per folder, many in flight: a flat recursive S3 listing of millions of keys is sequential pages of 1,000."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    top = storage.list(uri)
+    folders = sorted((i for i in top if i.type == pafs.FileType.Directory), key=lambda i: i.base_name)
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        listings = list(pool.map(lambda d: storage.list(d.path, recursive=recursive), folders))
+    out = {
+        folder.base_name: sorted(
+            (e for e in entries if e.type == pafs.FileType.File), key=lambda e: natural_key(e.path)
+        )
+        for folder, entries in zip(folders, listings)
+    }
+    return out, sum(i.type == pafs.FileType.File for i in top)
 
 
 def read_image(where: str | Path, data: bytes | None = None, max_pixels: int = 25_000_000) -> Image.Image:

@@ -33,7 +33,7 @@ from ipsr_model.errors import UserError
 from ipsr_model.images import square_face, to_tensor
 from ipsr_model.unet import IMAGE_SIZE
 from ipsr_platform import aligned
-from ipsr_platform.faces import IMAGE_SUFFIXES, decode_face, natural_key, read_image
+from ipsr_platform.faces import IMAGE_SUFFIXES, decode_face, identity_files, natural_key, read_image
 from ipsr_platform.storage import Storage, is_s3, join, normalize
 
 log = logging.getLogger(__name__)
@@ -73,37 +73,15 @@ class _Face:
     load: Callable[[], Image.Image]
 
 
-def _identity_folders(root: Path) -> dict[str, list[_Face]]:
-    if not root.is_dir():
-        raise UserError(f"--data {root}: no such directory")
-    out = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
-        if files:
-            out[folder.name] = [_Face(p.name, functools.partial(read_image, p)) for p in files]
-    return out
-
-
-def _s3_identity_folders(uri: str, storage: Storage) -> dict[str, list[_Face]]:
-    """Identity folders under an s3:// prefix: one listing per folder, images fetched when a protocol loads them."""
-    import pyarrow.fs as pafs
-
+def _identity_folders(uri: str, storage: Storage) -> dict[str, list[_Face]]:
+    """Identity folders (local or s3://): the images directly in each, read when a protocol loads them."""
     if not storage.is_dir(uri):
-        raise UserError(f"--data {uri}: no such prefix")
+        raise UserError(f"--data {uri}: no such {'prefix' if is_s3(uri) else 'directory'}")
     out = {}
-    for folder in sorted((i for i in storage.list(uri) if i.type == pafs.FileType.Directory), key=lambda i: i.path):
-        files = sorted(
-            (
-                i
-                for i in storage.list(folder.path)
-                if i.type == pafs.FileType.File and Path(i.base_name).suffix.lower() in IMAGE_SUFFIXES
-            ),
-            key=lambda i: natural_key(Path(i.path)),
-        )
-        if files:
-            out[folder.base_name] = [
-                _Face(i.base_name, functools.partial(_read_stored, i.path, storage)) for i in files
-            ]
+    for name, entries in identity_files(uri, storage)[0].items():
+        images = [e for e in entries if Path(e.base_name).suffix.lower() in IMAGE_SUFFIXES]
+        if images:
+            out[name] = [_Face(e.base_name, functools.partial(_read_stored, e.path, storage)) for e in images]
     return out
 
 
@@ -137,11 +115,11 @@ def read_identities(data: str | Path, split: str | None = None) -> tuple[dict[st
         return _aligned_dataset(uri, storage, None if chosen == "all" else chosen), chosen
     if split not in (None, "all"):
         raise UserError(f"--split {split} needs an `ipsr preprocess` output as --data; {data} is not one")
-    return (_s3_identity_folders(uri, storage) if is_s3(uri) else _identity_folders(Path(uri))), "all"
+    return _identity_folders(uri, storage), "all"
 
 
 def _read_stored(uri: str, storage: Storage) -> Image.Image:
-    return read_image(uri, storage.read_bytes(uri))
+    return read_image(uri, storage.read_bytes(uri)) if is_s3(uri) else read_image(uri)  # local: its own OS errors
 
 
 def _select(identities: dict[str, list[_Face]], globs: str | None) -> dict[str, list[_Face]]:
@@ -233,7 +211,8 @@ def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list
     probes_dir = root / "probes"
     if not probes_dir.is_dir():
         raise UserError(f"--data {root}: scface needs probes/<group>/<identity>/<image> (or --probe-map FILE.csv)")
-    return {group.name: _identity_folders(group) for group in sorted(p for p in probes_dir.iterdir() if p.is_dir())}
+    folders = sorted(p for p in probes_dir.iterdir() if p.is_dir())
+    return {folder.name: _identity_folders(str(folder), Storage()) for folder in folders}
 
 
 def scface_protocol(
@@ -250,7 +229,8 @@ def scface_protocol(
             raise UserError(f"--gallery-group {gallery_group!r}: no such probe group (have {', '.join(groups)})")
         gallery_faces = {k: v[0] for k, v in groups.pop(gallery_group).items()}
     else:
-        mugshots = _select(_identity_folders(root / "gallery"), identities) if (root / "gallery").is_dir() else {}
+        mugshot_dir = root / "gallery"
+        mugshots = _select(_identity_folders(str(mugshot_dir), Storage()), identities) if mugshot_dir.is_dir() else {}
         if not mugshots:
             raise UserError(f"--data {root}: scface needs gallery/<identity>/<mugshot> folders")
         chosen = {identity: _matching(faces, gallery_pattern) for identity, faces in mugshots.items()}

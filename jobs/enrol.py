@@ -60,7 +60,7 @@ class Embedder:
         self.device, self.aligned = torch.device(cfg.device), aligned_input
         self.max_pixels = cfg.max_pixels
         self.aligner = None if aligned_input else FaceAligner(cfg.device, max_pixels=cfg.max_pixels)
-        self.net = IdentityNet(cfg.identity_weights).to(self.device).eval()
+        self.net = IdentityNet(cfg.identity_weights).to(self.device, memory_format=torch.channels_last).eval()
         if self.net.weights_sha256 != identity_net_sha256:
             raise RuntimeError(f"actor loaded identity weights {self.net.weights_sha256[:12]}…, the driver "
                                f"{identity_net_sha256[:12]}…: the '{cfg.identity_weights}' cache differs")  # fmt: skip
@@ -84,7 +84,8 @@ class Embedder:
             row["embedding"] = None
         if faces:
             with torch.inference_mode():
-                vectors = embed(self.net, to_tensor(faces).to(self.device)).cpu().numpy()
+                batch = to_tensor(faces).to(self.device, memory_format=torch.channels_last)  # as the service's
+                vectors = embed(self.net, batch).cpu().numpy()
             for i, vector in zip(good, vectors):
                 rows[i]["embedding"] = vector.tolist()
         return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)

@@ -68,7 +68,7 @@ from ipsr_platform import cluster, console
 from ipsr_platform.aligned import DATA, ENTRIES, FACE_COLUMNS, HR_EMBEDDING, MANIFEST, REJECTS, SUCCESS, TEMPORARY
 from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import SPLITS, PreprocessConfig
-from ipsr_platform.faces import FACE_SIZE, FaceAligner, Rejected, encode_png
+from ipsr_platform.faces import FACE_SIZE, FaceAligner, Rejected, encode_png, identity_files
 from ipsr_platform.storage import Storage, StorageError, join, normalize
 
 REASONS = ("no_face", "corrupt", "too_large", "unsupported_format", "io_error")
@@ -156,19 +156,8 @@ def list_inputs(cfg: PreprocessConfig, storage: Storage) -> tuple[pa.Table, int]
     else:
         if not storage.is_dir(src):
             raise UserError(f"input folder not found: {src}")
-        top = storage.list(src)
-        folders = [i for i in top if i.type == pafs.FileType.Directory]
-        ignored = sum(i.type == pafs.FileType.File for i in top)
-        # One listing per identity folder, many in flight: a flat recursive S3 listing of millions of keys is
-        # sequential pages of 1,000; per-folder listings parallelise.
-        with ThreadPoolExecutor(max_workers=32) as pool:
-            listings = list(pool.map(lambda d: storage.list(d.path, recursive=True), folders))
-        files = [
-            (e, folder.base_name)
-            for folder, entries in zip(folders, listings)
-            for e in entries
-            if e.type == pafs.FileType.File
-        ]
+        folders, ignored = identity_files(src, storage, recursive=True)
+        files = [(e, name) for name, entries in folders.items() for e in entries]
         table = pa.table(
             {
                 "source": [e.path for e, _ in files],

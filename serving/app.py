@@ -46,6 +46,17 @@ INVALID = {"corrupt", "too_large", "unsupported_format", "bad_request"}
 USER_CONFIG_KEYS = ("generator", "max_batch_size", "batch_wait_timeout_s")
 
 
+def probe(upload: Upload, cfg: ServeConfig, super_resolve: str, **fields) -> Probe:
+    """The upload's 128×128 face, super-resolved when low-resolution ("auto") or asked to ("true"); ``fields``:
+    the rest of the `Probe`."""
+    img = decode(within_bytes(upload, cfg), cfg.max_image_pixels)
+    low = max(img.size) <= cfg.lr_max_side
+    # A low-resolution crop is a whole face at a fraction of 128², possibly non-square (16x12): stretch it back,
+    # as the degradation's bicubic up does. An HR probe keeps its aspect: centre square crop.
+    face = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC) if low else square_face(img)
+    return Probe(to_tensor(face)[0], low if super_resolve == "auto" else super_resolve == "true", **fields)
+
+
 @serve.deployment
 @serve.ingress(api)
 class Identification:
@@ -82,16 +93,6 @@ class Identification:
 
     # --- the batched model path --------------------------------------------------------------------------------
 
-    def _probe(self, upload: Upload, super_resolve: str, **fields) -> Probe:
-        """The upload's 128×128 face, super-resolved when low-resolution ("auto") or asked to ("true"); ``fields``:
-        the rest of the `Probe`."""
-        img = decode(within_bytes(upload, self.cfg), self.cfg.max_image_pixels)
-        low = max(img.size) <= self.cfg.lr_max_side
-        # A low-resolution crop is a whole face at a fraction of 128², possibly non-square (16x12): stretch it
-        # back, as the degradation's bicubic up does. An HR probe keeps its aspect: centre square crop.
-        face = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC) if low else square_face(img)
-        return Probe(to_tensor(face)[0], low if super_resolve == "auto" else super_resolve == "true", **fields)
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _infer(self, probes: list[Probe]) -> list[dict]:
         loaded = self.model_slot.current  # read once: an alias switch never splits a batch
@@ -101,13 +102,13 @@ class Identification:
         return [{"super_resolved": a["super_resolved"], "model_version": loaded.version, **a} for a in answers]
 
     async def _run(self, uploads: list[Upload], super_resolve: str, **fields) -> list[dict]:
-        """Prepare every upload (`_probe`; bad ones get a reason), run the good ones through the batch, keep order."""
+        """Prepare every upload (`probe`; bad ones get a reason), run the good ones through the batch, keep order."""
 
         def prepare():
             probes = {}
             for upload in (u for u in uploads if u.error is None):
                 try:
-                    probes[upload.index] = self._probe(upload, super_resolve, **fields)
+                    probes[upload.index] = probe(upload, self.cfg, super_resolve, **fields)
                 except Rejected as err:
                     upload.error = err
             return probes

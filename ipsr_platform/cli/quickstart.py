@@ -74,16 +74,9 @@ def run_quickstart(
     timings["preprocess"] = time.perf_counter() - t
 
     t = stage("2/5 train", f"U-Net width {base_channels}, {max_steps} steps on Ray Train (CPU)")
-    from jobs.train import train
-
-    trained = train(TrainConfig(
-        data=str(aligned), run_name=f"quickstart-{stamp}", max_steps=max_steps, batch_size=batch_size,
-        base_channels=base_channels, num_workers=1, identity_weights=identity_weights,
-        storage=str(out / "runs"), experiment=EXPERIMENT, register_as=REGISTERED_NAME,
-        checkpoint_every=max_steps, log_every=max(1, max_steps // 10),
-    ))  # fmt: skip
+    version = _train(aligned, out, f"quickstart-{stamp}", max_steps, base_channels, batch_size, identity_weights)
     timings["train"] = time.perf_counter() - t
-    console.print(f"registered {REGISTERED_NAME} version {trained['model_version']} @candidate")
+    console.print(f"registered {REGISTERED_NAME} version {version} @candidate")
 
     t = stage(
         "3/5 evaluate",
@@ -119,6 +112,20 @@ def _preprocess(console: Console, data: Path, limit: int, out: Path) -> Path:
     console.print(f"aligned dataset: {aligned} (train {splits.get('train', 0)}, val {splits.get('val', 0)}, "
                   f"test {splits.get('test', 0)} faces)", soft_wrap=True)  # fmt: skip
     return aligned
+
+
+def _train(
+    aligned: Path, out: Path, run_name: str, max_steps: int, base_channels: int, batch_size: int, weights: str
+) -> str:
+    """Train on one CPU worker and register the result @candidate; returns its version."""
+    from jobs.train import train
+
+    return train(TrainConfig(
+        data=str(aligned), run_name=run_name, max_steps=max_steps, batch_size=batch_size,
+        base_channels=base_channels, num_workers=1, identity_weights=weights,
+        storage=str(out / "runs"), experiment=EXPERIMENT, register_as=REGISTERED_NAME,
+        checkpoint_every=max_steps, log_every=max(1, max_steps // 10),
+    ))["model_version"]  # fmt: skip
 
 
 def _data(console: Console, data: Path | None) -> Path:

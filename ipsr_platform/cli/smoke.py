@@ -22,8 +22,9 @@ from ipsr_model.losses import IdentityPreservingLoss
 from ipsr_model.training import make_optimizer, training_step
 from ipsr_model.unet import UNetGenerator
 from ipsr_platform import config
-from ipsr_platform.faces import IMAGE_SUFFIXES, natural_key, read_image
+from ipsr_platform.faces import IMAGE_SUFFIXES, identity_files, read_image
 from ipsr_platform.scoring import rank1_by_size
+from ipsr_platform.storage import Storage
 
 AR_SIZES = tuple(parse_size(s) for s in config.AR_SIZES)  # the one AR list, also `ipsr evaluate`'s default
 BATCH_SIZE = 8
@@ -34,9 +35,8 @@ def list_identities(root: Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise UserError(f"--data {root}: no such directory")
     folders = {
-        folder.name: sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
-        for folder in sorted(root.iterdir())
-        if folder.is_dir()
+        name: [Path(e.path) for e in entries if Path(e.base_name).suffix.lower() in IMAGE_SUFFIXES]
+        for name, entries in identity_files(str(root), Storage())[0].items()
     }
     usable = {name: files for name, files in folders.items() if len(files) >= 2}
     if len(usable) < 2:
