@@ -268,3 +268,20 @@ class FaceAligner:
                 box = b[0] / np.array([sx, sy, sx, sy])  # largest face, back in original pixels
                 out[i] = Aligned(crop_face(img, box, self.margin), float(p[0]), box, lm[0] / np.array([sx, sy]))
         return out
+
+
+def enrolment_faces(blobs: list[bytes], aligner: FaceAligner | None, max_pixels: int) -> list:
+    """A 128×128 face (PIL) or the ``Rejected`` reason, per image, as enrolment takes it: MTCNN's crop when an
+    ``aligner`` is given, else the centre square of an already-aligned crop. One rule for `ipsr serve` and
+    `ipsr enrol`, so the same photo gives the same gallery row."""
+    from ipsr_model.images import square_face
+
+    if aligner is not None:
+        return [r if isinstance(r, Rejected) else r.face for r in aligner.align(blobs)]
+    out: list = []
+    for blob in blobs:
+        try:
+            out.append(square_face(decode(blob, max_pixels)))
+        except Rejected as err:
+            out.append(err)
+    return out

@@ -11,7 +11,7 @@
 
 An input's ``image_id`` is its path under the input (``identity/file``; a preprocess output's faces: ``source``), so
 a rerun of the same tree, or of a run that died half-way, enrols only what is missing. The face → embedding path is
-the service's (``faces.FaceAligner``, ``images.square_face``, ``identify.embed``): the same photo gives the same
+the service's (``faces.enrolment_faces``, ``identify.embed``): the same photo gives the same
 gallery row either way.
 """
 
@@ -30,7 +30,7 @@ from ipsr_model.errors import UserError
 from ipsr_platform import aligned, cluster, console
 from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import EnrolConfig
-from ipsr_platform.faces import Rejected, decode
+from ipsr_platform.faces import Rejected, enrolment_faces
 from ipsr_platform.gallery import GalleryStore, WeightsMismatch, check_name
 from ipsr_platform.storage import Storage, join, normalize
 from jobs.preprocess import Stage, list_inputs, read_stage
@@ -57,8 +57,7 @@ class Embedder:
         from ipsr_platform.faces import FaceAligner
 
         torch.set_num_threads(1)  # one torch thread per actor: processes scale better than intra-op threads
-        self.device, self.aligned = torch.device(cfg.device), aligned_input
-        self.max_pixels = cfg.max_pixels
+        self.device, self.max_pixels = torch.device(cfg.device), cfg.max_pixels
         self.aligner = None if aligned_input else FaceAligner(cfg.device, max_pixels=cfg.max_pixels)
         self.net = IdentityNet(cfg.identity_weights).to(self.device, memory_format=torch.channels_last).eval()
         if self.net.weights_sha256 != identity_net_sha256:
@@ -75,7 +74,7 @@ class Embedder:
         todo = [i for i, row in enumerate(rows) if not row["reason"]]  # the others were rejected while reading
         blobs = batch.column("data").to_pylist()
         good, faces = [], []
-        for i, face in zip(todo, self._faces([blobs[i] for i in todo])):
+        for i, face in zip(todo, enrolment_faces([blobs[i] for i in todo], self.aligner, self.max_pixels)):
             if isinstance(face, Rejected):
                 rows[i].update(reason=face.reason, detail=face.detail)
             else:
@@ -89,20 +88,6 @@ class Embedder:
             for i, vector in zip(good, vectors):
                 rows[i]["embedding"] = vector.tolist()
         return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
-
-    def _faces(self, blobs: list[bytes]) -> list:
-        """A 128×128 face (PIL) or the reason why not, per image: the service's rule (enrolment.py)."""
-        from ipsr_model.images import square_face
-
-        if self.aligner is not None:
-            return [r if isinstance(r, Rejected) else r.face for r in self.aligner.align(blobs)]
-        out: list = []
-        for blob in blobs:
-            try:
-                out.append(square_face(decode(blob, self.max_pixels)))
-            except Rejected as err:
-                out.append(err)
-        return out
 
 
 def face_stage(batch: pa.Table) -> pa.Table:
@@ -141,7 +126,7 @@ def run(cfg: EnrolConfig, storage: Storage | None = None) -> dict[str, Any]:
         )
     inputs, faces_input = _inputs(cfg, storage)
     known = existing.image_id_set if existing is not None else frozenset()
-    todo = inputs.filter(pc.invert(pc.is_in(inputs.column("image_id"), pa.array(sorted(known), pa.string()))))
+    todo = inputs.filter(pc.invert(pc.is_in(inputs.column("image_id"), pa.array(list(known), pa.string()))))
     skipped = inputs.num_rows - todo.num_rows
     console.say(f"enrol {todo.num_rows} of {inputs.num_rows} input(s) into gallery {cfg.gallery!r} "
                 f"({skipped} already enrolled)")  # fmt: skip
@@ -149,7 +134,9 @@ def run(cfg: EnrolConfig, storage: Storage | None = None) -> dict[str, Any]:
     if todo.num_rows:
         cluster.connect()
         tally = _enrol(cfg, storage, store, todo, sha256, faces_input or cfg.aligned, faces_input)
-    summary = _summary(cfg, store, inputs.num_rows, skipped, tally, time.perf_counter() - t_start)
+    tally.gallery_faces += len(existing) if existing is not None else 0
+    tally.identities |= set(existing.identities.tolist()) if existing is not None else set()
+    summary = _summary(cfg, storage, store, inputs.num_rows, skipped, tally, time.perf_counter() - t_start)
     _print_summary(summary)
     if todo.num_rows and not tally.enrolled and not skipped:  # none of these inputs is in the gallery
         top = ", ".join(f"{reason} {n}" for reason, n in tally.reasons.most_common(3))
@@ -177,7 +164,8 @@ def _inputs(cfg: EnrolConfig, storage: Storage) -> tuple[pa.Table, bool]:
 
 class _Tally:
     def __init__(self) -> None:
-        self.enrolled, self.segments = 0, 0
+        self.enrolled, self.segments, self.gallery_faces = 0, 0, 0
+        self.identities: set[str] = set()  # of the gallery afterwards: counted, not re-read
         self.reasons: Counter[str] = Counter()
         self.rejects: list[pa.Table] = []
 
@@ -197,6 +185,8 @@ def _enrol(
             store.append(cfg.gallery, part.column("identity").to_pylist(), embeddings,
                          part.column("source").to_pylist(), part.column("image_id").to_pylist(), sha256)  # fmt: skip
             tally.enrolled += part.num_rows
+            tally.gallery_faces += part.num_rows
+            tally.identities.update(part.column("identity").to_pylist())
             tally.segments += 1
 
     with console.progress("enrol", todo.num_rows, "img") as advance:
@@ -245,7 +235,9 @@ def _pipeline(cfg: EnrolConfig, storage: Storage, todo: pa.Table, sha256: str, f
                           compute=ray.data.ActorPoolStrategy(size=n), fn_constructor_kwargs=embedder)  # fmt: skip
 
 
-def _summary(cfg: EnrolConfig, store: GalleryStore, seen: int, skipped: int, tally: _Tally, seconds: float) -> dict:
+def _summary(
+    cfg: EnrolConfig, storage: Storage, store: GalleryStore, seen: int, skipped: int, tally: _Tally, seconds: float
+) -> dict:
     from ipsr_model.paths import logs_dir
 
     rejects_file = None
@@ -256,8 +248,7 @@ def _summary(cfg: EnrolConfig, store: GalleryStore, seen: int, skipped: int, tal
         rejects_file = cfg.rejects or str(logs_dir() / f"enrol-{cfg.gallery}-{stamp}-rejects.parquet")
         buf = pa.BufferOutputStream()
         pq.write_table(pa.concat_tables(tally.rejects).sort_by("source"), buf)
-        Storage.from_env().write_bytes(normalize(rejects_file), buf.getvalue().to_pybytes())
-    gallery = store.load(cfg.gallery)
+        storage.write_bytes(normalize(rejects_file), buf.getvalue().to_pybytes())
     return {
         "gallery": cfg.gallery,
         "store": store.root,
@@ -266,8 +257,8 @@ def _summary(cfg: EnrolConfig, store: GalleryStore, seen: int, skipped: int, tal
         "enrolled": tally.enrolled,
         "rejected": dict(tally.reasons.most_common()),
         "segments_written": tally.segments,
-        "gallery_faces": len(gallery) if gallery is not None else 0,
-        "gallery_identities": len(set(gallery.identities.tolist())) if gallery is not None else 0,
+        "gallery_faces": tally.gallery_faces,
+        "gallery_identities": len(tally.identities),
         "seconds": round(seconds, 2),
         "faces_per_s": round(tally.enrolled / max(seconds, 1e-9), 2),
         "rejects_file": rejects_file,

@@ -12,9 +12,9 @@ from fastapi import HTTPException
 from torch import nn
 
 from ipsr_model.identify import embed
-from ipsr_model.images import square_face, to_tensor
+from ipsr_model.images import to_tensor
 from ipsr_platform.config import ServeConfig
-from ipsr_platform.faces import FaceAligner, Rejected, decode, open_header
+from ipsr_platform.faces import FaceAligner, Rejected, enrolment_faces, open_header
 from serving.edge import Upload, within_bytes
 from serving.gallery_cache import GalleryCache, store_errors
 from serving.index import GalleryIndex
@@ -118,15 +118,8 @@ class Enrolment:
         return good, embeddings.cpu()
 
     def _faces(self, chunk: list[Upload], aligned: bool) -> list:
-        """A 128×128 face (PIL) or the reason why not, per upload: centre square of an aligned crop, else MTCNN."""
-        if aligned:
-            results = []
-            for upload in chunk:
-                try:
-                    results.append(square_face(decode(upload.data, self.cfg.max_image_pixels)))
-                except Rejected as err:
-                    results.append(err)
-            return results
-        if self._aligner is None:
+        """A 128×128 face (PIL) or the reason why not, per upload (faces.enrolment_faces); MTCNN loads on first use."""
+        if not aligned and self._aligner is None:
             self._aligner = FaceAligner(self.cfg.device, max_pixels=self.cfg.max_image_pixels)
-        return [r if isinstance(r, Rejected) else r.face for r in self._aligner.align([u.data for u in chunk])]
+        aligner = None if aligned else self._aligner
+        return enrolment_faces([u.data for u in chunk], aligner, self.cfg.max_image_pixels)
