@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve import TOKEN, cpu_name, register  # noqa: E402  (bench/serve.py: same registration)
+from serve import TOKEN, cpu_name, free_port, register  # noqa: E402  (bench/serve.py: same registration)
 
 
 def export_faces(data: Path, faces: int, dest: Path) -> list[tuple[str, str]]:
@@ -101,7 +101,7 @@ def main() -> None:
     torch.manual_seed(0)
     register(UNetGenerator(16).eval())
     ray.init(include_dashboard=False, log_to_driver=False)
-    url = app.deploy(ServeConfig(identity_weights=weights, port=_free_port()), echo=lambda *_: None)
+    url = app.deploy(ServeConfig(identity_weights=weights, port=free_port()), echo=lambda *_: None)
     http_s = http_enrol(url, faces, args.clients, args.per_request)
     app.undeploy()  # the job gets the machine to itself, as the service had it
 
@@ -113,8 +113,8 @@ def main() -> None:
     store = GalleryStore(str(home / "galleries"), Storage.from_env())
     rows = {name: len(store.load(name)) for name in ("http", "job")}
     ray.shutdown()
-    if rows != {"http": len(faces), "job": len(faces)} or again["enrolled"] or summary["enrolled"] != len(faces):
-        raise SystemExit(f"gallery rows {rows}, job enrolled {summary['enrolled']} then {again['enrolled']} on rerun")
+    if rows != {"http": len(faces), "job": len(faces)} or again.enrolled or summary.enrolled != len(faces):
+        raise SystemExit(f"gallery rows {rows}, job enrolled {summary.enrolled} then {again.enrolled} on rerun")
 
     print(f"\nmachine: {os.cpu_count()} CPUs ({cpu_name()}); {len(faces)} aligned faces of {args.data.name}")
     print("| path | seconds | faces/s |")
@@ -122,15 +122,7 @@ def main() -> None:
     print(f"| HTTP enrol ({args.clients} clients × {args.per_request} faces/request) | {http_s:.1f} | "
           f"{len(faces) / http_s:.1f} |")  # fmt: skip
     print(f"| `ipsr enrol --aligned` (end to end) | {job_s:.1f} | {len(faces) / job_s:.1f} |")
-    print(f"\nratio job / HTTP: **{http_s / job_s:.2f}x**; rerun added {again['enrolled']}; rows {rows}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    print(f"\nratio job / HTTP: **{http_s / job_s:.2f}x**; rerun added {again.enrolled}; rows {rows}")
 
 
 if __name__ == "__main__":

@@ -88,9 +88,7 @@ def deploy_variants(args: argparse.Namespace, weights: str, levels: list[int]) -
     from ipsr_platform.config import ServeConfig
     from serving.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     common = dict(
         identity_weights=weights,
@@ -153,6 +151,12 @@ def print_table(results: dict[tuple[str, int], dict], levels: list[int], args: a
             f"| {level} | {b['rps']:.1f} | {b['p50']:.0f} / {b['p99']:.0f} | {u['rps']:.1f} | "
             f"{u['p50']:.0f} / {u['p99']:.0f} | **{b['rps'] / u['rps']:.2f}** |"
         )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cpu_name() -> str:

@@ -27,3 +27,22 @@ def connect() -> None:
     context = ray.init(log_to_driver=True)
     logging.getLogger(__name__).info("Ray session: %s", getattr(context, "address_info", {}).get("session_dir"))
     console.announce()
+
+
+def actor_pool(device: str, num_actors: int | None) -> tuple[int, dict]:
+    """(actors, each one's Ray resources) of a batch-inference job's model stage: one actor per CPU or GPU by
+    default; with more actors than GPUs, each one a share of them."""
+    import ray
+
+    from ipsr_model.errors import UserError
+
+    resources = ray.cluster_resources()
+    if device == "cuda":
+        gpus = float(resources.get("GPU", 0))
+        if gpus < 1:
+            raise UserError("--device cuda, but the Ray cluster has no GPU")
+        n = num_actors or int(gpus)
+        return n, {"num_gpus": gpus / n if n > gpus else 1, "num_cpus": 1}
+    cpus = float(resources.get("CPU", 1))
+    n = num_actors or max(1, int(cpus))
+    return n, {"num_cpus": min(1.0, cpus / n)}

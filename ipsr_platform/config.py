@@ -147,6 +147,54 @@ class EnrolConfig(BaseModel):
         return self
 
 
+class IdentifyConfig(BaseModel):
+    """``ipsr identify``: probe images → (SR →) FaceNet → top-k identities of a gallery, as Parquet + CSV."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probes: str = Field(description="Probe images: a folder or s3:// prefix, searched recursively.")
+    gallery: str = Field(description="Gallery to search (built by `ipsr enrol` or `ipsr serve`'s enrolment).")
+    out: str = Field(description="Output folder (path or s3://): matches.parquet, matches.csv, rejects, sr/.")
+    # Not called `model` (build_config's first parameter); the CLI flag is --model, as `ipsr serve`'s.
+    generator: str = Field(
+        "models:/ipsr-unet@champion",
+        description="U-Net: models:/NAME@ALIAS or /VERSION, an MLflow run id, or a checkpoint path.",
+        json_schema_extra={"flag": "--model"},
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="Matches per probe.")
+    save_sr: bool = Field(False, description="Also write each probe's embedded 128×128 face as OUT/sr/<probe>.png.")
+    aligned: bool = Field(
+        False, description="Probes larger than lr_max_side are face crops already: no MTCNN (as `ipsr serve`)."
+    )
+    super_resolve: Literal["auto", "true", "false"] = Field(
+        "auto", description="auto: only low-resolution probes (both sides ≤ lr_max_side) are super-resolved."
+    )
+    lr_max_side: int = Field(127, ge=1, le=127, description="Probes at most this large on both sides are LR.")
+    galleries: str | None = Field(None, description="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")
+    identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
+    gallery_dtype: Literal["auto", "float16", "float32"] = Field(
+        "auto",
+        description="Gallery matrix in the actors. auto: float16 on cuda; float32 on cpu, where a batch's search "
+        "in float16 is ~3x slower (no native half GEMM; bench/RESULTS.md).",
+    )
+    gallery_chunk: int = Field(65536, ge=1, description="Gallery rows per matrix product.")
+    allow_pickle_models: bool = Field(False, description="Load a model saved in a pickle-based format.")
+    overwrite: bool = Field(False, description="Replace the results of an earlier run in --out.")
+    limit: int | None = Field(None, ge=1, description="Search only the first N probes (sorted by path).")
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_actors: int | None = Field(None, ge=1, description="Search actors; default one per CPU (cpu) or GPU (cuda).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Probes per SR + FaceNet + search call.")
+    max_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected before decoding.")
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
+    io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
+
+    @model_validator(mode="after")
+    def _checks(self) -> IdentifyConfig:
+        if not self.probes.strip() or not self.out.strip():
+            raise ValueError("probes and out must not be empty")
+        return self
+
+
 def build_config(model: type[M], *, env_prefix: str, yaml_file: str | Path | None = None, **flags: Any) -> M:
     """YAML file < environment (``{env_prefix}{FIELD}``) < flags that are not None; errors → ``UserError``.
 
@@ -177,7 +225,7 @@ def effective_config(
 
 
 # One file for the whole platform: `platform` (where things run) and one section per job.
-SECTIONS = ("platform", "preprocess", "train", "evaluate", "serve", "enrol")
+SECTIONS = ("platform", "preprocess", "train", "evaluate", "serve", "enrol", "identify")
 
 
 class PlatformConfig(BaseModel):
@@ -207,6 +255,7 @@ def job_configs() -> dict[str, tuple[type[BaseModel], str]]:
         "evaluate": EvaluateConfig,
         "serve": ServeConfig,
         "enrol": EnrolConfig,
+        "identify": IdentifyConfig,
     }
     return {job: (model, f"IPSR_{job.upper()}_") for job, model in models.items()}
 
@@ -465,7 +514,11 @@ class ServeConfig(BaseModel):
     )
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on every interface).")
     port: int = Field(8000, ge=0, le=65535)
-    token_file: str | None = Field(None, description="File holding the bearer token (else $IPSR_SERVE_TOKEN).")
+    token_file: str | None = Field(
+        None,
+        description="File of accepted bearer tokens, one per line, re-read by the replicas when it changes "
+        "(token rollover without a restart); else $IPSR_SERVE_TOKEN (comma-separated).",
+    )
     insecure_no_auth: bool = Field(False, description="Serve without a token (local use only).")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     galleries: str | None = Field(None, description="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")
@@ -515,6 +568,9 @@ class ServeConfig(BaseModel):
     )
     model_poll_s: float = Field(30.0, gt=0, description="Seconds between alias look-ups (alias moves hot-swap).")
     request_timeout_s: float = Field(60.0, gt=0)
+    drain_s: float = Field(
+        30.0, ge=0, le=600, description="On SIGTERM or Ctrl-C: seconds in-flight requests get to finish before exit."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

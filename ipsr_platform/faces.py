@@ -270,6 +270,18 @@ class FaceAligner:
         return out
 
 
+def probe_face(img: Image.Image, lr_max_side: int) -> tuple[Image.Image, bool]:
+    """The 128×128 face a probe is embedded from, and whether it is low-resolution (both sides ≤ ``lr_max_side``).
+    One rule for `ipsr serve` and `ipsr identify`, so the same probe gives the same answer.
+
+    A low-resolution crop is a whole face at a fraction of 128², possibly non-square (16x12): stretched back, as
+    the degradation's bicubic up does. A larger probe keeps its aspect: centre square crop."""
+    from ipsr_model.images import square_face
+
+    low = max(img.size) <= lr_max_side
+    return (img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BICUBIC) if low else square_face(img)), low
+
+
 def enrolment_faces(blobs: list[bytes], aligner: FaceAligner | None, max_pixels: int) -> list:
     """A 128×128 face (PIL) or the ``Rejected`` reason, per image, as enrolment takes it: MTCNN's crop when an
     ``aligner`` is given, else the centre square of an already-aligned crop. One rule for `ipsr serve` and

@@ -73,6 +73,12 @@ class Gallery:
     def image_id_set(self) -> frozenset:
         return frozenset(i for i in self.image_ids.tolist() if i is not None)
 
+    def identity_codes(self) -> tuple[list[str], np.ndarray]:
+        """(identity names sorted, each row's index into them): a search's per-identity max needs dense codes.
+        One rule for `ipsr serve` and `ipsr identify`, so ties between identities break the same way."""
+        unique, codes = np.unique(self.identities.astype(str), return_inverse=True)
+        return unique.tolist(), codes.astype(np.int64)
+
     @staticmethod
     def empty(identity_net_sha256: str = "", stamp: tuple = ()) -> Gallery:
         none = np.empty(0, dtype=object)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +45,22 @@ OUT_SCHEMA = pa.schema(
         ("embedding", pa.list_(pa.float32())),  # null when rejected
     ]
 )
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    gallery: str
+    store: str  # the gallery store's root
+    seen: int  # inputs listed
+    already_enrolled: int  # skipped: their image_id was in the gallery
+    enrolled: int
+    rejected: dict[str, int]  # reason → inputs, most common first
+    segments_written: int
+    gallery_faces: int  # afterwards
+    gallery_identities: int
+    seconds: float
+    faces_per_s: float
+    rejects_file: str | None  # None when nothing was rejected
 
 
 class Embedder:
@@ -107,7 +123,7 @@ def face_stage(batch: pa.Table) -> pa.Table:
 # --- driver -----------------------------------------------------------------------------------------------------
 
 
-def run(cfg: EnrolConfig, storage: Storage | None = None) -> dict[str, Any]:
+def run(cfg: EnrolConfig, storage: Storage | None = None) -> EnrolResult:
     """Enrol what the gallery does not hold yet; returns the summary. When no input at all is in the gallery
     afterwards (every one rejected): a UserError with the top reasons."""
     from ipsr_model.paths import galleries_dir
@@ -136,12 +152,12 @@ def run(cfg: EnrolConfig, storage: Storage | None = None) -> dict[str, Any]:
         tally = _enrol(cfg, storage, store, todo, sha256, faces_input or cfg.aligned, faces_input)
     tally.gallery_faces += len(existing) if existing is not None else 0
     tally.identities |= set(existing.identities.tolist()) if existing is not None else set()
-    summary = _summary(cfg, storage, store, inputs.num_rows, skipped, tally, time.perf_counter() - t_start)
-    _print_summary(summary)
+    result = _result(cfg, storage, store, inputs.num_rows, skipped, tally, time.perf_counter() - t_start)
+    _print_summary(result)
     if todo.num_rows and not tally.enrolled and not skipped:  # none of these inputs is in the gallery
         top = ", ".join(f"{reason} {n}" for reason, n in tally.reasons.most_common(3))
-        raise UserError(f"no face enrolled from {todo.num_rows} input(s) ({top}); see {summary['rejects_file']}")
-    return summary
+        raise UserError(f"no face enrolled from {todo.num_rows} input(s) ({top}); see {result.rejects_file}")
+    return result
 
 
 def _inputs(cfg: EnrolConfig, storage: Storage) -> tuple[pa.Table, bool]:
@@ -210,17 +226,7 @@ def _pipeline(cfg: EnrolConfig, storage: Storage, todo: pa.Table, sha256: str, f
     import ray
     import ray.data
 
-    resources = ray.cluster_resources()
-    if cfg.device == "cuda":
-        gpus = float(resources.get("GPU", 0))
-        if gpus < 1:
-            raise UserError("--device cuda, but the Ray cluster has no GPU")
-        n = cfg.num_actors or int(gpus)
-        actor_args: dict[str, Any] = dict(num_gpus=gpus / n if n > gpus else 1, num_cpus=1)
-    else:
-        cpus = float(resources.get("CPU", 1))
-        n = cfg.num_actors or max(1, int(cpus))
-        actor_args = dict(num_cpus=min(1.0, cpus / n))
+    n, actor_args = cluster.actor_pool(cfg.device, cfg.num_actors)
     block = max(cfg.batch_size, min(1024, -(-todo.num_rows // (4 * n))))
     ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
     if rows:
@@ -235,9 +241,9 @@ def _pipeline(cfg: EnrolConfig, storage: Storage, todo: pa.Table, sha256: str, f
                           compute=ray.data.ActorPoolStrategy(size=n), fn_constructor_kwargs=embedder)  # fmt: skip
 
 
-def _summary(
+def _result(
     cfg: EnrolConfig, storage: Storage, store: GalleryStore, seen: int, skipped: int, tally: _Tally, seconds: float
-) -> dict:
+) -> EnrolResult:
     from ipsr_model.paths import logs_dir
 
     rejects_file = None
@@ -249,34 +255,34 @@ def _summary(
         buf = pa.BufferOutputStream()
         pq.write_table(pa.concat_tables(tally.rejects).sort_by("source"), buf)
         storage.write_bytes(normalize(rejects_file), buf.getvalue().to_pybytes())
-    return {
-        "gallery": cfg.gallery,
-        "store": store.root,
-        "seen": seen,
-        "already_enrolled": skipped,
-        "enrolled": tally.enrolled,
-        "rejected": dict(tally.reasons.most_common()),
-        "segments_written": tally.segments,
-        "gallery_faces": tally.gallery_faces,
-        "gallery_identities": len(tally.identities),
-        "seconds": round(seconds, 2),
-        "faces_per_s": round(tally.enrolled / max(seconds, 1e-9), 2),
-        "rejects_file": rejects_file,
-    }
+    return EnrolResult(
+        gallery=cfg.gallery,
+        store=store.root,
+        seen=seen,
+        already_enrolled=skipped,
+        enrolled=tally.enrolled,
+        rejected=dict(tally.reasons.most_common()),
+        segments_written=tally.segments,
+        gallery_faces=tally.gallery_faces,
+        gallery_identities=len(tally.identities),
+        seconds=round(seconds, 2),
+        faces_per_s=round(tally.enrolled / max(seconds, 1e-9), 2),
+        rejects_file=rejects_file,
+    )
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(result: EnrolResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"ipsr enrol → {summary['store']}/{summary['gallery']}", show_header=False)
-    rejected = ", ".join(f"{r} {n}" for r, n in summary["rejected"].items()) or "0"
-    for key, value in [("inputs", summary["seen"]), ("already enrolled", summary["already_enrolled"]),
-                       ("enrolled now", summary["enrolled"]), ("rejected", rejected),
-                       ("segments written", summary["segments_written"]),
-                       ("gallery", f"{summary['gallery_faces']} faces, {summary['gallery_identities']} identities"),
-                       ("time", f"{summary['seconds']} s ({summary['faces_per_s']} faces/s)"),
-                       ("rejects", summary["rejects_file"] or "none")]:  # fmt: skip
+    table = Table(title=f"ipsr enrol → {result.store}/{result.gallery}", show_header=False)
+    rejected = ", ".join(f"{r} {n}" for r, n in result.rejected.items()) or "0"
+    for key, value in [("inputs", result.seen), ("already enrolled", result.already_enrolled),
+                       ("enrolled now", result.enrolled), ("rejected", rejected),
+                       ("segments written", result.segments_written),
+                       ("gallery", f"{result.gallery_faces} faces, {result.gallery_identities} identities"),
+                       ("time", f"{result.seconds} s ({result.faces_per_s} faces/s)"),
+                       ("rejects", result.rejects_file or "none")]:  # fmt: skip
         table.add_row(key, str(value))
     Console(file=console.out()).print(table)
 

@@ -15,6 +15,9 @@ A low-resolution probe (both sides ≤ ``lr_max_side``) is bicubic-resized to 12
 import asyncio
 import base64
 import contextlib
+import os
+import signal
+import threading
 import time
 from typing import Any, Literal
 
@@ -22,19 +25,17 @@ import numpy as np
 import torch
 from fastapi import HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
 from ray import serve
 
 from ipsr_model.identify import Probe, identify_batch
-from ipsr_model.images import square_face, to_pil, to_tensor
-from ipsr_model.unet import IMAGE_SIZE
+from ipsr_model.images import to_pil, to_tensor
 from ipsr_platform import tracking
 from ipsr_platform.config import ServeConfig, build_config
-from ipsr_platform.faces import Rejected, decode, encode_png
+from ipsr_platform.faces import Rejected, decode, encode_png, probe_face
 from ipsr_platform.gallery import GalleryStore
 from ipsr_platform.models import parse_model_uri
 from ipsr_platform.storage import Storage
-from serving.edge import Upload, api, read_uploads, token_sha256, within_bytes
+from serving.edge import Tokens, Upload, api, read_uploads, token_sha256, within_bytes
 from serving.enrolment import Enrolment
 from serving.gallery_cache import GalleryCache, check_gallery_name, store_errors
 from serving.model_slot import ModelSlot
@@ -49,24 +50,21 @@ USER_CONFIG_KEYS = ("generator", "max_batch_size", "batch_wait_timeout_s")
 def probe(upload: Upload, cfg: ServeConfig, super_resolve: str, **fields) -> Probe:
     """The upload's 128×128 face, super-resolved when low-resolution ("auto") or asked to ("true"); ``fields``:
     the rest of the `Probe`."""
-    img = decode(within_bytes(upload, cfg), cfg.max_image_pixels)
-    low = max(img.size) <= cfg.lr_max_side
-    # A low-resolution crop is a whole face at a fraction of 128², possibly non-square (16x12): stretch it back,
-    # as the degradation's bicubic up does. An HR probe keeps its aspect: centre square crop.
-    face = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC) if low else square_face(img)
+    face, low = probe_face(decode(within_bytes(upload, cfg), cfg.max_image_pixels), cfg.lr_max_side)
     return Probe(to_tensor(face)[0], low if super_resolve == "auto" else super_resolve == "true", **fields)
 
 
 @serve.deployment
 @serve.ingress(api)
 class Identification:
-    def __init__(self, config: dict, token_sha256: str | None, tracking_uri: str, gallery_root: str, storage: Storage):
+    def __init__(self, config: dict, token_sha256s: tuple[str, ...] | None, tracking_uri: str, gallery_root: str,
+                 storage: Storage):  # fmt: skip
         from ipsr_model.identity import IdentityNet
 
-        self.cfg = ServeConfig(**config)  # (it and token_sha256 are what `serving.edge.Guard` reads)
+        self.cfg = ServeConfig(**config)  # (it and `tokens` are what `serving.edge.Guard` reads)
         torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_replica)))
         self.device = torch.device(self.cfg.device)
-        self.token_sha256 = token_sha256
+        self.tokens = Tokens(token_sha256s, self.cfg.token_file)
         # channels_last: same arithmetic, ~20 % faster FaceNet convolutions and pooling on CPU (oneDNN).
         self.identity_net = IdentityNet(self.cfg.identity_weights).to(self.device, memory_format=torch.channels_last)
         sha = self.identity_net.weights_sha256
@@ -270,6 +268,8 @@ def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict 
     from ipsr_model.paths import galleries_dir
 
     sha = token_sha256(cfg)
+    if cfg.token_file:  # the replicas re-read it, from their own working directory
+        cfg = cfg.model_copy(update={"token_file": os.path.abspath(os.path.expanduser(cfg.token_file))})
     gallery_root = cfg.galleries or str(galleries_dir())
     deployment = Identification.options(
         name=name,
@@ -278,6 +278,7 @@ def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict 
         ray_actor_options=replica_resources(cfg),
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
+        graceful_shutdown_timeout_s=cfg.drain_s,  # a stopping replica finishes its requests for this long
         user_config=user_config
         if user_config is not None
         else {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
@@ -312,22 +313,49 @@ def deploy(cfg: ServeConfig, echo=print) -> str:
     return url
 
 
-def wait_until_stopped() -> None:
-    """Block until Ctrl-C."""
-    with contextlib.suppress(KeyboardInterrupt):
-        while True:
-            time.sleep(1.0)
+def wait_until_stopped() -> str:
+    """Block until SIGTERM (what `docker stop`, systemd and Kubernetes send) or SIGINT (Ctrl-C); the signal's name.
+
+    Python's handlers replace Ray's (installed by ray.init), which would die on SIGTERM with a native stack dump. A
+    second signal during the drain that follows is ignored: the drain is bounded by ``drain_s`` anyway."""
+    got: list[int] = []
+    stop = threading.Event()
+
+    def handler(signum, _frame) -> None:
+        got.append(signum)
+        stop.set()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for s in signals:
+        signal.signal(s, handler)
+    while not stop.wait(1.0):
+        pass
+    for s in signals:
+        signal.signal(s, signal.SIG_IGN)
+    return signal.Signals(got[0]).name
 
 
 def undeploy() -> None:
     serve.shutdown()
 
 
+def drain() -> float:
+    """Stop taking requests and let in-flight ones finish (each replica up to ``drain_s``, Serve's graceful
+    shutdown), then shut Serve down; the seconds it took."""
+    began = time.monotonic()
+    with contextlib.suppress(Exception):  # already gone (a cluster-side delete): nothing left to drain
+        serve.delete("ipsr")
+    serve.shutdown()
+    return time.monotonic() - began
+
+
 def serve_forever(cfg: ServeConfig, echo=print) -> None:
-    """``ipsr serve``: deploy, print the URL, block until Ctrl-C, shut Serve down."""
+    """``ipsr serve``: deploy, print the URL, block until SIGTERM or Ctrl-C, drain, exit 0 with one line."""
     deploy(cfg, echo)
-    echo("Ctrl-C stops")
+    echo(f"Ctrl-C or SIGTERM stops (in-flight requests get {cfg.drain_s:g} s to finish)")
     try:
-        wait_until_stopped()
-    finally:
+        name = wait_until_stopped()
+    except BaseException:
         undeploy()
+        raise
+    echo(f"ipsr serve stopped on {name}: requests drained, Serve shut down in {drain():.1f} s")

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException, Request
@@ -51,10 +52,10 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        service = serve.get_replica_context().servable_object  # the deployment: its token hash and limits
+        service = serve.get_replica_context().servable_object  # the deployment: its tokens and limits
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         headers = dict(scope["headers"])
-        if path not in PUBLIC_PATHS and not authorised(headers.get(b"authorization", b""), service.token_sha256):
+        if path not in PUBLIC_PATHS and not authorised(headers.get(b"authorization", b""), service.tokens.current()):
             denied = _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             return await denied(scope, receive, send)
         limit = service.cfg.max_body_bytes
@@ -83,35 +84,84 @@ class Guard:
 api.add_middleware(Guard)
 
 
-def authorised(header: bytes, token_sha256: str | None) -> bool:
-    """Whether an Authorization header carries the bearer token whose sha256 is ``token_sha256`` (None: no auth)."""
-    if token_sha256 is None:  # --insecure-no-auth
+def authorised(header: bytes, token_sha256s: tuple[str, ...] | None) -> bool:
+    """Whether an Authorization header carries a bearer token whose sha256 is one of ``token_sha256s`` (None: no
+    auth). Every accepted hash is compared, in constant time each: which one matched, if any, takes no less time."""
+    if token_sha256s is None:  # --insecure-no-auth
         return True
     scheme, _, token = header.decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return False
-    return hmac.compare_digest(hashlib.sha256(token.strip().encode()).hexdigest(), token_sha256)
+    digest = hashlib.sha256(token.strip().encode()).hexdigest()
+    matched = False
+    for accepted in token_sha256s:
+        matched |= hmac.compare_digest(digest, accepted)
+    return matched
 
 
-def token_sha256(cfg: ServeConfig) -> str | None:
-    """sha256 of the bearer token (from --token-file or $IPSR_SERVE_TOKEN): only the hash reaches the replicas
-    and the Serve config; None only with --insecure-no-auth."""
-    token = os.environ.get(TOKEN_ENV, "").strip()
+def parse_tokens(text: str, where: str) -> tuple[str, ...]:
+    """The sha256s of the tokens in ``text``: one per line or comma-separated (current + next during a rollover);
+    blank lines and ``#`` comments ignored. Each token ≥ 16 characters."""
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
+    tokens = [t.strip() for line in lines for t in line.split(",") if t.strip()]
+    if short := [t for t in tokens if len(t) < 16]:
+        raise UserError(f"{where}: {len(short)} bearer token(s) shorter than 16 characters")
+    return tuple(dict.fromkeys(hashlib.sha256(t.encode()).hexdigest() for t in tokens))
+
+
+def token_sha256(cfg: ServeConfig) -> tuple[str, ...] | None:
+    """sha256s of the accepted bearer tokens (from --token-file or $IPSR_SERVE_TOKEN): only hashes reach the
+    replicas and the Serve config; None only with --insecure-no-auth."""
     if cfg.token_file:
         try:
-            token = open(os.path.expanduser(cfg.token_file), encoding="utf-8").read().strip()
+            text, where = open(os.path.expanduser(cfg.token_file), encoding="utf-8").read(), cfg.token_file
         except OSError as err:
             raise UserError(f"cannot read token file {cfg.token_file}: {err.strerror}") from None
-    if token:
-        if len(token) < 16:
-            raise UserError("the bearer token must be at least 16 characters")
-        return hashlib.sha256(token.encode()).hexdigest()
+    else:
+        text, where = os.environ.get(TOKEN_ENV, ""), f"${TOKEN_ENV}"
+    hashes = parse_tokens(text, where)
+    if hashes:
+        return hashes
     if cfg.insecure_no_auth:
         log.warning("serving WITHOUT authentication (--insecure-no-auth): local use only")
         return None
     raise UserError(
         f"no bearer token configured: set ${TOKEN_ENV} or --token-file (or --insecure-no-auth for local use only)"
     )
+
+
+class Tokens:
+    """A replica's accepted token hashes. With a token file, the file is checked every ``refresh_s`` and re-read
+    when it changed: a rollover (add the new token, move clients, remove the old one) needs no restart. A file
+    the replica can't read, or one left with no token, keeps the last good set (logged)."""
+
+    def __init__(self, hashes: tuple[str, ...] | None, token_file: str | None, refresh_s: float = 5.0):
+        self.hashes, self.refresh_s = hashes, refresh_s
+        self.path = os.path.expanduser(token_file) if token_file and hashes is not None else None
+        self._checked, self._stamp = time.monotonic(), self._file_stamp()
+
+    def _file_stamp(self) -> tuple | None:
+        try:
+            info = os.stat(self.path) if self.path else None
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino) if info else None
+
+    def current(self) -> tuple[str, ...] | None:
+        if self.path and time.monotonic() - self._checked >= self.refresh_s:
+            self._checked = time.monotonic()
+            stamp = self._file_stamp()
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    hashes = parse_tokens(open(self.path, encoding="utf-8").read(), self.path)
+                    if not hashes:
+                        raise UserError(f"{self.path}: no token")
+                    self.hashes = hashes
+                    log.info("token file %s re-read: %d token(s) accepted", self.path, len(hashes))
+                except (OSError, UserError) as err:
+                    log.error("token file %s not used (%s); the previous tokens stay valid", self.path, err)
+        return self.hashes
 
 
 @dataclass

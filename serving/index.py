@@ -32,8 +32,7 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, gallery: Gallery, device: torch.device, dtype: str = "float16") -> GalleryIndex:
-        unique, codes = np.unique(gallery.identities.astype(str), return_inverse=True)
-        names = unique.tolist()
+        names, codes = gallery.identity_codes()
         # Spare rows from the start (as `extended` grows it): the first enrolments after a load copy nothing.
         rows, dim = gallery.embeddings.shape
         matrix = torch.empty((rows + rows // 8, dim), dtype=getattr(torch, dtype), device=device)

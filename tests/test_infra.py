@@ -160,6 +160,15 @@ def test_rayservice_serves_exactly_serving_serve_config_yaml():
     assert cluster["authOptions"]["mode"] == "token"
     ports = {p["containerPort"] for p in containers(cluster["headGroupSpec"]["template"])[0]["ports"]}
     assert config["http_options"]["port"] in ports
+    # The serve tokens reach every pod as a mounted Secret file (updated in place: rollover without a restart),
+    # never as env.
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        (container,) = containers(template)
+        env = {e["name"]: e["value"] for e in container["env"]}
+        mount = next(m for m in container["volumeMounts"] if env["IPSR_SERVE_TOKEN_FILE"].startswith(m["mountPath"]))
+        assert volumes[mount["name"]]["secret"]["secretName"] == "ipsr-serve"
+        assert "ipsr-serve" not in str(container.get("envFrom"))
 
 
 def test_every_documented_serve_key_is_one_the_code_reads():

@@ -438,6 +438,41 @@ def test_cli_refuses_to_start_without_token(tmp_path):
     assert run.returncode == 2 and "models:/" in run.stderr, run.stderr
 
 
+def test_token_rollover_needs_no_restart(tmp_path, monkeypatch):
+    """A token file with the current and the next token: both are accepted; the file rewritten with the next one
+    alone: the replica's token set drops the old one within its refresh, without a restart. A file broken meanwhile
+    keeps the last good set; a short token, or none, is refused at start in one line."""
+    import time as clock
+
+    from ipsr_model.errors import UserError
+    from ipsr_platform.config import ServeConfig
+    from serving.edge import Tokens, authorised, token_sha256
+
+    old, new = "old-token-0123456789abcdef", "new-token-0123456789abcdef"
+    file = tmp_path / "tokens"
+    file.write_text(f"# rollover: current, then next\n{old}\n{new}\n")
+    cfg = ServeConfig(token_file=str(file))
+    tokens = Tokens(token_sha256(cfg), cfg.token_file, refresh_s=0.05)
+
+    def accepts(token: str) -> bool:
+        return authorised(f"Bearer {token}".encode(), tokens.current())
+
+    assert accepts(old) and accepts(new) and not accepts("x" * 26) and not authorised(b"", tokens.current())
+    file.write_text(f"{new}\n")
+    clock.sleep(0.1)
+    assert accepts(new) and not accepts(old)
+    file.write_text("short\n")  # a broken edit: the replica keeps serving the last good tokens
+    clock.sleep(0.1)
+    assert accepts(new)
+    monkeypatch.setenv("IPSR_SERVE_TOKEN", f"{old},{new}")
+    assert len(token_sha256(ServeConfig())) == 2
+    with pytest.raises(UserError, match="shorter than 16 characters"):
+        token_sha256(cfg)
+    monkeypatch.setenv("IPSR_SERVE_TOKEN", " , ")
+    with pytest.raises(UserError, match="no bearer token configured"):
+        token_sha256(ServeConfig())
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_gallery_store_is_append_only(where, s3, tmp_path):
     """Segments, tombstones, image_id de-duplication, the legacy one-file layout and a compaction that keeps what
@@ -816,9 +851,9 @@ def test_bulk_enrolment_equals_http_enrolment_and_a_rerun_adds_nothing(server, g
         (src / s / "1.pgm").write_bytes(orl[s][0])
     (src / "s1" / "broken.jpg").write_bytes(b"not an image at all")
     summary = run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True, rows_per_segment=16))
-    assert summary["enrolled"] == 40 and summary["rejected"] == {"unsupported_format": 1}, summary
-    assert summary["segments_written"] == 3 and summary["gallery_faces"] == 40  # 16 + 16 + 8: whole segments
-    rejects = pq.read_table(summary["rejects_file"]).to_pylist()
+    assert summary.enrolled == 40 and summary.rejected == {"unsupported_format": 1}, summary
+    assert summary.segments_written == 3 and summary.gallery_faces == 40  # 16 + 16 + 8: whole segments
+    rejects = pq.read_table(summary.rejects_file).to_pylist()
     assert [r["source"] for r in rejects] == [str(src / "s1" / "broken.jpg")]
 
     store = GalleryStore(str(env["home"] / "galleries"), Storage.from_env())
@@ -834,12 +869,68 @@ def test_bulk_enrolment_equals_http_enrolment_and_a_rerun_adds_nothing(server, g
     assert top[0] == top[1]
 
     again = run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True))
-    assert again["already_enrolled"] == 40 and again["enrolled"] == 0 and again["gallery_faces"] == 40
+    assert again.already_enrolled == 40 and again.enrolled == 0 and again.gallery_faces == 40
     other = tmp_path / "other.pt"
     state = torch.load(env["facenet"], map_location="cpu", weights_only=True)
     torch.save({k: v + 1e-3 if k == "last_bn.bias" else v for k, v in state.items()}, other)
     with pytest.raises(WeightsMismatch, match="holds embeddings of identity net"):
         run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True, identity_weights=str(other)))
+
+
+def _actor_pids(title: bytes) -> list[int]:
+    """PIDs of live Ray worker processes whose title (``ray::…``) contains ``title``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::") and title in cmdline.split(b"\0")[0]:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_bulk_enrolment_survives_a_killed_actor(env, att_faces, ray_session, tmp_path):
+    """An embedding actor SIGKILLed mid-run: Ray Data restarts it and retries its batch, the run finishes, and the
+    gallery holds every face exactly once (no face lost, none doubled)."""
+    import signal
+    import threading
+
+    from ipsr_platform.gallery import GalleryStore
+    from ipsr_platform.storage import Storage
+    from jobs.enrol import run
+
+    src = tmp_path / "src"
+    for s in SUBJECTS:
+        (src / s).mkdir(parents=True)
+        for i in range(1, 4):
+            (src / s / f"{i}.pgm").write_bytes((att_faces / s / f"{i}.pgm").read_bytes())
+    galleries = tmp_path / "galleries"
+    killed, stop = [], threading.Event()
+
+    def killer() -> None:  # once the first segment is written, kill one embedding actor
+        while not stop.is_set() and not killed:
+            pids = _actor_pids(b"Embedder")
+            if pids and list(galleries.glob("killed/segments/*.parquet")):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=killer, daemon=True)
+    watcher.start()
+    try:
+        result = run(_enrol_config(env, input=str(src), gallery="killed", galleries=str(galleries), aligned=True,
+                                   batch_size=4, rows_per_segment=8, num_actors=2))  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert killed, "no embedding actor was killed before the run ended"
+    gallery = GalleryStore(str(galleries), Storage.from_env()).load("killed")
+    ids = gallery.image_ids.tolist()
+    assert result.enrolled == 120 and len(ids) == 120 and len(set(ids)) == 120, (result, len(ids))
+    assert set(ids) == {f"{s}/{i}.pgm" for s in SUBJECTS for i in range(1, 4)}
 
 
 @pytest.mark.slow
@@ -873,3 +964,147 @@ def test_bulk_enrolment_command_aligns_photos_and_fails_when_nothing_enrols(serv
     errors = [line for line in empty.stderr.splitlines() if line.startswith("error:")]
     assert empty.returncode == 2 and len(errors) == 1, empty.stderr[-2000:]
     assert errors[0].startswith("error: no face enrolled from 1 input(s) (no_face 1); see "), errors
+
+
+# ---------------------------------------------------------------------------------------- bulk search (jobs)
+
+
+@pytest.mark.slow
+def test_bulk_identify_gives_the_services_answers(server, gallery, orl, env, tmp_path):
+    """`ipsr identify` of 16x12 and HR probes (nested folders, one broken file) against the HTTP-enrolled gallery
+    with the served model version: the service's top-3 per probe, scores within fp16 rounding; the SR faces written;
+    results are not overwritten unless asked; a rerun with --overwrite replaces them."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from ipsr_model.errors import UserError
+    from ipsr_platform.config import IdentifyConfig
+    from jobs.identify import run
+
+    version = requests.get(f"{server}/v1/model", headers=AUTH, timeout=10).json()["version"]
+    probes = {f"lr/{s}.png": orl[s][2] for s in SUBJECTS[:24]} | {f"hr/{s}.png": orl[s][1] for s in SUBJECTS[24:]}
+    src = tmp_path / "probes"
+    for name, data in probes.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    (src / "lr" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = IdentifyConfig(probes=str(src), gallery=gallery, out=str(tmp_path / "out"), aligned=True, top_k=3,
+                         save_sr=True, generator=f"models:/ipsr-unet/{version}", identity_weights=env["facenet"],
+                         galleries=str(env["home"] / "galleries"), batch_size=8, gallery_chunk=16,
+                         gallery_dtype="float16")  # the service's: the same arithmetic  # fmt: skip
+    summary = run(cfg)
+    assert (summary.identified, summary.super_resolved, summary.rejected) == (40, 24, {"corrupt": 1})
+    rows = pq.read_table(summary.matches_file).to_pylist()
+    assert pcsv.read_csv(tmp_path / "out" / "matches.csv").to_pylist() == rows
+    answer = identify(server, gallery, probes, top_k=3)
+    assert answer.status_code == 200 and {r["model_version"] for r in answer.json()["results"]} == {version}
+    for result in answer.json()["results"]:
+        mine = [r for r in rows if r["probe"] == result["name"]]
+        assert [m["identity"] for m in mine] == [m["identity"] for m in result["matches"]], result["name"]
+        assert [m["score"] for m in mine] == pytest.approx([m["score"] for m in result["matches"]], abs=2e-3)
+        assert all(m["super_resolved"] == result["super_resolved"] for m in mine)
+    assert sorted(p.name for p in (tmp_path / "out" / "sr" / "lr").iterdir()) == sorted(
+        f"{s}.png.png" for s in SUBJECTS[:24]
+    )
+    assert pq.read_table(tmp_path / "out" / "rejects.parquet").column("probe").to_pylist() == ["lr/broken.png"]
+
+    with pytest.raises(UserError, match="holds the results of an earlier run"):
+        run(cfg)
+    again = run(cfg.model_copy(update={"overwrite": True, "save_sr": False, "limit": 5}))
+    assert again.identified == 5 and not (tmp_path / "out" / "sr").exists()
+    assert len(pq.read_table(again.matches_file)) == 15
+
+
+@pytest.mark.slow
+def test_bulk_identify_refuses_bad_input_in_one_line(server, gallery, env, tmp_path):
+    """An unknown gallery (`python -m jobs.identify` = `ipsr identify`: exit 2, one line), a missing or empty probes
+    folder, a gallery of other weights, an unknown model: each one clear error before any result is written."""
+    from ipsr_model.errors import UserError
+    from ipsr_platform.config import IdentifyConfig
+    from jobs.identify import run
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "probes").mkdir()
+    (tmp_path / "probes" / "a.png").write_bytes(b"x")
+    other = tmp_path / "other.pt"
+    state = torch.load(env["facenet"], map_location="cpu", weights_only=True)
+    torch.save({k: v + 1e-3 if k == "last_bn.bias" else v for k, v in state.items()}, other)
+    common = {"probes": str(tmp_path / "probes"), "gallery": gallery, "out": str(tmp_path / "out"),
+              "identity_weights": env["facenet"], "galleries": str(env["home"] / "galleries")}  # fmt: skip
+    argv = [
+        arg for key, value in (common | {"gallery": "nobody"}).items() for arg in (f"--{key.replace('_', '-')}", value)
+    ]
+    done = subprocess.run([sys.executable, "-m", "jobs.identify", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert errors[0].startswith("error: gallery 'nobody' not found in "), errors
+    cases = [
+        ({"probes": str(tmp_path / "missing")}, "probes folder not found: "),
+        ({"probes": str(tmp_path / "empty")}, "no probe files under "),
+        ({"identity_weights": str(other)}, "gallery 'orl' holds embeddings of identity net "),
+        ({"generator": "models:/ipsr-unet/999"}, "no registered model version ipsr-unet/999"),
+        ({"out": str(tmp_path / "probes" / "out")}, "is inside --probes"),
+    ]
+    for change, expected in cases:
+        with pytest.raises(UserError, match=expected):
+            run(IdentifyConfig(**(common | change)))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_and_exits_0(gallery, champion, orl, env):
+    """`ipsr serve` (its own Ray) sent SIGTERM during a burst of identify requests: the requests already in flight
+    are answered whole, later ones are refused (never cut half-way), and the process exits 0 with one line and no
+    native stack dump."""
+    import signal
+    import threading
+
+    from helpers import stop_process_group
+
+    port = free_port()
+    argv = [IPSR, "serve", "--port", str(port), "--model", f"models:/ipsr-unet/{champion['version']}",
+            "--identity-weights", env["facenet"], "--galleries", str(env["home"] / "galleries"), "--max-batch-size",
+            "1", "--max-ongoing-requests", "4", "--drain-s", "60"]  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user starts it
+    proc = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                return requests.get(f"{base}/v1/healthz", timeout=5).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(up, 240, "ipsr serve")
+        probes = {s: orl[s][2] for s in SUBJECTS[:8]}
+        first_answer, signalled = threading.Event(), threading.Event()
+
+        def ask(_: int) -> tuple[str, object]:
+            try:
+                r = identify(base, gallery, probes, top_k=2)
+            except requests.ConnectionError as err:  # refused after the stop: fine; a cut body is not
+                return ("after" if signalled.is_set() else "before"), err
+            first_answer.set()
+            return ("after" if signalled.is_set() else "before"), r
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(ask, i) for i in range(24)]
+            assert first_answer.wait(120), "no answer before the stop"
+            os.kill(proc.pid, signal.SIGTERM)  # the process alone, as `docker stop` and Kubernetes send it
+            signalled.set()
+            outcomes = [f.result(timeout=180) for f in futures]
+        out, err = proc.communicate(timeout=180)
+    finally:
+        stop_process_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "ipsr serve stopped on SIGTERM" in out and "Traceback" not in err and "*** " not in err, (out, err[-3000:])
+    answered = [r for _, r in outcomes if isinstance(r, requests.Response) and r.status_code == 200]
+    for r in answered:  # whole answers: parseable, every probe with its matches
+        assert [len(x["matches"]) for x in r.json()["results"]] == [2] * len(probes)
+    cut = [r for _, r in outcomes if isinstance(r, requests.exceptions.ChunkedEncodingError)]
+    assert not cut, cut
+    assert len(answered) >= 2, outcomes

@@ -85,6 +85,13 @@ app.command("enrol")(
         doc="Bulk enrolment on Ray Data: identity folders → FaceNet embeddings → new segments of a gallery.",
     )
 )
+app.command("identify")(
+    job_command(
+        "identify",
+        "jobs.identify:run",
+        doc="Bulk search on Ray Data: probe images → (SR →) FaceNet → top-k identities of a gallery, Parquet + CSV.",
+    )
+)
 app.command("serve")(
     job_command(
         "serve",

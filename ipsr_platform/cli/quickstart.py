@@ -226,6 +226,7 @@ def _serve_demo(
         if keep_serving:
             console.print(f"serving at {url}/v1 (token in ${TOKEN_ENV}; docs {url}/docs) — Ctrl-C stops")
             serving.wait_until_stopped()
+            serving.drain()
     finally:
         serving.undeploy()
 

@@ -29,7 +29,7 @@ from ray.exceptions import AuthenticationError
 
 from ipsr_model.errors import UserError, first_line
 
-JOBS = ("preprocess", "train", "evaluate", "enrol")
+JOBS = ("preprocess", "train", "evaluate", "enrol", "identify")
 
 # Settings, not secrets: forwarded when set.
 FORWARDED_ENV = (
