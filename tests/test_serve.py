@@ -870,6 +870,10 @@ def test_bulk_enrolment_equals_http_enrolment_and_a_rerun_adds_nothing(server, g
 
     again = run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True))
     assert again.already_enrolled == 40 and again.enrolled == 0 and again.gallery_faces == 40
+    store.compact("bulk")  # the job's segments are ordinary ones: one segment after, the same rows and ids
+    compacted = store.load("bulk")
+    assert len(store.listing("bulk")[0]) == 1 and sorted(compacted.image_ids.tolist()) == sorted(bulk.image_ids)
+    assert run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True)).enrolled == 0
     other = tmp_path / "other.pt"
     state = torch.load(env["facenet"], map_location="cpu", weights_only=True)
     torch.save({k: v + 1e-3 if k == "last_bn.bias" else v for k, v in state.items()}, other)
