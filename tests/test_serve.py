@@ -1053,6 +1053,13 @@ def test_bulk_identify_refuses_bad_input_in_one_line(server, gallery, env, tmp_p
     for change, expected in cases:
         with pytest.raises(UserError, match=expected):
             run(IdentifyConfig(**(common | change)))
+    # An S3 store that does not answer (a closed port on 127.0.0.1): one line naming the prefix, after the retries.
+    from ipsr_platform.storage import RetryPolicy, S3Options, Storage
+
+    dead = Storage(S3Options(endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1", access_key="k",
+                             secret_key="s"), RetryPolicy(attempts=2, base_delay_s=0.0))  # fmt: skip
+    with pytest.raises(UserError, match="s3://nobucket/probes"):
+        run(IdentifyConfig(**(common | {"probes": "s3://nobucket/probes"})), storage=dead)
     assert not (tmp_path / "out").exists()
 
 
