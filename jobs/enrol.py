@@ -33,7 +33,7 @@ from ipsr_platform.config import EnrolConfig
 from ipsr_platform.faces import Rejected, enrolment_faces
 from ipsr_platform.gallery import GalleryStore, WeightsMismatch, check_name
 from ipsr_platform.storage import Storage, join, normalize
-from jobs.preprocess import Stage, list_inputs, read_stage
+from jobs.preprocess import input_dataset, list_inputs, read_by_stage_actors
 
 OUT_SCHEMA = pa.schema(
     [
@@ -227,15 +227,11 @@ def _pipeline(cfg: EnrolConfig, storage: Storage, todo: pa.Table, sha256: str, f
     import ray.data
 
     n, actor_args = cluster.actor_pool(cfg.device, cfg.num_actors)
-    block = max(cfg.batch_size, min(1024, -(-todo.num_rows // (4 * n))))
-    ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
+    ds = input_dataset(todo, cfg.batch_size, n)
     if rows:
         ds = ds.map_batches(face_stage, batch_size=None, batch_format="pyarrow", num_cpus=0)
-    else:  # reads wait on storage, not on a CPU: no CPU slot, beside the actors that hold every core (preprocess)
-        read = dict(storage=storage, max_bytes=cfg.max_bytes, io_threads=cfg.io_threads)
-        ds = ds.map_batches(Stage, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                            compute=ray.data.ActorPoolStrategy(size=max(1, -(-n // 4))),
-                            fn_constructor_kwargs=dict(fn=read_stage, kwargs=read))  # fmt: skip
+    else:
+        ds = read_by_stage_actors(ds, storage, cfg.max_bytes, cfg.io_threads, actors=max(1, -(-n // 4)))
     embedder = dict(cfg=cfg, identity_net_sha256=sha256, aligned_input=faces)
     return ds.map_batches(Embedder, batch_size=cfg.batch_size, batch_format="pyarrow", **actor_args,
                           compute=ray.data.ActorPoolStrategy(size=n), fn_constructor_kwargs=embedder)  # fmt: skip

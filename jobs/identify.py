@@ -21,7 +21,7 @@ import io
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from ipsr_platform.config import IdentifyConfig
 from ipsr_platform.faces import FaceAligner, Rejected
 from ipsr_platform.gallery import GalleryStore, WeightsMismatch, check_name
 from ipsr_platform.storage import Storage, join, normalize
-from jobs.preprocess import Stage, read_stage
+from jobs.preprocess import input_dataset, read_by_stage_actors
 
 MATCHES, CSV, REJECTS, SR = "matches.parquet", "matches.csv", "rejects.parquet", "sr"
 OUT_SCHEMA = pa.schema(
@@ -192,8 +192,7 @@ def run(cfg: IdentifyConfig, storage: Storage | None = None) -> IdentifyResult:
     gallery_ref = ray.put(shared)
     del shared
     matches, rejects = _search(cfg, storage, probes, [gallery_ref], model, tracking.tracking_uri(), sha256, out)
-    result = _write(cfg, storage, out, probes.num_rows, matches, rejects, time.perf_counter() - t_start)
-    result = replace(result, model=model)
+    result = _write(cfg, storage, out, model, probes.num_rows, matches, rejects, time.perf_counter() - t_start)
     _print_summary(result)
     if not result.identified:
         top = ", ".join(f"{reason} {n}" for reason, n in result.rejected.items())
@@ -260,12 +259,8 @@ def _search(cfg: IdentifyConfig, storage: Storage, probes: pa.Table, gallery: li
     import ray.data
 
     n, actor_args = cluster.actor_pool(cfg.device, cfg.num_actors)
-    block = max(cfg.batch_size, min(1024, -(-probes.num_rows // (4 * n))))
-    ds = ray.data.from_arrow([probes.slice(i, block) for i in range(0, probes.num_rows, block)])
-    read = dict(storage=storage, max_bytes=cfg.max_bytes, io_threads=cfg.io_threads)
-    ds = ds.map_batches(Stage, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                        compute=ray.data.ActorPoolStrategy(size=max(1, -(-n // 4))),
-                        fn_constructor_kwargs=dict(fn=read_stage, kwargs=read))  # fmt: skip
+    ds = input_dataset(probes, cfg.batch_size, n)
+    ds = read_by_stage_actors(ds, storage, cfg.max_bytes, cfg.io_threads, actors=max(1, -(-n // 4)))
     searcher = dict(cfg=cfg, model=model, tracking_uri=tracking_uri, gallery=gallery, sha256=sha256, out=out,
                     storage=storage)  # fmt: skip
     ds = ds.map_batches(Searcher, batch_size=cfg.batch_size, batch_format="pyarrow", **actor_args,
@@ -282,8 +277,8 @@ def _search(cfg: IdentifyConfig, storage: Storage, probes: pa.Table, gallery: li
     return matches.sort_by([("probe", "ascending"), ("rank", "ascending")]), rejects.sort_by("probe")
 
 
-def _write(cfg: IdentifyConfig, storage: Storage, out: str, seen: int, matches: pa.Table, rejects: pa.Table,
-           seconds: float) -> IdentifyResult:  # fmt: skip
+def _write(cfg: IdentifyConfig, storage: Storage, out: str, model: str, seen: int, matches: pa.Table,
+           rejects: pa.Table, seconds: float) -> IdentifyResult:  # fmt: skip
     """rejects, the CSV, then matches.parquet: the last file is the mark of a whole run."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
@@ -305,7 +300,7 @@ def _write(cfg: IdentifyConfig, storage: Storage, out: str, seen: int, matches: 
     identified = probes_in(matches)
     return IdentifyResult(
         gallery=cfg.gallery,
-        model=cfg.generator,
+        model=model,
         probes=seen,
         identified=identified,
         super_resolved=probes_in(matches.filter(matches.column("super_resolved"))),

@@ -317,6 +317,33 @@ class Stage:
         return self.fn(batch, **self.kwargs)
 
 
+def read_by_stage_actors(ds, storage: Storage, max_bytes: int, io_threads: int, actors: int):
+    """``ds`` (``source``, ``size``) with ``data`` read (``read_stage``) in a small fixed pool of ``Stage`` actors.
+    Reads wait on storage, not on the CPU: they take no CPU slot, so they run beside the model actors that hold
+    every core (with a CPU request they would wait for a free core that never comes)."""
+    import ray.data
+
+    return ds.map_batches(
+        Stage,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs=dict(
+            fn=read_stage, kwargs=dict(storage=storage, max_bytes=max_bytes, io_threads=io_threads)
+        ),
+    )
+
+
+def input_dataset(table: pa.Table, batch_size: int, model_actors: int):
+    """``table`` as a Ray Dataset of blocks of at least one batch, about four per model actor (≤ 1,024 rows), so
+    that the actors stay busy while a read waits on storage."""
+    import ray.data
+
+    block = max(batch_size, min(1024, -(-table.num_rows // (4 * model_actors))))
+    return ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
+
+
 def _write_shard(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     if isinstance(fs, pafs.LocalFileSystem):  # S3 has no folders to make
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -530,21 +557,9 @@ def _pipeline(
     """read → align (n actors) → write, as one streaming Ray Dataset (not started yet)."""
     import ray.data
 
+    # Reads and writes take no CPU slot (``read_by_stage_actors``): one reader's thread pool keeps several aligners fed.
     return (
-        ray.data.from_arrow(blocks)
-        # Reads and writes wait on storage, not on the CPU: they take no CPU slot, so they run beside the
-        # actors that hold every core (with a CPU request they would wait for a free core that never comes), in a
-        # small fixed pool of actors (``Stage``): one reader's thread pool keeps several aligners fed.
-        .map_batches(
-            Stage,
-            batch_size=None,
-            batch_format="pyarrow",
-            num_cpus=0,
-            compute=ray.data.ActorPoolStrategy(size=io_actors),
-            fn_constructor_kwargs=dict(
-                fn=read_stage, kwargs=dict(storage=storage, max_bytes=cfg.max_bytes, io_threads=cfg.io_threads)
-            ),
-        )
+        read_by_stage_actors(ray.data.from_arrow(blocks), storage, cfg.max_bytes, cfg.io_threads, io_actors)
         .map_batches(
             Aligner,
             batch_size=cfg.batch_size,

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -25,3 +26,17 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def ray_worker_pids(title: bytes) -> list[int]:
+    """PIDs of live Ray worker processes whose title (``ray::…``, e.g. ``ray::RayTrainWorker``) contains ``title``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::") and title in cmdline.split(b"\0")[0]:
+                pids.append(int(entry.name))
+    return pids

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, ray_worker_pids
 
 requests = pytest.importorskip("requests")
 
@@ -881,20 +881,6 @@ def test_bulk_enrolment_equals_http_enrolment_and_a_rerun_adds_nothing(server, g
         run(_enrol_config(env, input=str(src), gallery="bulk", aligned=True, identity_weights=str(other)))
 
 
-def _actor_pids(title: bytes) -> list[int]:
-    """PIDs of live Ray worker processes whose title (``ray::…``) contains ``title``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"ray::") and title in cmdline.split(b"\0")[0]:
-                pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.slow
 def test_bulk_enrolment_survives_a_killed_actor(env, att_faces, ray_session, tmp_path):
     """An embedding actor SIGKILLed mid-run: Ray Data restarts it and retries its batch, the run finishes, and the
@@ -916,7 +902,7 @@ def test_bulk_enrolment_survives_a_killed_actor(env, att_faces, ray_session, tmp
 
     def killer() -> None:  # once the first segment is written, kill one embedding actor
         while not stop.is_set() and not killed:
-            pids = _actor_pids(b"Embedder")
+            pids = ray_worker_pids(b"Embedder")
             if pids and list(galleries.glob("killed/segments/*.parquet")):
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ray_worker_pids
 
 from ipsr_model.errors import UserError
 
@@ -75,15 +76,7 @@ def make_config(data: str, facenet: str, **overrides):
 
 def train_worker_pids() -> list[int]:
     """PIDs of live Ray Train worker processes (process title ``ray::RayTrainWorker…``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+    return ray_worker_pids(b"RayTrainWorker")
 
 
 def committed_step(run_dir: Path) -> int:
