@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -426,10 +427,16 @@ def test_config_precedence_yaml_env_flags(tmp_path, monkeypatch):
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Exit code and what the CLI wrote to stderr. Lines that Ray's log monitor streams from an earlier test's
+    session (``(pid=gcs_server) …``, from a background thread of this process) are not the CLI's and are dropped."""
     monkeypatch.setattr(sys, "argv", ["ipsr", "preprocess", *args])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
-    return exit_.value.code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    return exit_.value.code, "".join(line for line in err.splitlines(True) if not _RAY_STREAMED.match(line))
+
+
+_RAY_STREAMED = re.compile(r"(\x1b\[[0-9;]*m)?\([^)]*pid=")
 
 
 @pytest.mark.parametrize(
