@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 
@@ -82,6 +83,16 @@ class Guard:
 
 
 api.add_middleware(Guard)
+
+
+@api.exception_handler(RequestValidationError)
+async def _one_line_validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    """FastAPI answers a bad query value with a JSON list of every failed check; ipsr's errors are one line."""
+    errors = err.errors()
+    first = errors[0] if errors else {}
+    where = " ".join(str(part) for part in first.get("loc", ("request",)))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return _error(422, f"{where}: {first.get('msg', 'invalid')}{more}")
 
 
 def authorised(header: bytes, token_sha256s: tuple[str, ...] | None) -> bool:

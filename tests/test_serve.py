@@ -1105,3 +1105,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(gallery, champion, orl, e
     cut = [r for _, r in outcomes if isinstance(r, requests.exceptions.ChunkedEncodingError)]
     assert not cut, cut
     assert len(answered) >= 2, outcomes
+
+
+def test_fuzzed_requests_get_no_500_and_refusals_change_no_gallery(server, gallery):
+    """#28's fuzzer of the HTTP edge (bench/fuzz_edge.py: hostile bodies, images, names, queries, tokens, headers)
+    on a small derandomised budget: no 5xx but 503, every 4xx one line, a refused enrolment changes no gallery, an
+    answered one is all there, and the replica still answers afterwards. The long random run is the bench's."""
+    from bench.fuzz_edge import fuzz
+
+    fuzz(server, TOKEN, examples=120, derandomize=True)
+    r = requests.get(f"{server}/v1/galleries/{gallery}", headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["identities"] == 40, r.text  # the other tests' gallery untouched
