@@ -47,20 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    home = Path(tempfile.mkdtemp(prefix="ipsr-bench-serve-"))
-    atexit.register(shutil.rmtree, home, ignore_errors=True)  # no run leaves its registry and gallery behind
-    from ipsr_model.weights import classify_source, fetch_identity_weights
-
-    weights = args.identity_weights
-    if classify_source(weights) not in ("path", "none"):
-        weights = str(fetch_identity_weights(weights))  # before $IPSR_HOME moves to the scratch home
-    os.environ.update(
-        IPSR_HOME=str(home),
-        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
-        IPSR_SERVE_TOKEN=TOKEN,
-        RAY_AUTH_MODE="disabled",
-    )
-
+    weights = scratch_home(args.identity_weights)
     import ray
     import torch
     from ray import serve
@@ -159,6 +146,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scratch_home(identity_weights: str = "casia-webface-offline") -> str:
+    """A throwaway $IPSR_HOME (registry, galleries), removed at exit, and the bench token; the FaceNet weights'
+    local path (fetched from the usual cache first)."""
+    from ipsr_model.weights import classify_source, fetch_identity_weights
+
+    home = Path(tempfile.mkdtemp(prefix="ipsr-bench-serve-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # no run leaves its registry and gallery behind
+    weights = identity_weights
+    if classify_source(weights) not in ("path", "none"):
+        weights = str(fetch_identity_weights(weights))  # before $IPSR_HOME moves to the scratch home
+    os.environ.update(
+        IPSR_HOME=str(home),
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+        IPSR_SERVE_TOKEN=TOKEN,
+        RAY_AUTH_MODE="disabled",
+    )
+    return weights
+
+
 def cpu_name() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -166,8 +172,8 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def register(generator) -> str:
-    """Log the generator in pt2 format (as `ipsr train` does) and register it as ipsr-unet@champion."""
+def register(generator, alias: str = "champion") -> str:
+    """Log the generator in pt2 format (as `ipsr train` does) and register it as ipsr-unet@``alias``."""
     import mlflow
     import torch
 
@@ -181,7 +187,7 @@ def register(generator) -> str:
         info = mlflow.pytorch.log_model(
             generator, name="generator", input_example=torch.zeros(2, 3, 128, 128).numpy(), serialization_format="pt2"
         )
-    return tracking.register(info.model_uri, "ipsr-unet", alias="champion", uri=uri)
+    return tracking.register(info.model_uri, "ipsr-unet", alias=alias, uri=uri)
 
 
 def load_orl(root: Path) -> tuple[dict[str, bytes], list[bytes]]:
