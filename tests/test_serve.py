@@ -1122,9 +1122,9 @@ def test_fuzzed_requests_get_no_500_and_refusals_change_no_gallery(server, galle
 def test_soak_with_replica_kills_and_a_hot_swap_keeps_every_acknowledged_write(server, server_config, champion,
                                                                                 orl, env):  # fmt: skip
     """#28's soak (bench/soak.py) for 70 s: 2 replicas, mixed load from 4 clients, a replica killed at 10 s (Serve
-    takes about a minute on 2 cores to replace it; the soak waits for that), the alias moved at 35 s. Every enrolment answered
-    200 is there exactly once, a deleted person is not, nor returned later than a refresh after the delete; no 5xx
-    but 503 and Serve's 500 for a request cut by a kill; the new version answers."""
+    takes about a minute on 2 cores to replace it; the soak waits for that), the alias moved at 35 s. Every
+    enrolment answered 200 is there exactly once, a deleted person is not, nor returned later than a refresh after
+    the delete; no 5xx but 503 and Serve's 500 for a request cut by a kill; the new version answers."""
     from ray import serve
 
     from bench.soak import broken, soak
