@@ -43,6 +43,7 @@ class Record:
     calls: list = field(default_factory=list)  # (route, status, started, ended)
     acked: dict = field(default_factory=dict)  # identity → faces acknowledged
     deleted: dict = field(default_factory=dict)  # identity → when its delete was answered
+    maybe_deleted: set = field(default_factory=set)  # a delete cut by a kill or a timeout: done or not, unknown
     matches: list = field(default_factory=list)  # (started, identities returned, model versions)
     kills: list = field(default_factory=list)  # (killed at, running again at)
     swap: dict = field(default_factory=dict)
@@ -96,13 +97,14 @@ def enrol(base, auth, rec: Record, faces: list[bytes], rng: random.Random, perso
             sends -= 1
             if not sends:
                 return
-        elif r is not None and r.status_code != 503:
+        elif r is not None and r.status_code < 500:
             return  # a refusal (4xx/500): counted by route and status
 
 
 def delete(base, auth, rec: Record, rng: random.Random) -> None:
     with rec.lock:
-        candidates = [p for p in rec.acked if p not in rec.deleted and not p.startswith("seed")]
+        gone = rec.deleted.keys() | rec.maybe_deleted
+        candidates = [p for p in rec.acked if p not in gone and not p.startswith("seed")]
     if not candidates:
         return
     person = rng.choice(candidates)
@@ -112,9 +114,11 @@ def delete(base, auth, rec: Record, rng: random.Random) -> None:
     except requests.RequestException:
         r = None
     rec.call("delete", r.status_code if r is not None else 0, started)
-    if r is not None and r.status_code == 200:
-        with rec.lock:
+    with rec.lock:
+        if r is not None and r.status_code == 200:
             rec.deleted[person] = time.monotonic()
+        elif r is None or r.status_code >= 500:
+            rec.maybe_deleted.add(person)
 
 
 def read(base, auth, rec: Record) -> None:
@@ -257,8 +261,9 @@ def report(rec: Record, held: dict[str, int], began: float, rss_start: dict, rss
     for route, status, started, ended in rec.calls:
         if status == 200:
             latency[f"{route} {'inside' if in_kill_window(started) else 'outside'} kills"].append(ended - started)
-    live = {p: n for p, n in rec.acked.items() if p not in rec.deleted}
-    lost = {p: (n, held.get(p, 0)) for p, n in live.items() if held.get(p, 0) != n}
+    live = {p: n for p, n in rec.acked.items() if p not in rec.deleted}  # a maybe-deleted person: all or nothing
+    lost = {p: (n, held.get(p, 0)) for p, n in live.items()
+            if held.get(p, 0) != n and not (p in rec.maybe_deleted and p not in held)}  # fmt: skip
     returned = [(started - rec.deleted[p], p) for started, names, _ in rec.matches for p in names
                 if p in rec.deleted and started > rec.deleted[p]]  # fmt: skip
     swap_at, new = rec.swap.get("at"), rec.swap.get("version")
@@ -271,6 +276,7 @@ def report(rec: Record, held: dict[str, int], began: float, rss_start: dict, rss
         "acknowledged_faces": sum(rec.acked.values()),
         "lost_or_doubled": lost,
         "deleted": len(rec.deleted),
+        "deletes_cut_by_a_fault": len(rec.maybe_deleted),
         "deleted_still_held": sorted(p for p in rec.deleted if p in held),
         "deleted_returned_after_answer": len(returned),
         "deleted_returned_max_lag_s": round(max((lag for lag, _ in returned), default=0.0), 2),
@@ -284,6 +290,7 @@ def report(rec: Record, held: dict[str, int], began: float, rss_start: dict, rss
         "swap": {"version": new, "old_version_answers_after_s": round(max(old_after, default=0.0), 1)},
         "latency": {k: _percentiles(v) for k, v in sorted(latency.items())},
         "replica_rss_mib_start": {pid: rss // 2**20 for pid, rss in rss_start.items()},
+        "replica_rss_mib_minute_2": {pid: rss // 2**20 for pid, rss in rec.rss_mid.items()},
         "replica_rss_mib_end": {pid: rss // 2**20 for pid, rss in rss_end.items()},
         "replica_rss_growth_pct_since_minute_2": {
             pid: round(100 * (rss_end[pid] / rec.rss_mid[pid] - 1), 1) for pid in rss_end if pid in rec.rss_mid
