@@ -176,8 +176,9 @@ def chaos(app: str, rec: Record, began: float, deadline: float, kill_every: floa
             rec.rss_mid = replica_rss(app)
         if not rec.swap and time.monotonic() >= began + swap_at:
             rec.swap = {"at": time.monotonic(), "version": str(swap())}
-        live = sorted(replicas(app), key=lambda a: a["name"])
-        if time.monotonic() >= next_kill and len(live) == 2 and running_replicas(app) == 2:
+        due = time.monotonic() >= next_kill
+        live = sorted(replicas(app), key=lambda a: a["name"]) if due else []  # no actor listing until a kill is due
+        if due and len(live) == 2 and running_replicas(app) == 2:
             victim = live[turn % 2]
             ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
             killed, turn, next_kill = time.monotonic(), turn + 1, time.monotonic() + kill_every
