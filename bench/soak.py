@@ -9,7 +9,8 @@ would), gallery reads, identity deletions. Chaos: a replica ``ray.kill``ed every
 in turn) and once, mid-run, the served alias moved to a new model version. Recorded: requests by route and status;
 acknowledged (200) enrolments present exactly once afterwards; deleted identities returned by an identify that
 started after the delete was answered; p50/p99 per route outside and inside kill windows (a kill until Serve has
-two running replicas again); that recovery time; each replica's RSS at start and end. Exit 1 if an invariant broke.
+two running replicas again); that recovery time; each replica's RSS every 10 s, and its growth from minute 2 of its life
+to its last sample (``--kill-every 0``: no kills, the replicas live the whole run). Exit 1 if an invariant broke.
 ``tests/test_serve.py`` runs the same ``soak`` for ~75 s against its own service.
 """
 
@@ -31,8 +32,12 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.procs import rss_bytes, titled  # noqa: E402 - after the path insert
+
 GALLERY = "soak"
 TIMEOUT = 120
+RSS_EVERY_S = 10
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Record:
     matches: list = field(default_factory=list)  # (started, identities returned, model versions)
     kills: list = field(default_factory=list)  # (killed at, running again at)
     swap: dict = field(default_factory=dict)
-    rss_mid: dict = field(default_factory=dict)  # replica pid → RSS at minute 2 (a fifth of a shorter run)
+    rss: dict = field(default_factory=dict)  # replica pid → [(when, RSS bytes)], sampled every RSS_EVERY_S
 
     def call(self, route: str, status: int, started: float) -> None:
         with self.lock:
@@ -170,10 +175,12 @@ def chaos(app: str, rec: Record, began: float, deadline: float, kill_every: floa
     Each kill's recovery is watched by its own thread, so the swap and the next kill keep their schedule."""
     import ray
 
-    turn, next_kill, watchers = 0, began + kill_every, []
+    turn, next_kill, next_rss, watchers = 0, began + kill_every if kill_every > 0 else float("inf"), began, []
     while time.monotonic() < deadline - 5:
-        if not rec.rss_mid and time.monotonic() >= began + min(120, (deadline - began) / 5):
-            rec.rss_mid = replica_rss(app)
+        if time.monotonic() >= next_rss:
+            next_rss = time.monotonic() + RSS_EVERY_S
+            for pid, size in replica_rss(app).items():
+                rec.rss.setdefault(pid, []).append((time.monotonic(), size))
         if not rec.swap and time.monotonic() >= began + swap_at:
             rec.swap = {"at": time.monotonic(), "version": str(swap())}
         due = time.monotonic() >= next_kill
@@ -203,16 +210,8 @@ def recovered(app: str, victim: str, until: float) -> float:
 
 def replica_rss(app: str) -> dict[int, int]:
     """pid → RSS bytes of this machine's replica processes of ``app`` (their title names the app)."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            title = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-            if f"ServeReplica:{app}" in title:
-                pages = int(open(f"/proc/{pid}/statm").read().split()[1])
-                found[int(pid)] = pages * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-    return found
+    sizes = {pid: rss_bytes(pid) for pid in titled(f"ServeReplica:{app}")}
+    return {pid: size for pid, size in sizes.items() if size is not None}
 
 
 # --- the run and its report -------------------------------------------------------------------------------------
@@ -291,12 +290,22 @@ def report(rec: Record, held: dict[str, int], began: float, rss_start: dict, rss
         "swap": {"version": new, "old_version_answers_after_s": round(max(old_after, default=0.0), 1)},
         "latency": {k: _percentiles(v) for k, v in sorted(latency.items())},
         "replica_rss_mib_start": {pid: rss // 2**20 for pid, rss in rss_start.items()},
-        "replica_rss_mib_minute_2": {pid: rss // 2**20 for pid, rss in rec.rss_mid.items()},
         "replica_rss_mib_end": {pid: rss // 2**20 for pid, rss in rss_end.items()},
-        "replica_rss_growth_pct_since_minute_2": {
-            pid: round(100 * (rss_end[pid] / rec.rss_mid[pid] - 1), 1) for pid in rss_end if pid in rec.rss_mid
-        },
+        "replica_rss_growth_pct_minute_2_to_last": rss_growth(rec.rss),
     }
+
+
+def rss_growth(samples: dict, settle_s: float = 120) -> dict:
+    """pid → RSS growth (%) of each replica from ``settle_s`` after it was first seen to its last sample, for the
+    replicas seen at least twice that long (a replica killed sooner says nothing about a leak)."""
+    growth = {}
+    for pid, series in samples.items():
+        settled = [(t, size) for t, size in series if t >= series[0][0] + settle_s]
+        if settled and settled[-1][0] - series[0][0] >= 2 * settle_s:
+            growth[pid] = {"mib": [settled[0][1] // 2**20, settled[-1][1] // 2**20],
+                           "over_s": round(settled[-1][0] - settled[0][0]),
+                           "pct": round(100 * (settled[-1][1] / settled[0][1] - 1), 1)}  # fmt: skip
+    return growth
 
 
 def broken(result: dict, refresh_s: float) -> list[str]:
@@ -316,12 +325,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "att_faces")
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--kill-every", type=float, default=120.0)
+    parser.add_argument("--kill-every", type=float, default=120.0, help="seconds; 0: no kills (a leak run)")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "soak")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from bench.serve import TOKEN, free_port, load_orl, register, scratch_home
 
     weights = scratch_home()

@@ -2,7 +2,7 @@
 
     list (driver)            SRC/<identity>/<image> (local or s3://), or an `ipsr preprocess` output's faces; an
                              input whose image_id the gallery already holds is skipped (a rerun adds nothing twice)
-    → read (Stage actors)    bytes; too_large / io_error rejects
+    → read (Reader actors)   bytes; too_large / io_error rejects
     → embed (n actors)       MTCNN alignment unless --aligned (then the centre square, as `ipsr serve`'s
                              aligned=true), FaceNet on the 128×128 face: HR gallery faces are not super-resolved
     → append (driver)        one immutable gallery segment per ``rows_per_segment`` faces (ipsr_platform/gallery.py):

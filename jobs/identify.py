@@ -2,7 +2,7 @@
 
     list (driver)            every file under PROBES (local or s3://), recursively; a probe is named by its path
                              under PROBES
-    → read (Stage actors)    bytes; too_large / io_error rejects
+    → read (Reader actors)   bytes; too_large / io_error rejects
     → search (n actors)      decode; a low-resolution probe (both sides ≤ lr_max_side) is stretched to 128×128, a
                              larger one aligned by MTCNN unless --aligned (then its centre square) — the service's
                              rule (``faces.probe_face``); SR (U-Net) → FaceNet → top-k identities of the gallery

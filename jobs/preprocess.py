@@ -317,14 +317,22 @@ class Stage:
         return self.fn(batch, **self.kwargs)
 
 
+class Reader(Stage):
+    """``read_stage`` in an actor: its own name in Ray's progress, dashboard and process titles."""
+
+
+class Writer(Stage):
+    """``write_stage`` in an actor."""
+
+
 def read_by_stage_actors(ds, storage: Storage, max_bytes: int, io_threads: int, actors: int):
-    """``ds`` (``source``, ``size``) with ``data`` read (``read_stage``) in a small fixed pool of ``Stage`` actors.
+    """``ds`` (``source``, ``size``) with ``data`` read (``read_stage``) in a small fixed pool of ``Reader`` actors.
     Reads wait on storage, not on the CPU: they take no CPU slot, so they run beside the model actors that hold
     every core (with a CPU request they would wait for a free core that never comes)."""
     import ray.data
 
     return ds.map_batches(
-        Stage,
+        Reader,
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0,
@@ -569,7 +577,7 @@ def _pipeline(
             fn_constructor_kwargs=dict(cfg=cfg, identity_net_sha256=identity_net_sha256),
         )
         .map_batches(
-            Stage,
+            Writer,
             batch_size=cfg.rows_per_shard,
             batch_format="pyarrow",
             num_cpus=0,
