@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,25 @@ def _write_json(storage: Storage, uri: str, obj: dict) -> None:
     storage.move(uri + ".tmp", uri)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training job described by ``config``; returns a summary."""
+@dataclass(frozen=True)
+class TrainResult:
+    """What `ipsr train` answers; kept (as a dict) in the run record, so that rerunning a finished run answers the
+    same."""
+
+    run_name: str
+    mlflow_run_id: str
+    model: str  # the registered name
+    model_version: str
+    model_uri: str  # models:/<name>@candidate
+    steps: int
+    resumed_from_step: int
+    checkpoint: str  # the last checkpoint's URI
+    val_rank1: dict[str, float]  # val size (and "HR", "mean") → rank-1 at the last validation
+    already_finished: bool = False  # this call found the run finished and did nothing
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) the training job described by ``config``."""
     from ipsr_model.paths import runs_dir
     from ipsr_model.weights import load_identity_weights
 
@@ -115,7 +133,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     record = _earlier_record(config, storage, record_uri, storage_root, uri)
     if record is not None and record.get("status") == "finished":
         log.info("run %s already finished: %s", config.run_name, record["summary"])
-        return {**record["summary"], "already_finished": True}
+        return TrainResult(**{**record["summary"], "already_finished": True})
     if data.n_train == 0:
         raise UserError(f"--data {data.uri}: the train split is empty")
     use_embeddings, why = hr_embeddings_use(config, data, identity_sha256)
@@ -158,25 +176,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
     version = _log_and_register(config, state, data, identity_sha256, run_id, uri)
     summary = _summary(config, state, run_id, version, join(storage_root, config.run_name, Path(last.path).name))
     tracking.set_run_status(run_id, "FINISHED", uri)
-    _write_json(storage, record_uri, {**record, "status": "finished", "summary": summary})
+    _write_json(storage, record_uri, {**record, "status": "finished", "summary": asdict(summary)})
     return summary
 
 
-def _summary(config: TrainConfig, state: dict[str, Any], run_id: str, version: str, checkpoint_uri: str) -> dict:
-    """What `ipsr train` answers (and keeps in the run record): the registered version, steps, validation."""
+def _summary(config: TrainConfig, state: dict[str, Any], run_id: str, version: str, checkpoint_uri: str) -> TrainResult:
     metrics = state["metrics"]
-    return {
-        "run_name": config.run_name,
-        "mlflow_run_id": run_id,
-        "model": config.register_as,
-        "model_version": version,
-        "model_uri": f"models:/{config.register_as}@{tracking.CANDIDATE}",
-        "steps": int(state["step"]),
-        "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
-        "checkpoint": checkpoint_uri,
-        "val_rank1": {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
+    return TrainResult(
+        run_name=config.run_name,
+        mlflow_run_id=run_id,
+        model=config.register_as,
+        model_version=version,
+        model_uri=f"models:/{config.register_as}@{tracking.CANDIDATE}",
+        steps=int(state["step"]),
+        resumed_from_step=int(metrics.get("resumed_from_step", 0)),
+        checkpoint=checkpoint_uri,
+        val_rank1={k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
         | {"mean": metrics[SCORE]},
-    }
+    )
 
 
 def _earlier_record(config: TrainConfig, storage: Storage, record_uri: str, storage_root: str, uri: str) -> dict | None:
@@ -365,18 +382,18 @@ def _log_and_register(
     return tracking.register(info.model_uri, config.register_as, alias=tracking.CANDIDATE, tags=tags, uri=uri)
 
 
-def run_and_report(config: TrainConfig) -> dict[str, Any]:
+def run_and_report(config: TrainConfig) -> TrainResult:
     """``ipsr train``: train, then say what was registered."""
-    summary = train(config)
-    if summary.get("already_finished"):
-        console.say(f"run {summary['run_name']} already finished; nothing to do")
-    val = ", ".join(f"{size} {value:.3f}" for size, value in summary["val_rank1"].items())
+    result = train(config)
+    if result.already_finished:
+        console.say(f"run {result.run_name} already finished; nothing to do")
+    val = ", ".join(f"{size} {value:.3f}" for size, value in result.val_rank1.items())
     console.say(
-        f"run {summary['run_name']}: {summary['steps']} steps (resumed from step {summary['resumed_from_step']}); "
-        f"val rank-1 {val}\nregistered {summary['model']} version {summary['model_version']} as "
-        f"{summary['model_uri']} (MLflow run {summary['mlflow_run_id']})"
+        f"run {result.run_name}: {result.steps} steps (resumed from step {result.resumed_from_step}); "
+        f"val rank-1 {val}\nregistered {result.model} version {result.model_version} as "
+        f"{result.model_uri} (MLflow run {result.mlflow_run_id})"
     )
-    return summary
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -123,11 +123,9 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     assert "HR embeddings: precomputed" in capsys.readouterr().out  # the dataset has them, the weights match
 
     total = 2 * STEPS_PER_EPOCH
-    assert summary["steps"] == total and summary["resumed_from_step"] == 0
-    assert set(summary["val_rank1"]) == {"HR", "16x12", "21x15", "32x32", "mean"} and summary["val_rank1"]["HR"] == 1.0
-    assert (
-        summary["model_version"] == "1" and summary["checkpoint"] == f"s3://ckpts/runs/run/checkpoint_step{total:09d}"
-    )
+    assert summary.steps == total and summary.resumed_from_step == 0
+    assert set(summary.val_rank1) == {"HR", "16x12", "21x15", "32x32", "mean"} and summary.val_rank1["HR"] == 1.0
+    assert summary.model_version == "1" and summary.checkpoint == f"s3://ckpts/runs/run/checkpoint_step{total:09d}"
 
     # Checkpoints live in S3: keep_checkpoints=1 keeps the best validated one plus the latest; the step
     # checkpoints (3, 6, 9, 12) carry no validation and are gone.
@@ -141,7 +139,7 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     uri = tracking.tracking_uri()
     assert uri == f"sqlite:///{(home / 'mlflow.db').resolve()}"
     client = tracking.client(uri)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.params["batch_size"] == "8" and run.data.params["plan.steps_per_epoch"] == str(STEPS_PER_EPOCH)
     assert run.data.params["plan.hr_embeddings"] == "precomputed"
@@ -191,7 +189,7 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
     # It is the final checkpoint's generator.
     local = home / "final"
     local.mkdir()
-    source_fs, source_path = Storage.from_env().resolve(summary["checkpoint"])
+    source_fs, source_path = Storage.from_env().resolve(summary.checkpoint)
     pafs.copy_files(source_path, str(local), source_filesystem=source_fs)
     generator = UNetGenerator(4, residual=True)
     generator.load_state_dict(checkpoint.load(local)["generator"])
@@ -200,7 +198,7 @@ def test_end_to_end_s3_checkpoints_mlflow_and_registry(faces_dataset, facenet_pa
 
     # Rerunning the finished command changes nothing.
     again = train(config)
-    assert again["already_finished"] and again["model_version"] == "1"
+    assert again.already_finished and again.model_version == "1"
     assert [str(v.version) for v in client.search_model_versions("name='ipsr-unet'")] == ["1"]
 
 
@@ -259,8 +257,8 @@ def test_killed_worker(faces_dataset, facenet_path, home, max_failures):
         assert run.info.status == "FAILED" and record["status"] == "running"
         assert not client.search_registered_models("name='ipsr-unet'")
         return
-    assert summary["steps"] == total
-    assert 3 <= summary["resumed_from_step"] < total, summary  # restarted from a checkpoint, not from scratch
+    assert summary.steps == total
+    assert 3 <= summary.resumed_from_step < total, summary  # restarted from a checkpoint, not from scratch
     assert run.info.status == "FINISHED" and run.data.tags["ipsr.attempt_resumed_from_step"] != "0"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")][-1] == total
 
@@ -530,6 +528,6 @@ def test_batches_mix_identities_at_vggface2_shape(ray_session, facenet_path, hom
         )
     )
     client = tracking.client(tracking.tracking_uri())
-    distinct = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "batch/distinct_identities")]
+    distinct = [m.value for m in client.get_metric_history(summary.mlflow_run_id, "batch/distinct_identities")]
     assert len(distinct) == 10 and all(1 <= d <= batch for d in distinct), distinct
     assert sum(distinct) / len(distinct) >= 0.9 * batch, distinct
