@@ -33,7 +33,7 @@ from ipsr_platform import cluster, console, tracking
 from ipsr_platform.commands import job_command, run_main
 from ipsr_platform.config import TrainConfig
 from ipsr_platform.storage import Storage, join, normalize
-from jobs.train_data import DatasetInfo, hr_embeddings_use, inspect_dataset, train_dataset
+from jobs.train_data import CACHE_MAX_FACES, DatasetInfo, hr_embeddings_use, inspect_dataset, train_dataset
 from jobs.train_worker import SCORE, Plan, train_loop
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,8 @@ def train(config: TrainConfig) -> TrainResult:
         val_gallery=data.val_gallery,
         val_probe=data.val_probe,
     )
-    last = _fit(config, plan, train_dataset(data, use_embeddings), storage, storage_root, cpus)
+    dataset = train_dataset(data, use_embeddings, cache=data.n_train <= CACHE_MAX_FACES)
+    last = _fit(config, plan, dataset, storage, storage_root, cpus)
     with last.as_directory() as directory:
         state = checkpoint.load(directory)
     if state["step"] != total_steps:
