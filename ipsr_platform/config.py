@@ -351,9 +351,9 @@ class TrainConfig(BaseModel):
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     beta: float = Field(5.0, ge=0, description="Weight of the pixel MSE: L = L_embedding + beta * L_pixel.")
     embedding_loss: Literal["distance", "mse", "cosine", "none"] = Field(
-        "mse",
-        description="L_embedding: mse (per element, the paper's text and code; default by measurement, "
-        "bench/RESULTS.md), distance (paper Eq. 2), cosine, none (pixel only).",
+        "none",
+        description="L_embedding: none (pixel only: the default, chosen on unseen identities at equal compute, "
+        "bench/RESULTS.md), mse (per element: the paper's text and code), distance (paper Eq. 2), cosine.",
     )
     residual: bool = Field(True, description="SR = clamp(bicubic + U-Net(bicubic)), last layer zero-initialised.")
     identity_jitter: float = Field(

@@ -374,13 +374,13 @@ def test_gpu_step_path_bf16_channels_last_runs_on_cpu(facenet_path):
 
 
 def test_loss_and_schedule_options(monkeypatch):
-    """Per-element MSE + residual output, no view jitter by default (bench/RESULTS.md); every option from flags or
-    IPSR_TRAIN_* env; bad values are one clear error."""
+    """Pixel-only + residual output, no view jitter by default (the CelebA ablation's rule, bench/RESULTS.md); every
+    option from flags or IPSR_TRAIN_* env; bad values are one clear error."""
     from ipsr_model.errors import UserError
     from ipsr_platform.config import TrainConfig, build_config
 
     default = TrainConfig(data="d", run_name="r")
-    assert (default.embedding_loss, default.residual, default.identity_jitter) == ("mse", True, 0.0)
+    assert (default.embedding_loss, default.residual, default.identity_jitter) == ("none", True, 0.0)
     assert (default.lr_warmup_steps, default.lr_schedule) == (0, "constant")
     monkeypatch.setenv("IPSR_TRAIN_EMBEDDING_LOSS", "distance")
     cfg = build_config(
