@@ -97,13 +97,13 @@ def kill_driver_when(cmd: list[str], ready: Callable[[], bool], env: dict) -> fl
 
 
 def preprocess_outcome(src: Path, out: Path) -> dict:
-    """A committed preprocess output, checked against its input tree: source → reason ('' = aligned) and
-    source → face PNG; raises AssertionError naming the first broken promise."""
+    """A committed preprocess output, checked against its input tree: source → reason ('' = aligned); raises
+    AssertionError naming the first broken promise."""
     import pyarrow.parquet as pq
 
     listed = sorted(str(p) for p in src.glob("*/*") if p.is_file())
     assert (out / "_SUCCESS").exists() and not (out / "_temporary").exists(), f"{out} not committed cleanly"
-    faces = pq.read_table(out / "data", columns=["source", "image"])  # every shard readable
+    faces = pq.read_table(out / "data", columns=["source", "image"])  # every shard readable, pixels included
     rejects = pq.read_table(out / "rejects.parquet", columns=["source", "reason"])
     sources = faces["source"].to_pylist() + rejects["source"].to_pylist()
     twice = [s for s, n in Counter(sources).items() if n > 1]
@@ -111,12 +111,12 @@ def preprocess_outcome(src: Path, out: Path) -> dict:
     assert sorted(sources) == listed, f"{len(set(listed) - set(sources))} input(s) missing from the output"
     reason = dict.fromkeys(faces["source"].to_pylist(), "")
     reason.update(zip(rejects["source"].to_pylist(), rejects["reason"].to_pylist()))
-    return {"reason": reason, "png": dict(zip(faces["source"].to_pylist(), faces["image"].to_pylist()))}
+    return {"reason": reason}
 
 
 def same_faces(a: dict, b: dict) -> str:
-    """'' when ``b`` aligned and rejected exactly what ``a`` did; else what differs. Also how many face images are
-    byte-identical (MTCNN on another batch composition may move a box by a pixel: counted, not required)."""
+    """'' when ``b`` aligned and rejected exactly what ``a`` did (pixels may differ: MTCNN on another batch
+    composition can move a box by a pixel); else what differs."""
     if a["reason"] != b["reason"]:
         diff = [s for s in a["reason"] if a["reason"][s] != b["reason"].get(s)]
         return f"{len(diff)} input(s) with another outcome than the clean run, e.g. {diff[:1]}"
@@ -143,7 +143,8 @@ def preprocess_runs(src: Path, work: Path, kills: int, every_s: float) -> list[d
         run(PreprocessConfig(output=str(out), **cfg))
     finally:
         done = killer.stop()
-    rows.append(_row("preprocess", "actors SIGKILLed", done, time.monotonic() - t, clean, None, src, out))
+    outcome = _checked(lambda: preprocess_outcome(src, out))
+    rows.append(_row("preprocess", "actors SIGKILLed", done, time.monotonic() - t, clean, outcome))
 
     out = work / "driver"
     env = dict(os.environ, RAY_ADDRESS=_gcs_address())
@@ -152,8 +153,9 @@ def preprocess_runs(src: Path, work: Path, kills: int, every_s: float) -> list[d
     ran = kill_driver_when([sys.executable, "-m", "jobs.preprocess", *flags],
                            lambda: any(out.glob("_temporary/*/*/part-*.parquet")), env)  # fmt: skip
     run(PreprocessConfig(output=str(out), **cfg))
+    outcome = _checked(lambda: preprocess_outcome(src, out))
     what = f"driver SIGKILLed after {ran:.0f} s (first shard written), then a rerun"
-    rows.append(_row("preprocess", what, [], time.monotonic() - t, clean, None, src, out))
+    rows.append(_row("preprocess", what, [], time.monotonic() - t, clean, outcome))
     return rows
 
 
@@ -223,9 +225,8 @@ def _checked(outcome: Callable[[], dict]) -> dict | str:
         return str(err)
 
 
-def _row(job: str, fault: str, kills: list, seconds: float, clean: dict, outcome, src=None, out=None) -> dict:
-    if outcome is None:  # a preprocess output: checked against its input tree here
-        outcome = _checked(lambda: preprocess_outcome(src, out))
+def _row(job: str, fault: str, kills: list, seconds: float, clean: dict, outcome: dict | str) -> dict:
+    """One table row; ``outcome`` is a checked output, or the check's failure message."""
     problem = outcome if isinstance(outcome, str) else same_faces(clean, outcome)
     if not problem and "embedding" in clean:
         worst = max(abs(clean["embedding"][i] - outcome["embedding"][i]).max() for i in outcome["embedding"])

@@ -6,7 +6,8 @@ import os
 import signal
 import socket
 import subprocess
-from pathlib import Path
+
+from bench.procs import titled
 
 
 def free_port() -> int:
@@ -28,15 +29,6 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
             continue
 
 
-def ray_worker_pids(title: bytes) -> list[int]:
+def ray_worker_pids(title: str) -> list[int]:
     """PIDs of live Ray worker processes whose title (``ray::…``, e.g. ``ray::RayTrainWorker``) contains ``title``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"ray::") and title in cmdline.split(b"\0")[0]:
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid, name in titled(title).items() if name.startswith("ray::")]

@@ -902,7 +902,7 @@ def test_bulk_enrolment_survives_a_killed_actor(env, att_faces, ray_session, tmp
 
     def killer() -> None:  # once the first segment is written, kill one embedding actor
         while not stop.is_set() and not killed:
-            pids = ray_worker_pids(b"Embedder")
+            pids = ray_worker_pids("Embedder")
             if pids and list(galleries.glob("killed/segments/*.parquet")):
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])

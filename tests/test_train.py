@@ -76,7 +76,7 @@ def make_config(data: str, facenet: str, **overrides):
 
 def train_worker_pids() -> list[int]:
     """PIDs of live Ray Train worker processes (process title ``ray::RayTrainWorker…``)."""
-    return ray_worker_pids(b"RayTrainWorker")
+    return ray_worker_pids("RayTrainWorker")
 
 
 def committed_step(run_dir: Path) -> int:
