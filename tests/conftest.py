@@ -16,6 +16,16 @@ def _shared(path: str) -> Path:
     return full
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most `slow` tests first: pytest-xdist hands whole files to its two workers in this order
+    (pyproject's addopts, `--no-loadscope-reorder`), so the long files start early and the quick ones fill the gaps
+    at the end — the longest-first rule of scheduling. Within a file the order is kept."""
+    weight: dict[Path, int] = {}
+    for item in items:
+        weight[item.path] = weight.get(item.path, 0) + (60 if item.get_closest_marker("slow") else 1)
+    items.sort(key=lambda item: -weight[item.path])  # stable: ties and each file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def att_faces() -> Path:
     """ORL / AT&T faces: s1..s40, 10 grey 92x112 PGMs each."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 IPSR = str(Path(sys.executable).with_name("ipsr"))
 
 
@@ -73,6 +75,7 @@ def test_unknown_weight_source_is_one_clear_line():
     _one_line_error(run("weights", "fetch", "--source", "imagenet"), "casia-webface-offline")
 
 
+@pytest.mark.slow
 def test_smoke_run_on_real_faces(att_faces):
     result = run("smoke", "--data", str(att_faces), "--steps", "3", "--base-channels", "4")
     assert result.returncode == 0, result.stderr
@@ -81,6 +84,7 @@ def test_smoke_run_on_real_faces(att_faces):
         assert size in result.stdout
 
 
+@pytest.mark.slow
 def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces, tmp_path):
     """By hand, `ipsr preprocess` prints its progress bar, its table and one `logs:` line; Ray's lines (start-up,
     Ray Data's executor and progress logging, worker output) are in that file. `--verbose` shows them live."""
@@ -93,9 +97,13 @@ def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces,
         for k in (1, 2):
             shutil.copy(att_faces / person / f"{k}.pgm", src / person / f"{k}.pgm")
     env = {"IPSR_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    quiet = run(
-        "preprocess", "--input", str(src), "--output", str(tmp_path / "quiet"), "--split", "val=0,test=0", **env
-    )
+    flags = ["preprocess", "--input", str(src), "--split", "val=0,test=0"]
+    # Both at once: each starts its own local Ray, which is mostly waiting.
+    loud_proc = subprocess.Popen(
+        [IPSR, *flags, "--output", str(tmp_path / "loud"), "--verbose"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    quiet = run(*flags, "--output", str(tmp_path / "quiet"), **env)
     text = quiet.stdout + quiet.stderr
     assert quiet.returncode == 0, text[-3000:]
     ray_lines = re.compile(
@@ -108,19 +116,9 @@ def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces,
     assert log_file.parent == tmp_path / "home" / "logs" and ray_lines.search(log_file.read_text())
     assert "preprocess" in text and "aligned" in text and "4" in text  # the progress bar and the summary table
 
-    loud = run(
-        "preprocess",
-        "--input",
-        str(src),
-        "--output",
-        str(tmp_path / "loud"),
-        "--split",
-        "val=0,test=0",
-        "--verbose",
-        **env,
-    )
-    assert loud.returncode == 0, loud.stderr[-3000:]
-    assert "logs: " not in loud.stdout + loud.stderr and ray_lines.search(loud.stdout + loud.stderr)
+    out, err = loud_proc.communicate(timeout=600)
+    assert loud_proc.returncode == 0, err[-3000:]
+    assert "logs: " not in out + err and ray_lines.search(out + err)
 
 
 def test_first_line_of_an_error_never_fails():

@@ -419,6 +419,7 @@ def test_protocols_read_s3(att_faces, s3, tmp_path):
         build_protocol(config(data="s3://eval/folders", protocol="scface"))
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_errors(home_with_weights, tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([IPSR, "evaluate", *args], capture_output=True, text=True, timeout=300)

@@ -151,6 +151,7 @@ def test_view_jitter_gives_pairs_one_view_and_keeps_identity(identity_net, orl):
         IdentityPreservingLoss(identity_net, jitter=0.6)
 
 
+@pytest.mark.slow
 def test_short_cpu_training_decreases_the_loss(identity_net, orl):
     """Tiny U-Net, a handful of real faces, 30 steps: the objective goes down."""
     torch.manual_seed(0)

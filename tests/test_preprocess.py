@@ -223,6 +223,7 @@ def test_parquet_manifest_is_listed_without_touching_the_folders(preprocess_src,
     assert table.column("source").to_pylist() == [str(preprocess_src / "s1/1.pgm"), str(preprocess_src / "s2/1.pgm")]
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_no_success_and_a_rerun_with_killed_actors_completes(ray_session, att_faces, tmp_path):
     src, out = tmp_path / "orl", tmp_path / "out"
     for person in [f"s{i}" for i in range(1, 6)]:

