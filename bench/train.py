@@ -116,7 +116,6 @@ def bench_loop(cfg: dict) -> None:
     from ipsr_model.losses import IdentityPreservingLoss
     from ipsr_model.training import make_optimizer, training_step
     from ipsr_model.unet import UNetGenerator
-    from ipsr_platform.faces import decode_faces
 
     context = ray.train.get_context()
     world = context.get_world_size()
@@ -137,8 +136,38 @@ def bench_loop(cfg: dict) -> None:
     loss_fn = IdentityPreservingLoss(identity_net)
     degradation = MultiScaleDegradation()
     rng = torch.Generator().manual_seed(context.get_world_rank())  # CPU draws: no device sync per step
-    batch_size = cfg["batch_size"]
+    sources = _sources(cfg, device)
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    rates: dict[str, list[float]] = {"memory": [], "stream": []}
+    for _ in range(cfg["rounds"]):
+        for name, source in sources.items():
+            for i in range(cfg["warmup"] + cfg["steps"]):
+                if i == cfg["warmup"]:
+                    sync()
+                    start = time.perf_counter()
+                hr = from_uint8(next(source), memory_format)
+                training_step(model, loss_fn, optimizer, hr, degradation, rng, autocast_dtype=autocast)
+            sync()
+            rates[name].append(world * cfg["batch_size"] * cfg["steps"] / (time.perf_counter() - start))
+    # Ray Train V2 hands the driver the metrics of the last *checkpointed* report only.
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory, "rates.json").write_text(json.dumps(rates))
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if context.get_world_rank() == 0 else None
+        ray.train.report({"rates": json.dumps(rates)}, checkpoint=checkpoint)
+
+
+def _sources(cfg: dict, device) -> dict:
+    """The two feeds of HR uint8 batches: decoded PNGs held in memory, and the Ray Data shard streamed."""
+    import ray.train
+    import torch
+
+    from ipsr_platform.faces import decode_faces
+
+    batch_size = cfg["batch_size"]
     memory = torch.from_numpy(decode_faces(cfg["memory_pngs"]))  # host uint8, like the stream's batches
     pick = torch.Generator().manual_seed(0)
 
@@ -156,28 +185,7 @@ def bench_loop(cfg: dict) -> None:
             ):
                 yield batch["hr"]
 
-    sources = {"memory": memory_batches(), "stream": stream_batches()}
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    rates: dict[str, list[float]] = {"memory": [], "stream": []}
-    for _ in range(cfg["rounds"]):
-        for name, source in sources.items():
-            for i in range(cfg["warmup"] + cfg["steps"]):
-                if i == cfg["warmup"]:
-                    sync()
-                    start = time.perf_counter()
-                hr = from_uint8(next(source), memory_format)
-                training_step(model, loss_fn, optimizer, hr, degradation, rng, autocast_dtype=autocast)
-            sync()
-            rates[name].append(world * batch_size * cfg["steps"] / (time.perf_counter() - start))
-    # Ray Train V2 hands the driver the metrics of the last *checkpointed* report only.
-    with tempfile.TemporaryDirectory() as directory:
-        Path(directory, "rates.json").write_text(json.dumps(rates))
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if context.get_world_rank() == 0 else None
-        ray.train.report({"rates": json.dumps(rates)}, checkpoint=checkpoint)
+    return {"memory": memory_batches(), "stream": stream_batches()}
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -194,7 +202,6 @@ def flops_per_sample(base_channels: int) -> dict[str, float]:
     from ipsr_model.degradation import MultiScaleDegradation
     from ipsr_model.identity import IdentityNet
     from ipsr_model.losses import IdentityPreservingLoss
-    from ipsr_model.training import make_optimizer, training_step
     from ipsr_model.unet import UNetGenerator
 
     with warnings.catch_warnings():
@@ -211,11 +218,14 @@ def flops_per_sample(base_channels: int) -> dict[str, float]:
     with torch.no_grad():
         unet = count(lambda: generator.eval()(x))
         facenet = count(lambda: identity_net(x))
-    step = count(
-        lambda: training_step(generator, IdentityPreservingLoss(identity_net), make_optimizer(generator), x,
-                           MultiScaleDegradation(), torch.Generator().manual_seed(0))
-    )  # fmt: skip
-    return {"unet_forward": unet, "facenet_forward": facenet, "train_step": step}
+    degradation, rng = MultiScaleDegradation(), torch.Generator().manual_seed(0)
+
+    def step() -> None:  # training_step's FLOPs: its autograd.grad on a leaf breaks FlopCounterMode's module hooks
+        lr, _ = degradation(x, rng)
+        IdentityPreservingLoss(identity_net)(generator.train()(lr), x).total.backward()
+
+    step_flops = count(step)
+    return {"unet_forward": unet, "facenet_forward": facenet, "train_step": step_flops}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -257,14 +267,8 @@ def main() -> None:
         return
 
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from ipsr_model.paths import ipsr_home
     from ipsr_model.weights import fetch_identity_weights
-    from ipsr_platform.config import TrainConfig
-    from ipsr_platform.storage import Storage
-    from jobs.train_data import inspect_dataset, train_dataset
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
     weights = (
@@ -275,40 +279,47 @@ def main() -> None:
     ray.init(include_dashboard=True, log_to_driver=True)
     cpus = ray.cluster_resources().get("CPU", 1)
     cpus_per_worker = args.cpus_per_worker or (4.0 if gpu else max(1.0, (cpus - 1) // args.workers))
+    loop = {
+        "threads": max(1, int(cpus_per_worker)), "bf16": not args.no_bf16, "compile": args.compile,
+        "identity_weights": weights, "base_channels": base, "batch_size": batch, "steps": steps, "warmup": warmup,
+        "rounds": args.rounds, "shuffle_buffer": 4 * batch,
+    }  # fmt: skip
+    rates = _fit(args, loop, cpus_per_worker)
+    report(args, rates, flops, cpus=cpus, cpus_per_worker=cpus_per_worker,
+           base=base, batch=batch, steps=steps, warmup=warmup)  # fmt: skip
+    ray.shutdown()
+
+
+def _fit(args: argparse.Namespace, loop: dict, cpus_per_worker: float) -> dict:
+    """One Ray Train run of ``bench_loop`` on a dataset sized so that no epoch ends inside the timed steps."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ipsr_model.paths import ipsr_home
+    from ipsr_platform.config import TrainConfig
+    from ipsr_platform.storage import Storage
+    from jobs.train_data import inspect_dataset, train_dataset
 
     pngs = face_pngs()
-    rows_needed = args.workers * batch * args.rounds * (steps + warmup)
+    batch = loop["batch_size"]
+    rows_needed = args.workers * batch * args.rounds * (loop["steps"] + loop["warmup"])
     with tempfile.TemporaryDirectory(prefix="ipsr-bench-train-") as tmp:
         data_dir = write_dataset(Path(tmp) / "faces", pngs, rows=int(rows_needed * 1.1) + args.workers * batch)
         config = TrainConfig(data=str(data_dir), run_name="bench", batch_size=batch, num_workers=args.workers)
         data = inspect_dataset(config, Storage.from_env())
         trainer = TorchTrainer(
             bench_loop,
-            train_loop_config={
-                "threads": max(1, int(cpus_per_worker)),
-                "bf16": not args.no_bf16,
-                "compile": args.compile,
-                "identity_weights": weights,
-                "base_channels": base,
-                "batch_size": batch,
-                "steps": steps,
-                "warmup": warmup,
-                "rounds": args.rounds,
-                "shuffle_buffer": 4 * batch,
-                "memory_pngs": pngs,
-            },  # fmt: skip
+            train_loop_config=loop | {"memory_pngs": pngs},
             scaling_config=ScalingConfig(
                 num_workers=args.workers,
-                use_gpu=gpu,
-                resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {}),
+                use_gpu=args.gpu,
+                resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if args.gpu else {}),
             ),  # fmt: skip
             run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str(ipsr_home() / "bench-runs")),
             datasets={"train": train_dataset(data)},
         )
         result = trainer.fit()
-    report(args, json.loads(result.metrics["rates"]), flops, cpus=cpus, cpus_per_worker=cpus_per_worker,
-           base=base, batch=batch, steps=steps, warmup=warmup)  # fmt: skip
-    ray.shutdown()
+    return json.loads(result.metrics["rates"])
 
 
 def report(args: argparse.Namespace, rates: dict, flops: dict, **run: float) -> None:
