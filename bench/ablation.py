@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time (one thread each)")
     parser.add_argument("--orl", type=Path, default=None, help="ORL faces: also score the chosen arm on s1–s40")
+    parser.add_argument(
+        "--retrain-lost", action="store_true", help="train again the scored runs whose models are gone (for --orl)"
+    )
     parser.add_argument("--report", action="store_true", help="no training or scoring: tables from --results")
     parser.add_argument("--train-only", action="store_true", help="train what is missing; score nothing")
     parser.add_argument(
@@ -178,8 +181,8 @@ def train_and_score(args: argparse.Namespace) -> None:
         for seed in args.seed_list
         for arm in args.arm_list
         if not (args.work / f"{run_name(arm, seed)}.json").exists()  # the log is written last: a whole run
-        and not (args.results / f"{run_name(arm, seed)}.json").exists()
-    ]  # scored before, models since lost
+        and (args.retrain_lost or not (args.results / f"{run_name(arm, seed)}.json").exists())
+    ]  # scored before, models since lost: trained again only when a check needs the weights (--orl)
     trainers: list[tuple[subprocess.Popen, str]] = []
     scorers: list[tuple[subprocess.Popen, str]] = []
     while todo or trainers or scorers or (not args.train_only and unscored(args)):
