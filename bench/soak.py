@@ -97,8 +97,10 @@ def enrol(base, auth, rec: Record, faces: list[bytes], rng: random.Random, perso
         rec.call("enroll", r.status_code if r is not None else 0, started)
         if r is not None and r.status_code == 200:
             body = r.json()
+            # The answer covers every face of the request: new, or already held from a send that was cut (a 500 at
+            # a kill can follow a write that landed). Either way each must be held exactly once.
             with rec.lock:
-                rec.acked[person] = rec.acked.get(person, 0) + body["enrolled"]
+                rec.acked[person] = max(rec.acked.get(person, 0), body["enrolled"] + body["already_enrolled"])
             sends -= 1
             if not sends:
                 return
