@@ -33,13 +33,13 @@ def titled(fragment: str) -> dict[int, str]:
     """pid → process title, for this process's descendants whose title contains ``fragment``."""
     root, parents = os.getpid(), _parents()
     found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in parents:  # the processes _parents just listed
         try:
             title = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").replace("\0", " ").strip()
         except OSError:  # gone while listing
             continue
-        if fragment in title and _descends(int(pid), root, parents):
-            found[int(pid)] = title
+        if fragment in title and _descends(pid, root, parents):
+            found[pid] = title
     return found
 
 
