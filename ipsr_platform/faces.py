@@ -47,8 +47,11 @@ _MAGIC = {
 
 class Rejected(Exception):
     def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(reason, detail)  # both in args: a copy unpickled in another process is whole
         self.reason, self.detail = reason, detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
 
 
 def _signature(data: bytes) -> str | None:

@@ -1,30 +1,29 @@
-"""``ipsr serve``: batch face identification on Ray Serve (FastAPI ingress, one deployment).
+"""``ipsr serve``: batch face identification on Ray Serve, two deployments.
 
-The deployment keeps the routes, the batch (``@serve.batch`` across concurrent requests into
-``ipsr_model.identify.identify_batch``: bicubic → U-Net SR → FaceNet → cosine top-k per gallery) and the glue;
-each other concern has its module: ``serving.edge`` (auth, body cap, upload parsing: no pickle anywhere, images
-decoded by Pillow after the same checks as ``ipsr preprocess``), ``serving.model_slot`` (the generator from the
-MLflow registry, hot-swapped), ``serving.gallery_cache`` (galleries, refreshed in the background) and
-``serving.enrolment``.
-A low-resolution probe (both sides ≤ ``lr_max_side``) is bicubic-resized to 128×128 — the inverse of
-``ipsr_model.degradation`` — and super-resolved; a larger one is centre-square-cropped and embedded as is.
+``serving.ingress.Ingress`` takes the HTTP requests (auth, body cap, upload parsing) and asks the model deployment
+here, ``Identification``, retrying on another replica when one dies with the request. ``Identification`` keeps the
+batch (``@serve.batch`` across concurrent requests into ``ipsr_model.identify.identify_batch``: bicubic → U-Net SR →
+FaceNet → cosine top-k per gallery) and the glue; each other concern has its module: ``serving.edge`` (no pickle
+from clients, images decoded by Pillow after the same checks as ``ipsr preprocess``), ``serving.model_slot`` (the
+generator from the MLflow registry, hot-swapped), ``serving.gallery_cache`` (galleries, refreshed in the
+background) and ``serving.enrolment``. A low-resolution probe (both sides ≤ ``lr_max_side``) is bicubic-resized to
+128×128 — the inverse of ``ipsr_model.degradation`` — and super-resolved; a larger one is embedded as is.
 """
 
-# No `from __future__ import annotations`: Serve's class ingress hands FastAPI wrapped methods whose string
-# annotations it cannot resolve, and `request: Request` would turn into a query parameter.
 import asyncio
 import base64
 import contextlib
+import functools
 import os
 import signal
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from fastapi import HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import HTTPException
 from ray import serve
 
 from ipsr_model.identify import Probe, identify_batch
@@ -35,9 +34,9 @@ from ipsr_platform.faces import Rejected, decode, encode_png, probe_face
 from ipsr_platform.gallery import GalleryStore
 from ipsr_platform.models import parse_model_uri
 from ipsr_platform.storage import Storage
-from serving.edge import Tokens, Upload, api, read_uploads, token_sha256, within_bytes
+from serving.edge import Upload, token_sha256, within_bytes
 from serving.enrolment import Enrolment
-from serving.gallery_cache import GalleryCache, check_gallery_name, store_errors
+from serving.gallery_cache import GalleryCache, store_errors
 from serving.model_slot import ModelSlot
 
 # Only these reasons make a request a 400: the client sent something that is not a usable image. A decoded
@@ -54,17 +53,33 @@ def probe(upload: Upload, cfg: ServeConfig, super_resolve: str, **fields) -> Pro
     return Probe(to_tensor(face)[0], low if super_resolve == "auto" else super_resolve == "true", **fields)
 
 
+Answer = tuple[int, dict]  # (HTTP status, JSON body): what a model replica answers the ingress
+
+
+def answers(method: Callable[..., Awaitable[Answer]]) -> Callable[..., Awaitable[Answer]]:
+    """A refusal (HTTPException) becomes an answer: a replica's traceback would be noise for a client's mistake."""
+
+    @functools.wraps(method)
+    async def answering(*args, **kwargs) -> Answer:
+        try:
+            return await method(*args, **kwargs)
+        except HTTPException as err:
+            return err.status_code, {"detail": err.detail}
+
+    return answering
+
+
 @serve.deployment
-@serve.ingress(api)
 class Identification:
-    def __init__(self, config: dict, token_sha256s: tuple[str, ...] | None, tracking_uri: str, gallery_root: str,
-                 storage: Storage):  # fmt: skip
+    """The model replica: generator, FaceNet, galleries; the ingress (``serving.ingress``) parses the HTTP requests
+    and asks it by method."""
+
+    def __init__(self, config: dict, tracking_uri: str, gallery_root: str, storage: Storage):
         from ipsr_model.identity import IdentityNet
 
-        self.cfg = ServeConfig(**config)  # (it and `tokens` are what `serving.edge.Guard` reads)
+        self.cfg = ServeConfig(**config)
         torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_replica)))
         self.device = torch.device(self.cfg.device)
-        self.tokens = Tokens(token_sha256s, self.cfg.token_file)
         # channels_last: same arithmetic, ~20 % faster FaceNet convolutions and pooling on CPU (oneDNN).
         self.identity_net = IdentityNet(self.cfg.identity_weights).to(self.device, memory_format=torch.channels_last)
         sha = self.identity_net.weights_sha256
@@ -128,62 +143,44 @@ class Identification:
         return results
 
     @staticmethod
-    def _respond(body: dict) -> JSONResponse:
+    def _respond(body: dict) -> Answer:
         bad = any(r.get("error", {}).get("reason") in INVALID for r in body["results"])
-        return JSONResponse(body, status_code=400 if bad else 200)
+        return 400 if bad else 200, body
 
-    # --- routes ------------------------------------------------------------------------------------------------
+    # --- what the ingress asks (serving.ingress): (status, body) answers, refusals included ------------------
 
-    @api.get("/v1/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "model_version": self.model_slot.current.version}
+    async def healthz(self) -> Answer:
+        return 200, {"status": "ok", "model_version": self.model_slot.current.version}
 
-    @api.get("/v1/model")
-    async def model_info(self) -> dict:
+    async def model_info(self) -> Answer:
         info = self.model_slot.current.describe()
-        return {
+        return 200, {
             **info,
             "uri": self.model_slot.uri,
             "serving_identity_net_sha256": self.identity_net.weights_sha256,
             "replica": serve.get_replica_context().replica_tag,
         }
 
-    @api.post("/v1/galleries/{name}/enroll")
-    async def enroll(
-        self,
-        name: str,
-        request: Request,
-        aligned: bool = Query(
-            False, description="Images are already aligned face crops: skip MTCNN (centre square → 128×128)."
-        ),
-    ):
-        """HR images + identities (+ optional image_id) → aligned, embedded, appended to gallery `name`.
+    @answers
+    async def enroll(self, name: str, uploads: list[Upload], aligned: bool) -> Answer:
+        """HR uploads + identities (+ optional image_id) → aligned, embedded, appended to gallery `name`.
 
-        Answered 200 once what was enrolled is stored (one new segment: no other write can erase it), with a reason
-        per image that was not; 400 only when nothing in the request was usable. An image whose ``image_id`` the
+        200 once what was enrolled is stored (one new segment: no other write can erase it), with a reason per
+        image that was not; 400 only when nothing in the request was usable. An image whose ``image_id`` the
         gallery already holds is ``already_enrolled``, not stored again: retrying a request is safe."""
-        check_gallery_name(name)
-        uploads = await read_uploads(request, self.cfg, enrol=True)
         body = await asyncio.to_thread(self.enrolment.enrol, name, uploads, aligned)
         body["replica"] = serve.get_replica_context().replica_tag
-        return JSONResponse(body, status_code=200 if body["enrolled"] or body["already_enrolled"] else 400)
+        return 200 if body["enrolled"] or body["already_enrolled"] else 400, body
 
-    @api.get("/v1/galleries/{name}")
-    async def gallery_info(
-        self,
-        name: str,
-        offset: int = Query(0, ge=0),
-        limit: int = Query(
-            100, ge=0, le=10_000, description="Identities listed (sorted by name), with their face counts."
-        ),
-    ) -> dict:
+    @answers
+    async def gallery_info(self, name: str, offset: int, limit: int) -> Answer:
         """Size, identities and the identity network's sha256 of gallery `name`, and a page of its identities."""
         index = await asyncio.to_thread(self.galleries.get, name, True)
         if index is None:
             raise HTTPException(404, f"gallery {name!r} not found")
         counts = np.bincount(index.codes.cpu().numpy(), minlength=len(index.names))
         by_name = np.argsort(np.asarray(index.names, dtype=object), kind="stable")[offset : offset + limit]
-        return {
+        return 200, {
             "gallery": name,
             "size": len(index.gallery),
             "identities": len(index.names),
@@ -191,19 +188,17 @@ class Identification:
             "page": [{"identity": index.names[i], "faces": int(counts[i])} for i in by_name],
         }
 
-    @api.delete("/v1/galleries/{name}")
-    async def gallery_delete(self, name: str) -> dict:
-        """Delete gallery `name` with everything enrolled in it."""
+    @answers
+    async def gallery_delete(self, name: str) -> Answer:
         if await asyncio.to_thread(self.galleries.get, name, True) is None:
             raise HTTPException(404, f"gallery {name!r} not found")
         with store_errors(name):
             await asyncio.to_thread(self.galleries.store.delete, name)
         self.galleries.forget(name)
-        return {"gallery": name, "deleted": True}
+        return 200, {"gallery": name, "deleted": True}
 
-    @api.delete("/v1/galleries/{name}/identities/{identity}")
-    async def identity_delete(self, name: str, identity: str) -> dict:
-        """Remove one person from gallery `name`: every face enrolled for `identity` so far."""
+    @answers
+    async def identity_delete(self, name: str, identity: str) -> Answer:
         index = await asyncio.to_thread(self.galleries.get, name, True)
         rows = int((index.gallery.identities == identity).sum()) if index is not None else 0
         if not rows:
@@ -211,43 +206,30 @@ class Identification:
         with store_errors(name):
             await asyncio.to_thread(self.galleries.store.delete_identity, name, identity)
         await asyncio.to_thread(self.galleries.get, name, True)
-        return {"gallery": name, "identity": identity, "removed_faces": rows}
+        return 200, {"gallery": name, "identity": identity, "removed_faces": rows}
 
-    @api.post("/v1/galleries/{name}/identify")
-    async def identify(
-        self, name: str, request: Request,
-        top_k: int | None = Query(None, ge=1, le=1000, description="Matches per probe (default from config)."),
-        super_resolve: Literal["auto", "true", "false"] = Query(
-            "auto", description="auto: only low-resolution probes (both sides ≤ lr_max_side) are super-resolved."),
-        concat_bicubic: bool = Query(False, description="Embed [bicubic ; SR] (the paper's SCface setting)."),
-        return_image: bool = Query(False, description="Include the 128×128 face that was embedded (PNG, base64)."),
-    ):  # fmt: skip
-        """Probes → (bicubic → U-Net SR →) FaceNet → cosine top-k identities of gallery `name`."""
+    @answers
+    async def identify(self, name: str, uploads: list[Upload], options: dict) -> Answer:
+        """Probes → (bicubic → U-Net SR →) FaceNet → cosine top-k identities of gallery `name`; ``options``:
+        super_resolve, concat_bicubic, top_k, return_image (the query of POST /identify)."""
         index = await asyncio.to_thread(self.galleries.get, name)
         if index is None or not index.names:
             raise HTTPException(404, f"gallery {name!r} not found (enrol into it first)")
         self.galleries.comparable(name, index)
-        uploads = await read_uploads(request, self.cfg)
         results = await self._run(
             uploads,
-            super_resolve,
-            concat_bicubic=concat_bicubic,
+            options["super_resolve"],
+            concat_bicubic=options["concat_bicubic"],
             gallery=index,
-            top_k=top_k or self.cfg.top_k,
-            want_image=return_image,
+            top_k=options["top_k"] or self.cfg.top_k,
+            want_image=options["return_image"],
         )
         return self._respond({"gallery": name, "model": self.model_slot.current.describe(), "results": results})
 
-    @api.post("/v1/superresolve")
-    async def superresolve(self, request: Request):
-        """Probe(s) → SR faces: one probe → image/png; several → JSON with base64 PNGs."""
-        results = await self._run(await read_uploads(request, self.cfg), "true", want_image=True)
-        if len(results) == 1 and "image" in results[0]:
-            return Response(
-                base64.b64decode(results[0]["image"]),
-                media_type="image/png",
-                headers={"X-Model-Version": results[0]["model_version"]},
-            )
+    @answers
+    async def superresolve(self, uploads: list[Upload]) -> Answer:
+        """Probe(s) → SR faces (base64 PNGs; the ingress answers one probe as image/png)."""
+        results = await self._run(uploads, "true", want_image=True)
         return self._respond({"model": self.model_slot.current.describe(), "results": results})
 
 
@@ -262,28 +244,38 @@ def replica_resources(cfg: ServeConfig) -> dict[str, Any]:
 
 
 def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict | None = None):
-    """The Serve application for ``cfg``; tracking URI, gallery root and S3 settings are resolved here, in the
-    process that deploys, and shipped to the replicas (whose environment may differ). ``user_config`` replaces the
-    deployment's (what a serve_config.yaml ``user_config`` block does)."""
+    """The Serve application for ``cfg``: the ``Ingress`` in front of the model deployment ``name``. Tracking URI,
+    gallery root and S3 settings are resolved here, in the process that deploys, and shipped to the replicas
+    (whose environment may differ). ``user_config`` replaces the model deployment's (what a serve_config.yaml
+    ``user_config`` block does)."""
     from ipsr_model.paths import galleries_dir
+    from serving.ingress import Ingress
 
     sha = token_sha256(cfg)
-    if cfg.token_file:  # the replicas re-read it, from their own working directory
+    if cfg.token_file:  # the ingress re-reads it, from its own working directory
         cfg = cfg.model_copy(update={"token_file": os.path.abspath(os.path.expanduser(cfg.token_file))})
     gallery_root = cfg.galleries or str(galleries_dir())
-    deployment = Identification.options(
+    # Only when asked for: a fixed count would clash with an autoscaling_config from serve_config.yaml.
+    replicas = {"num_replicas": cfg.num_replicas} if cfg.num_replicas > 1 else {}
+    model = Identification.options(
         name=name,
-        # Only when asked for: a fixed count would clash with an autoscaling_config from serve_config.yaml.
-        **({"num_replicas": cfg.num_replicas} if cfg.num_replicas > 1 else {}),
+        **replicas,
         ray_actor_options=replica_resources(cfg),
         max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
+        max_queued_requests=cfg.max_queued_requests,  # per ingress replica; beyond it the ingress answers 503
         graceful_shutdown_timeout_s=cfg.drain_s,  # a stopping replica finishes its requests for this long
         user_config=user_config
         if user_config is not None
         else {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+    ).bind(cfg.model_dump(), tracking.tracking_uri(), gallery_root, Storage.from_env())
+    ingress = Ingress.options(
+        **replicas,
+        ray_actor_options={"num_cpus": 0},  # it parses and waits; the model replicas hold the CPUs
+        # Room for every request the model replicas take or queue: the back-pressure is theirs (503).
+        max_ongoing_requests=cfg.num_replicas * cfg.max_ongoing_requests + cfg.max_queued_requests + 8,
+        graceful_shutdown_timeout_s=cfg.drain_s,
     )
-    return deployment.bind(cfg.model_dump(), sha, tracking.tracking_uri(), gallery_root, Storage.from_env())
+    return ingress.bind(cfg.model_dump(), sha, model)
 
 
 def app_builder(args: dict):

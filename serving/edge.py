@@ -1,6 +1,6 @@
 """The HTTP edge of ``ipsr serve``: the FastAPI app, bearer-token auth and the body cap (an ASGI guard that runs
 before any route, so a refused request costs no parsing), and upload parsing (multipart or JSON/base64) into
-``Upload``s. No model, no gallery: those are the deployment's (``serving.app``).
+``Upload``s. No routes (``serving.ingress``), no model, no gallery (``serving.app``).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' annotations at runtime.
@@ -20,6 +20,7 @@ from ray import serve
 from ipsr_model.errors import UserError
 from ipsr_platform.config import ServeConfig
 from ipsr_platform.faces import Rejected
+from ipsr_platform.gallery import check_name
 
 log = logging.getLogger("ipsr.serve")
 
@@ -53,7 +54,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        service = serve.get_replica_context().servable_object  # the deployment: its tokens and limits
+        service = serve.get_replica_context().servable_object  # the ingress: its tokens and limits
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         headers = dict(scope["headers"])
         if path not in PUBLIC_PATHS and not authorised(headers.get(b"authorization", b""), service.tokens.current()):
@@ -173,6 +174,14 @@ class Tokens:
                 except (OSError, UserError) as err:
                     log.error("token file %s not used (%s); the previous tokens stay valid", self.path, err)
         return self.hashes
+
+
+def check_gallery_name(name: str) -> None:
+    """400 for a name no gallery can have (it names a folder), before any store access."""
+    try:
+        check_name(name)
+    except UserError as err:
+        raise HTTPException(400, str(err)) from None
 
 
 @dataclass

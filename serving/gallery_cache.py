@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import torch
 from fastapi import HTTPException
 
-from ipsr_model.errors import UserError
 from ipsr_platform.config import ServeConfig
-from ipsr_platform.gallery import GalleryStore, UnreadableSegment, WeightsMismatch, check_name
+from ipsr_platform.gallery import GalleryStore, UnreadableSegment, WeightsMismatch
 from ipsr_platform.storage import StorageError
+from serving.edge import check_gallery_name
 from serving.index import GalleryIndex, return_freed_memory
 
 log = logging.getLogger("ipsr.serve")
@@ -34,14 +34,6 @@ def store_errors(name: str) -> Iterator[None]:
         raise HTTPException(503, f"gallery {name!r}: {err}") from None
     except UnreadableSegment as err:
         raise HTTPException(500, f"gallery {name!r}: {err}") from None
-
-
-def check_gallery_name(name: str) -> None:
-    """400 for a name no gallery can have (it names a folder), before any store access."""
-    try:
-        check_name(name)
-    except UserError as err:
-        raise HTTPException(400, str(err)) from None
 
 
 class GalleryCache:

@@ -180,6 +180,7 @@ def test_every_documented_serve_key_is_one_the_code_reads():
     text = (ROOT / "serving" / "serve_config.yaml").read_text()
     (application,) = yaml.safe_load(text)["applications"]
     assert set(application["args"]) <= set(ServeConfig.model_fields), application["args"]
+    assert [d["name"] for d in application["deployments"]] == ["Ingress", "Identification"]  # what build_app names
     block = text[text.index("user_config:") + len("user_config:") :]
     documented = set(re.findall(r"^\s*#?\s*([a-z_]+):", block, flags=re.M))
     assert "generator" in documented  # the pinning example is documented…
