@@ -72,6 +72,9 @@ ARMS = {
                   lambda c, b: (4 * b / (3 * c["pixel"] + c["mse_pre"]), 0)),
     "mse_2nets": Arm("MSE through two nets (CASIA + MS-Celeb)", STEP_KINDS["mse_2nets"],
                      lambda c, b: (b / c["mse_2nets"], 0)),
+    # Greyscale copies cost nothing per step: the pixel step's calibration holds.
+    "pixel_grey": Arm("pixel only, 20 % greyscale copies", [*STEP_KINDS["pixel"], "--grey-p", "0.2"],
+                      lambda c, b: (b / c["pixel"], 0)),
 }  # fmt: skip
 
 

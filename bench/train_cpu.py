@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ipsr_model.degradation import MultiScaleDegradation
+from ipsr_model.degradation import MultiScaleDegradation, random_greyscale
 from ipsr_model.images import from_uint8
 from ipsr_model.losses import EMBEDDING_LOSSES, IdentityPreservingLoss
 from ipsr_model.training import StepStats, grad_shares, make_optimizer, training_step
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embedding-loss", choices=EMBEDDING_LOSSES, default="mse")
     parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--jitter", type=float, default=0.0, help="random view of SR/HR before the identity net")
+    parser.add_argument("--grey-p", type=float, default=0.0, help="share of training faces made greyscale")
     parser.add_argument("--pixel-steps", type=int, default=0, help="the first N steps pixel-only (pretraining)")
     parser.add_argument("--identity-every", type=int, default=1, help="identity term on every K-th step only")
     parser.add_argument("--hr-embeddings", action="store_true", help="use the dataset's precomputed HR embeddings")
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.identity_every < 1 or args.pixel_steps < 0:
         parser.error("--identity-every must be >= 1 and --pixel-steps >= 0")
+    if not 0 <= args.grey_p <= 1 or (args.grey_p and args.hr_embeddings):
+        parser.error("--grey-p must be in [0, 1], and 0 with --hr-embeddings (those are of the colour faces)")
     if args.hr_embeddings and (args.jitter or "," in args.identity_weights):
         parser.error("--hr-embeddings needs --jitter 0 and a single identity net (the dataset's)")
     args.save_steps = sorted({int(s) for s in args.save_at.split(",") if s.strip()})
@@ -155,6 +158,8 @@ class Trainer:
         flip = torch.rand(len(index), generator=self.rng) < 0.5
         batch = from_uint8(self.faces[index])
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        if self.args.grey_p:
+            batch = random_greyscale(batch, self.args.grey_p, self.rng)
         identity, hr_embedding = self.with_identity(i), None
         if identity and self.hr_embeddings is not None:
             hr_embedding = torch.where(flip[:, None], self.hr_embeddings[1][index], self.hr_embeddings[0][index])

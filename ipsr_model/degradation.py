@@ -82,3 +82,17 @@ class MultiScaleDegradation:
                 rows = rows.pin_memory().to(images.device, non_blocking=True)
             out[rows] = degrade(images[rows], self.sizes[index])
         return out, choice
+
+
+# ITU-R BT.601 luma, the weights PIL's convert("L") uses.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def random_greyscale(faces: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each face of an (N, 3, H, W) batch made greyscale (its luma in all three channels) with probability ``p``:
+    a colour-trained residual would otherwise tint greyscale probes (CCTV, ORL) that bicubic leaves grey."""
+    grey = torch.rand(len(faces), generator=generator) < p
+    if not grey.any():
+        return faces
+    luma = (faces * torch.tensor(LUMA, dtype=faces.dtype, device=faces.device)[:, None, None]).sum(1, keepdim=True)
+    return torch.where(grey.to(faces.device)[:, None, None, None], luma.expand_as(faces), faces)

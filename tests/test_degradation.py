@@ -2,8 +2,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ipsr_model.degradation import PAPER_SIZES, MultiScaleDegradation, degrade, parse_size, resize
-from ipsr_model.images import square_face, to_tensor, to_uint8
+from ipsr_model.degradation import (
+    PAPER_SIZES,
+    MultiScaleDegradation,
+    degrade,
+    parse_size,
+    random_greyscale,
+    resize,
+)
+from ipsr_model.images import square_face, to_pil, to_tensor, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +79,20 @@ def test_parse_size():
     for bad in ("16", "axb", "0x3", "16x12x3"):
         with pytest.raises(ValueError, match="16x12|positive"):
             parse_size(bad)
+
+
+def test_random_greyscale_matches_pil_luma_and_its_share():
+    """p = 1: every face is PIL's convert("L") in all three channels (within uint8 rounding); p = 0: untouched;
+    p = 0.2: about a fifth of a large batch."""
+    colour = to_tensor([Image.fromarray(a) for a in torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8).numpy()])
+    grey = random_greyscale(colour, 1.0)
+    pil = to_tensor([im.convert("L").convert("RGB") for im in to_pil(colour)])
+    assert (
+        (grey - pil).abs().max() <= 2 * 2 / 255
+        and (grey[:, 0] == grey[:, 1]).all()
+        and (grey[:, 1] == grey[:, 2]).all()
+    )
+    assert torch.equal(random_greyscale(colour, 0.0), colour)
+    many = torch.rand(2000, 3, 2, 2) * 2 - 1
+    share = (random_greyscale(many, 0.2, torch.Generator().manual_seed(0)) != many).flatten(1).any(1)
+    assert 0.17 < share.float().mean() < 0.23
