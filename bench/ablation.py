@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time (one thread each)")
     parser.add_argument("--orl", type=Path, default=None, help="ORL faces: also score the chosen arm on s1–s40")
+    parser.add_argument("--orl-arms", default=None, help="the arms scored on ORL (default: the chosen one)")
     parser.add_argument(
         "--retrain-lost", action="store_true", help="train again the scored runs whose models are gone (for --orl)"
     )
@@ -539,8 +540,8 @@ def report(args: argparse.Namespace) -> str:
             steps, "test_steps", test
         )
         lines += per_seed_tests(steps, "test_steps", test)
-    if chosen and args.orl:
-        lines += orl_check(args, chosen)
+    for arm in (args.orl_arms.split(",") if args.orl_arms else [chosen] if chosen else []) if args.orl else []:
+        lines += orl_check(args, arm)
     return "\n".join(lines)
 
 
