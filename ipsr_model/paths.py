@@ -7,6 +7,7 @@ training runs, evaluations, downloaded datasets, the quickstart's outputs and th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,38 +16,17 @@ def ipsr_home() -> Path:
     return Path(os.environ.get("IPSR_HOME") or "~/.cache/ipsr").expanduser()
 
 
-def weights_dir() -> Path:
-    return ipsr_home() / "weights"
+def _under_home(name: str) -> Callable[[], Path]:
+    """A location under ``$IPSR_HOME``, resolved at each call (tests and commands change the variable)."""
+    return lambda: ipsr_home() / name
 
 
-def galleries_dir() -> Path:
-    return ipsr_home() / "galleries"
-
-
-def runs_dir() -> Path:
-    return ipsr_home() / "runs"
-
-
-def evaluations_dir() -> Path:
-    return ipsr_home() / "evaluations"
-
-
-def datasets_dir() -> Path:
-    return ipsr_home() / "datasets"
-
-
-def quickstart_dir() -> Path:
-    return ipsr_home() / "quickstart"
-
-
-def logs_dir() -> Path:
-    return ipsr_home() / "logs"
-
-
-def mlflow_db() -> Path:
-    """The embedded tracking store (SQLite) when no ``$MLFLOW_TRACKING_URI`` is set; artifacts beside it."""
-    return ipsr_home() / "mlflow.db"
-
-
-def mlflow_artifacts() -> Path:
-    return ipsr_home() / "mlartifacts"
+weights_dir = _under_home("weights")
+galleries_dir = _under_home("galleries")
+runs_dir = _under_home("runs")
+evaluations_dir = _under_home("evaluations")
+datasets_dir = _under_home("datasets")
+quickstart_dir = _under_home("quickstart")
+logs_dir = _under_home("logs")
+mlflow_db = _under_home("mlflow.db")  # the embedded tracking store when no $MLFLOW_TRACKING_URI is set
+mlflow_artifacts = _under_home("mlartifacts")

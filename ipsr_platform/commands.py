@@ -86,7 +86,9 @@ def job_command(
     from ipsr_platform.config import build_config, job_configs
 
     model, prefix = job_configs()[job]
-    params = [_parameter(name, field) for name, field in model.model_fields.items()]
+    own = model.__dict__.get("__annotations__", {})  # the job's own fields lead its --help; shared ones follow
+    fields = sorted(model.model_fields.items(), key=lambda item: item[0] not in own)
+    params = [_parameter(name, field) for name, field in fields]
     params.append(
         inspect.Parameter(
             "config",

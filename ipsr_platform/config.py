@@ -51,10 +51,15 @@ def parse_split(value: str | dict[str, float] | None) -> dict[str, float]:
     return out
 
 
-class PreprocessConfig(BaseModel):
-    """``ipsr preprocess``: identity folders → aligned 128×128 faces (Parquet) + rejects + manifest."""
+class Strict(BaseModel):
+    """Every config: an unknown key is an error (a misspelt flag or YAML key is never ignored), and a built
+    config never changes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessConfig(Strict):
+    """``ipsr preprocess``: identity folders → aligned 128×128 faces (Parquet) + rejects + manifest."""
 
     input: str = Field(description="Identity folders SRC/<identity>/<file>: local path or s3://bucket/prefix.")
     output: str = Field(description="Dataset destination: local path or s3://bucket/prefix.")
@@ -109,10 +114,18 @@ class PreprocessConfig(BaseModel):
         return self
 
 
-class EnrolConfig(BaseModel):
-    """``ipsr enrol``: identity folders (or a preprocess output) → FaceNet embeddings → new gallery segments."""
+class ImageJob(Strict):
+    """What `ipsr enrol` and `ipsr identify` share: a Ray Data actor pool over image files, and reading limits."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_actors: int | None = Field(None, ge=1, description="Model actors; default one per CPU (cpu) or GPU (cuda).")
+    max_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected before decoding.")
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
+    io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
+
+
+class EnrolConfig(ImageJob):
+    """``ipsr enrol``: identity folders (or a preprocess output) → FaceNet embeddings → new gallery segments."""
 
     input: str = Field(
         description="Identity folders SRC/<identity>/<file> (local or s3://), or an `ipsr preprocess` output."
@@ -127,12 +140,7 @@ class EnrolConfig(BaseModel):
         None, description="Optional list of inputs (.txt or .parquet, as `ipsr preprocess --manifest`)."
     )
     limit: int | None = Field(None, ge=1, description="Enrol only the first N inputs (sorted by identity, path).")
-    device: Literal["cpu", "cuda"] = "cpu"
-    num_actors: int | None = Field(None, ge=1, description="Embedding actors; default one per CPU (cpu) or GPU (cuda).")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per alignment and FaceNet call.")
-    max_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected before decoding.")
-    max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
-    io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
     rows_per_segment: int = Field(4096, ge=1, description="Faces per new gallery segment (one immutable file).")
     rejects: str | None = Field(
         None, description="Where to write the rejected inputs (Parquet; default a file in $IPSR_HOME/logs)."
@@ -147,10 +155,8 @@ class EnrolConfig(BaseModel):
         return self
 
 
-class IdentifyConfig(BaseModel):
+class IdentifyConfig(ImageJob):
     """``ipsr identify``: probe images → (SR →) FaceNet → top-k identities of a gallery, as Parquet + CSV."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     probes: str = Field(description="Probe images: a folder or s3:// prefix, searched recursively.")
     gallery: str = Field(description="Gallery to search (built by `ipsr enrol` or `ipsr serve`'s enrolment).")
@@ -181,12 +187,7 @@ class IdentifyConfig(BaseModel):
     allow_pickle_models: bool = Field(False, description="Load a model saved in a pickle-based format.")
     overwrite: bool = Field(False, description="Replace the results of an earlier run in --out.")
     limit: int | None = Field(None, ge=1, description="Search only the first N probes (sorted by path).")
-    device: Literal["cpu", "cuda"] = "cpu"
-    num_actors: int | None = Field(None, ge=1, description="Search actors; default one per CPU (cpu) or GPU (cuda).")
     batch_size: int = Field(32, ge=1, le=4096, description="Probes per SR + FaceNet + search call.")
-    max_pixels: int = Field(16_000_000, ge=1, description="Larger declared images are rejected before decoding.")
-    max_bytes: int = Field(64 * 2**20, ge=1, description="Larger files are rejected without reading them.")
-    io_threads: int = Field(16, ge=1, le=256, description="Concurrent reads per read task (S3 latency).")
 
     @model_validator(mode="after")
     def _checks(self) -> IdentifyConfig:
@@ -228,10 +229,8 @@ def effective_config(
 SECTIONS = ("platform", "preprocess", "train", "evaluate", "serve", "enrol", "identify")
 
 
-class PlatformConfig(BaseModel):
+class PlatformConfig(Strict):
     """Where jobs run and track. Each field is also its usual environment variable, which wins over YAML."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     ray_address: str | None = Field(None, description="RAY_ADDRESS: a cluster to join; unset = local Ray.")
     mlflow_tracking_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI; unset = SQLite in home.")
@@ -331,11 +330,9 @@ def parse_sizes(value: str | list | tuple) -> tuple[str, ...]:
     return sizes
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Strict):
     """``ipsr train``: U-Net on a preprocessed dataset with Ray Train; defaults follow the paper's official code
     (Adam lr 2e-4, β1 0.5, batch 64 per worker, β = 5, 128×128)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: str = Field(description="Output of `ipsr preprocess` (local path or s3://), with _SUCCESS.")
     run_name: str = Field(description="Names the run: storage folder, MLflow run; rerun it to resume.")
@@ -409,12 +406,10 @@ AR_SIZES = ("11x8", "16x12", "16x16", "21x15", "32x32")
 LFW_SIZES = ("7x6", "14x12", "16x14", "18x16")
 
 
-class EvaluateConfig(BaseModel):
+class EvaluateConfig(Strict):
     """``ipsr evaluate``: identification (rank-1, CMC) of HR, bicubic and super-resolved probes against an HR gallery,
     with the training FaceNet and an independent recognizer (SFace); optionally promotes ``candidate`` to
     ``champion``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: str = Field(
         description="ar/lfw/folder: identity folders DIR/<identity>/<image> or an `ipsr preprocess` output "
@@ -501,10 +496,8 @@ class EvaluateConfig(BaseModel):
         return self.protocol == "scface" if self.concat_bicubic is None else self.concat_bicubic
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Strict):
     """``ipsr serve``: Ray Serve batch identification (gallery enrolment, SR + embedding + top-k matching)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Not called `model`: build_config's first parameter has that name. The CLI flag is --model.
     generator: str = Field(

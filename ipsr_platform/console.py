@@ -87,6 +87,17 @@ def announce() -> None:
         say(f"logs: {_log_file} (--verbose shows them live)", error=True)
 
 
+def summary(title: str, rows: list[tuple[str, object]], *, error: bool = False) -> None:
+    """A job's closing table (key | value) on stdout, or stderr with ``error`` (where preprocess prints it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console(file=err() if error else out()).print(table)
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
     """One rich progress bar with counts and rate; yields ``advance(n)``. Verbose: no bar (the libraries' own

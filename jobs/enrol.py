@@ -268,19 +268,13 @@ def _result(
 
 
 def _print_summary(result: EnrolResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"ipsr enrol → {result.store}/{result.gallery}", show_header=False)
     rejected = ", ".join(f"{r} {n}" for r, n in result.rejected.items()) or "0"
-    for key, value in [("inputs", result.seen), ("already enrolled", result.already_enrolled),
-                       ("enrolled now", result.enrolled), ("rejected", rejected),
-                       ("segments written", result.segments_written),
-                       ("gallery", f"{result.gallery_faces} faces, {result.gallery_identities} identities"),
-                       ("time", f"{result.seconds} s ({result.faces_per_s} faces/s)"),
-                       ("rejects", result.rejects_file or "none")]:  # fmt: skip
-        table.add_row(key, str(value))
-    Console(file=console.out()).print(table)
+    console.summary(f"ipsr enrol → {result.store}/{result.gallery}", [
+        ("inputs", result.seen), ("already enrolled", result.already_enrolled), ("enrolled now", result.enrolled),
+        ("rejected", rejected), ("segments written", result.segments_written),
+        ("gallery", f"{result.gallery_faces} faces, {result.gallery_identities} identities"),
+        ("time", f"{result.seconds} s ({result.faces_per_s} faces/s)"), ("rejects", result.rejects_file or "none"),
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

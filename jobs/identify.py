@@ -313,17 +313,12 @@ def _write(cfg: IdentifyConfig, storage: Storage, out: str, model: str, seen: in
 
 
 def _print_summary(result: IdentifyResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"ipsr identify → {result.matches_file}", show_header=False)
     rejected = ", ".join(f"{r} {n}" for r, n in result.rejected.items()) or "0"
-    for key, value in [("gallery", result.gallery), ("model", result.model), ("probes", result.probes),
-                       ("searched", f"{result.identified} ({result.super_resolved} super-resolved)"),
-                       ("rejected", rejected),
-                       ("time", f"{result.seconds} s ({result.probes_per_s} probes/s)")]:  # fmt: skip
-        table.add_row(key, str(value))
-    Console(file=console.out()).print(table)
+    console.summary(f"ipsr identify → {result.matches_file}", [
+        ("gallery", result.gallery), ("model", result.model), ("probes", result.probes),
+        ("searched", f"{result.identified} ({result.super_resolved} super-resolved)"), ("rejected", rejected),
+        ("time", f"{result.seconds} s ({result.probes_per_s} probes/s)"),
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -661,23 +661,16 @@ def _versions() -> dict[str, str]:
 
 
 def _print_summary(manifest: dict[str, Any], out: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    c = manifest["counts"]
-    table = Table(title=f"ipsr preprocess → {out}", show_header=False)
-    table.add_row("seen", str(c["seen"]))
-    table.add_row("aligned", str(c["aligned"]))
-    for reason, n in c["rejected"].items():
-        table.add_row(f"rejected: {reason}", str(n))
-    table.add_row("splits", ", ".join(f"{k} {v}" for k, v in c["splits"].items()))
-    table.add_row("identities", f"{c['identities']['aligned']} with faces / {c['identities']['listed']} listed")
-    table.add_row("shards", str(len(manifest["files"])))
-    t = manifest["timings_s"]
-    table.add_row("time", f"list {t['list']} s, process {t['process']} s, total {t['total']} s")
-    rate = manifest["images_per_s"]
-    table.add_row("images/s", f"{rate['end_to_end']} end to end, {rate['steady']} once the actors are up")
-    Console(file=console.err()).print(table)
+    c, t, rate = manifest["counts"], manifest["timings_s"], manifest["images_per_s"]
+    console.summary(f"ipsr preprocess → {out}", [
+        ("seen", c["seen"]), ("aligned", c["aligned"]),
+        *((f"rejected: {reason}", n) for reason, n in c["rejected"].items()),
+        ("splits", ", ".join(f"{k} {v}" for k, v in c["splits"].items())),
+        ("identities", f"{c['identities']['aligned']} with faces / {c['identities']['listed']} listed"),
+        ("shards", len(manifest["files"])),
+        ("time", f"list {t['list']} s, process {t['process']} s, total {t['total']} s"),
+        ("images/s", f"{rate['end_to_end']} end to end, {rate['steady']} once the actors are up"),
+    ], error=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
