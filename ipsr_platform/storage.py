@@ -162,12 +162,26 @@ class Storage:
         return self.call("read", uri, _read)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
+        """All or nothing for every reader: one PUT on S3; locally a hidden temporary file renamed into place (a
+        reader listing or opening the file mid-write, e.g. another replica's gallery refresh, never sees half)."""
+
         def _write(fs: pafs.FileSystem, path: str) -> None:
-            parent = path.rsplit("/", 1)[0]
-            if parent and not is_s3(uri):
+            if is_s3(uri):
+                with fs.open_output_stream(path) as f:
+                    f.write(data)
+                return
+            parent, _, base = path.rpartition("/")
+            if parent:
                 fs.create_dir(parent, recursive=True)
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+            tmp = f"{parent}/.{base}.{os.getpid()}-{random.getrandbits(32):08x}.tmp"
+            try:
+                with fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                fs.move(tmp, path)  # rename(2): atomic on one filesystem
+            except BaseException:
+                if fs.get_file_info(tmp).type == pafs.FileType.File:
+                    fs.delete_file(tmp)
+                raise
 
         self.call("write", uri, _write)
 

@@ -97,9 +97,7 @@ def cpus_per_worker(config: TrainConfig, cluster_cpus: float) -> float:
 
 
 def _write_json(storage: Storage, uri: str, obj: dict) -> None:
-    """Atomic where the filesystem allows (local: write + rename; S3: one PUT is atomic anyway)."""
-    storage.write_bytes(uri + ".tmp", json.dumps(obj, indent=2, sort_keys=True).encode())
-    storage.move(uri + ".tmp", uri)
+    storage.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())  # atomic (Storage.write_bytes)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,30 @@ def test_local_round_trip(tmp_path):
     assert not st.exists(b)
 
 
+def test_a_local_write_is_whole_for_every_reader(tmp_path):
+    """A reader polling the path while 16 MiB are written (each time anew: a replica's next segment) sees nothing
+    or everything, never a prefix; no temporary file is left and only the written files are listed."""
+    st, path = Storage(), str(tmp_path / "g" / "segment.parquet")
+    data = bytes(range(256)) * (2**16)
+    seen, done = set(), threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                seen.add(len(st.read_bytes(path)))
+            except UserError:
+                seen.add(0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for i in range(5):
+        st.write_bytes(path, data[i:])
+    done.set()
+    watcher.join(timeout=30)
+    assert seen <= {0} | {len(data) - i for i in range(5)}, sorted(seen)
+    assert [e.path for e in st.list(str(tmp_path / "g"))] == [path]
+
+
 def test_missing_object_fails_at_once_naming_it(tmp_path):
     st = Storage(retry=RetryPolicy(attempts=5, base_delay_s=1.0))
     missing = str(tmp_path / "nope.jpg")

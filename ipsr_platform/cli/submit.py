@@ -51,6 +51,7 @@ EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info", "t
 # Unreachable address, HTTP errors (Ray raises RuntimeError for them), a missing or refused token.
 API_ERRORS = (ConnectionError, RuntimeError, AuthenticationError)
 FOLLOW_TIMEOUT_S = float(os.environ.get("IPSR_FOLLOW_TIMEOUT_S", 7 * 24 * 3600))
+AGENT_WAIT_S = 60.0  # a fresh cluster's job agent registers seconds after its dashboard answers
 
 
 def source_checkout() -> Path | None:
@@ -149,12 +150,18 @@ def check_access(job_client, address: str) -> None:
 
 
 def submit(address: str, submission: dict[str, Any]) -> str:
+    """The job id. A cluster that has just started answers "No available agent" until its job agent is up (it
+    submitted nothing): that one answer is retried for up to ``AGENT_WAIT_S``."""
     job_client = client(address)
     check_access(job_client, address)
-    try:
-        return job_client.submit_job(entrypoint=submission["entrypoint"], runtime_env=submission["runtime_env"])
-    except API_ERRORS as err:
-        raise UserError(f"submission to {address} failed: {_explain(err, auth_token())}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return job_client.submit_job(entrypoint=submission["entrypoint"], runtime_env=submission["runtime_env"])
+        except API_ERRORS as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise UserError(f"submission to {address} failed: {_explain(err, auth_token())}") from None
+        time.sleep(1.0)
 
 
 def follow(address: str, job_id: str, echo) -> str:
