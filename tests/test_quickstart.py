@@ -24,8 +24,8 @@ def test_quickstart_end_to_end_on_orl(att_faces, home_with_weights, tmp_path):
 
     out = tmp_path / "qs"
     result = subprocess.run(
-        [IPSR, "quickstart", "--data", str(att_faces), "--limit", "200", "--output", str(out), "--max-steps", "3",
-         "--base-channels", "4", "--batch-size", "8", "--port", str(free_port())],  # 20 people: 4 unseen in test
+        [IPSR, "quickstart", "--data", str(att_faces), "--limit", "120", "--output", str(out), "--max-steps", "3",
+         "--base-channels", "4", "--batch-size", "8", "--port", str(free_port())],  # 12 people: 2 unseen in test
         capture_output=True, text=True, timeout=1200, env=quickstart_env(home_with_weights),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -759,10 +759,10 @@ def test_pickle_models_are_refused_unless_allowed(env, champion):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, server_config, orl, s3, tmp_path):
+def test_concurrent_enrolments_on_two_replicas_are_all_kept(server, server_config, orl, tmp_path):
     """2 replicas, 120 single-face enrolments from 12 client threads, one replica killed after 40 answers: every
-    enrolment answered 200 is in the gallery afterwards (the old read-modify-write kept about two thirds)."""
+    enrolment answered 200 is in the gallery afterwards (the old read-modify-write kept about two thirds). A local
+    gallery root (a reader must never see half a segment); the soak test runs the same on S3."""
     import ray
     from ray import serve
 
@@ -770,9 +770,7 @@ def test_concurrent_enrolments_on_two_replicas_are_all_kept(where, server, serve
     from ipsr_platform.storage import Storage
     from serving.app import build_app
 
-    if where == "s3":
-        s3.create_bucket(Bucket="crowd")
-    root = "s3://crowd/galleries" if where == "s3" else str(tmp_path / "galleries")
+    root = str(tmp_path / "galleries")
     cfg = server_config.model_copy(
         update={
             "galleries": root,
@@ -1081,7 +1079,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(gallery, champion, orl, e
                 return False
 
         wait_for(up, 240, "ipsr serve")
-        probes = {s: orl[s][2] for s in SUBJECTS[:8]}
+        probes = {s: orl[s][2] for s in SUBJECTS[:4]}
         first_answer, signalled = threading.Event(), threading.Event()
 
         def ask(_: int) -> tuple[str, object]:
@@ -1124,11 +1122,12 @@ def test_fuzzed_requests_get_no_500_and_refusals_change_no_gallery(server, galle
 
 @pytest.mark.slow
 def test_soak_with_replica_kills_and_a_hot_swap_keeps_every_acknowledged_write(server, server_config, champion,
-                                                                                orl, env):  # fmt: skip
-    """#28's soak (bench/soak.py) for 70 s: 2 replicas, mixed load from 4 clients, a replica killed at 10 s (Serve
-    takes about a minute on 2 cores to replace it; the soak waits for that), the alias moved at 35 s. Every
-    enrolment answered 200 is there exactly once, a deleted person is not, nor returned later than a refresh after
-    the delete; no 5xx but 503 (a request cut by a kill is resent by the ingress); the new version answers."""
+                                                                                orl, s3):  # fmt: skip
+    """#28's soak (bench/soak.py) for 45 s on an S3 gallery root: 2 replicas, mixed load from 4 clients, a replica
+    killed every 10 s while both run (Serve takes 15-60 s here to replace one; the soak waits for that), the alias
+    moved at 20 s. Every enrolment answered 200 is there exactly once, a deleted person is not, nor returned later
+    than a refresh after the delete; no 5xx but 503 (a request cut by a kill is resent by the ingress); the new
+    version answers."""
     from ray import serve
 
     from bench.soak import broken, soak
@@ -1137,15 +1136,16 @@ def test_soak_with_replica_kills_and_a_hot_swap_keeps_every_acknowledged_write(s
     register_generator(champion["generator"], champion["identity_sha"], "soak")
     cfg = server_config.model_copy(
         update={"generator": "models:/ipsr-unet@soak", "num_replicas": 2, "cpus_per_replica": 0.25,
-                "max_ongoing_requests": 16, "max_queued_requests": 256, "galleries": str(env["home"] / "soak")}
+                "max_ongoing_requests": 16, "max_queued_requests": 256, "galleries": "s3://soak/galleries"}
     )  # fmt: skip
+    s3.create_bucket(Bucket="soak")
     serve.run(build_app(cfg, name="Soak"), name="ipsr-soak", route_prefix="/soak")
     base = f"{server}/soak"
     try:
         wait_for(lambda: requests.get(f"{base}/v1/healthz", timeout=5).status_code == 200, 120, "the soak app")
         swap = lambda: register_generator(champion["generator"], champion["identity_sha"], "soak")  # noqa: E731
         result = soak(base, "ipsr-soak", "Soak", TOKEN, [orl[s][0] for s in SUBJECTS], [orl[s][2] for s in SUBJECTS],
-                      seconds=70, kill_every=10, swap_at=35, swap=swap, clients=4)  # fmt: skip
+                      seconds=45, kill_every=10, swap_at=20, swap=swap, clients=4)  # fmt: skip
     finally:
         serve.delete("ipsr-soak")
     assert not broken(result, cfg.gallery_refresh_s), result
