@@ -37,6 +37,7 @@ from ipsr_platform.storage import Storage
 from serving.edge import Upload, token_sha256, within_bytes
 from serving.enrolment import Enrolment
 from serving.gallery_cache import GalleryCache, store_errors
+from serving.ingress import Ingress
 from serving.model_slot import ModelSlot
 
 # Only these reasons make a request a 400: the client sent something that is not a usable image. A decoded
@@ -249,7 +250,6 @@ def build_app(cfg: ServeConfig, name: str = "Identification", user_config: dict 
     (whose environment may differ). ``user_config`` replaces the model deployment's (what a serve_config.yaml
     ``user_config`` block does)."""
     from ipsr_model.paths import galleries_dir
-    from serving.ingress import Ingress
 
     sha = token_sha256(cfg)
     if cfg.token_file:  # the ingress re-reads it, from its own working directory

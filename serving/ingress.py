@@ -50,11 +50,11 @@ class Ingress:
                     raise HTTPException(
                         503, "the replica serving this request was lost; it may have been carried out"
                     ) from None
-                if attempt == RETRIES:
-                    raise HTTPException(503, f"no model replica answered: {type(err).__name__}") from None
-                log.warning("%s: replica lost (%s), resending", method, type(err).__name__)
+                lost = type(err).__name__
+            if attempt < RETRIES:
+                log.warning("%s: replica lost (%s), resending", method, lost)
                 await asyncio.sleep(0.1 * 2**attempt)
-        raise AssertionError("unreachable")
+        raise HTTPException(503, f"no model replica answered: {lost}")
 
     async def reply(self, method: str, *args, resend: bool = True) -> JSONResponse:
         status, body = await self.ask(method, *args, resend=resend)
