@@ -137,6 +137,16 @@ class GalleryStore:
         )
         return segments, deletes, LEGACY in files
 
+    def tombstones(self, name: str) -> tuple[str, ...]:
+        """The tombstone names alone, sorted (as in `listing`): one short listing, cheap enough for every identify."""
+        folder = join(self.folder(name), DELETES)
+        try:
+            entries = self.storage.list(folder)
+        except UserError:  # no tombstone yet: no folder locally, nothing listed on S3
+            return ()
+        names = (e.path[len(folder) + 1 :] for e in entries if e.type == pafs.FileType.File)
+        return tuple(sorted(n[: -len(".json")] for n in names if n.endswith(".json")))
+
     def _read_segment(self, name: str, segment: str) -> tuple[pa.Table, np.ndarray]:
         """(the segment's rows without their embeddings, the embeddings as float32 [rows, D])."""
         path = join(self.folder(name), LEGACY if segment == LEGACY_NAME else f"{SEGMENTS}/{segment}.parquet")

@@ -1,6 +1,7 @@
 """A replica's galleries: one ``serving.index.GalleryIndex`` per name, read from the append-only store of
 ``ipsr_platform.gallery`` and kept current by a background thread every ``gallery_refresh_s`` (only the segments added
-since are read), so that an identify never waits on storage. The store's failures become one-line HTTP answers.
+since are read), so that an identify waits on storage for one listing of the tombstones only. The store's failures
+become one-line HTTP answers.
 """
 
 from __future__ import annotations
@@ -51,13 +52,16 @@ class GalleryCache:
             threading.Thread(target=self._watch, name="ipsr-gallery-refresh", daemon=True).start()
 
     def get(self, name: str, fresh: bool = False) -> GalleryIndex | None:
-        """The cached gallery (kept current by `_watch`), 400 for a name no gallery can have; ``fresh`` looks at the
-        store now (after this replica's own write, or before answering what a gallery holds). Identify never waits
-        on a listing."""
+        """The gallery as this replica holds it (kept current by `_watch`), 400 for a name no gallery can have.
+        A tombstone not applied yet (a person deleted through another replica) is applied first: one listing of the
+        tombstones per call, so that nobody is returned after their delete was answered. ``fresh`` looks at the
+        whole store now (after this replica's own write, or before answering what a gallery holds)."""
         check_gallery_name(name)
         cached = self.indexes.get(name)
         if cached and not fresh and self.cfg.gallery_refresh_s > 0:
-            return cached
+            with store_errors(name):
+                if self.store.tombstones(name) == cached.gallery.stamp[1]:
+                    return cached
         with store_errors(name), self.lock:
             return self._update(name)
 

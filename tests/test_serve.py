@@ -607,6 +607,31 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
         store.added_since("g", before)
 
 
+def test_a_person_deleted_through_another_replica_is_never_returned_after_the_delete(tmp_path):
+    """A replica whose background refresh is an hour away still never serves a person whose tombstone another
+    replica wrote (here: written to the store directly): every lookup lists the tombstones and applies a new one
+    first; without a new tombstone it reads nothing but that listing."""
+    from ipsr_platform.config import ServeConfig
+    from ipsr_platform.gallery import GalleryStore
+    from ipsr_platform.storage import Storage
+    from serving.gallery_cache import GalleryCache
+
+    store = GalleryStore(str(tmp_path / "galleries"), Storage.from_env())
+    e = torch.nn.functional.normalize(torch.randn(3, 512, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
+    store.append("g", ["a", "b", "c"], e, ["1", "2", "3"], [None] * 3, "sha")
+    cache = GalleryCache(store, ServeConfig(gallery_refresh_s=3600), torch.device("cpu"), "sha")
+    try:
+        first = cache.get("g")
+        assert cache.get("g") is first and store.tombstones("g") == ()
+        GalleryStore(store.root, Storage.from_env()).delete_identity("g", "b")  # the other replica's delete
+        assert set(cache.get("g").gallery.identities.tolist()) == {"a", "c"}
+        assert store.tombstones("g") == tuple(store.listing("g")[1]) and len(store.tombstones("g")) == 1
+        store.append("g", ["d"], e[:1], ["4"], [None], "sha")  # an enrolment alone waits for the refresh
+        assert set(cache.get("g").gallery.identities.tolist()) == {"a", "c"}
+    finally:
+        cache.stop()
+
+
 @pytest.mark.slow
 def test_pinned_version_through_the_documented_user_config(server, server_config, champion):
     """serve_config.yaml's `user_config` block, with its commented `generator: models:/ipsr-unet/N` example
@@ -1125,9 +1150,9 @@ def test_soak_with_replica_kills_and_a_hot_swap_keeps_every_acknowledged_write(s
                                                                                 orl, s3):  # fmt: skip
     """#28's soak (bench/soak.py) for 45 s on an S3 gallery root: 2 replicas, mixed load from 4 clients, a replica
     killed every 10 s while both run (Serve takes 15-60 s here to replace one; the soak waits for that), the alias
-    moved at 20 s. Every enrolment answered 200 is there exactly once, a deleted person is not, nor returned later
-    than a refresh after the delete; no 5xx but 503 (a request cut by a kill is resent by the ingress); the new
-    version answers."""
+    moved at 20 s. Every enrolment answered 200 is there exactly once, a deleted person is not, nor returned by an
+    identify sent after the delete was answered (by either replica); no 5xx but 503 (a request cut by a kill is
+    resent by the ingress); the new version answers."""
     from ray import serve
 
     from bench.soak import broken, soak
@@ -1148,7 +1173,7 @@ def test_soak_with_replica_kills_and_a_hot_swap_keeps_every_acknowledged_write(s
                       seconds=45, kill_every=10, swap_at=20, swap=swap, clients=4)  # fmt: skip
     finally:
         serve.delete("ipsr-soak")
-    assert not broken(result, cfg.gallery_refresh_s), result
+    assert not broken(result), result
     assert result["kills"] >= 1 and result["acknowledged_enrolments"] >= 5, result
     assert result["by_route_status"].get("identify 200", 0) >= 10, result
     assert result["swap"]["version"] and result["swap"]["old_version_answers_after_s"] < 30, result
