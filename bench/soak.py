@@ -285,7 +285,10 @@ def report(rec: Record, held: dict[str, int], began: float, rss_start: dict, rss
         "deleted_returned_max_lag_s": round(max((lag for lag, _ in returned), default=0.0), 2),
         "responses_500_in_flight_at_a_kill": sum(1 for _, s, t, e in rec.calls if s == 500 and cut_by_kill(t, e)),
         "responses_5xx_not_503": sum(1 for _, s, _, _ in rec.calls if s >= 500 and s != 503),
-        "responses_503_outside_kills": sum(1 for _, s, t, _ in rec.calls if s == 503 and not in_kill_window(t)),
+        # A kill's 503: the request started in a kill window, or was in flight on the killed replica (a delete).
+        "responses_503_outside_kills": sum(
+            1 for _, s, t, e in rec.calls if s == 503 and not (in_kill_window(t) or cut_by_kill(t, e))
+        ),
         "kills": len(rec.kills),
         "recovery_s": [round(back - k, 1) for k, back in rec.kills],
         "swap": {"version": new, "old_version_answers_after_s": round(max(old_after, default=0.0), 1)},
@@ -318,6 +321,7 @@ def broken(result: dict) -> list[str]:
             "deleted_returned_after_answer"
         ],
         "responses 5xx other than 503": result["responses_5xx_not_503"],
+        "responses 503 outside kill windows": result["responses_503_outside_kills"],
     }
     return [f"{what}: {value}" for what, value in checks.items() if value]
 

@@ -1152,7 +1152,8 @@ def test_soak_with_replica_kills_and_a_hot_swap_keeps_every_acknowledged_write(s
     killed every 10 s while both run (Serve takes 15-60 s here to replace one; the soak waits for that), the alias
     moved at 20 s. Every enrolment answered 200 is there exactly once, a deleted person is not, nor returned by an
     identify sent after the delete was answered (by either replica); no 5xx but 503 (a request cut by a kill is
-    resent by the ingress); the new version answers."""
+    resent by the ingress), and 503 only for a request cut by a kill or sent in a kill window; the new version
+    answers."""
     from ray import serve
 
     from bench.soak import broken, soak
