@@ -97,13 +97,16 @@ def _table(identities, embeddings: np.ndarray, sources, image_ids, sha256: str) 
     })  # fmt: skip
 
 
-def _read_rows(fs: pafs.FileSystem, path: str) -> tuple[pa.Table, np.ndarray]:
+def _read_rows(fs: pafs.FileSystem, path: str, with_embeddings: bool = True) -> tuple[pa.Table, np.ndarray]:
     """Embeddings streamed in batches into one array: reading a million-face segment whole peaks at 8.4 GB (its
-    bytes, Arrow's decoded column and the decoder's buffers for a 2 GB matrix) and 2.8 GB this way."""
+    bytes, Arrow's decoded column and the decoder's buffers for a 2 GB matrix) and 2.8 GB this way. Without
+    them: the other columns alone and a zero-width array (Parquet reads only the columns asked for)."""
     with fs.open_input_file(path) as f:
         file = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
         field = file.schema_arrow.field("embedding")
         table = file.read(columns=[n for n in file.schema_arrow.names if n != "embedding"])
+        if not with_embeddings:
+            return table, np.empty((file.metadata.num_rows, 0), np.float32)
         embeddings, at = np.empty((file.metadata.num_rows, field.type.list_size), np.float32), 0
         for batch in file.iter_batches(batch_size=1 << 16, columns=["embedding"]):
             embeddings[at : at + batch.num_rows] = batch.column(0).flatten().to_numpy().reshape(batch.num_rows, -1)
@@ -147,11 +150,11 @@ class GalleryStore:
         names = (e.path[len(folder) + 1 :] for e in entries if e.type == pafs.FileType.File)
         return tuple(sorted(n[: -len(".json")] for n in names if n.endswith(".json")))
 
-    def _read_segment(self, name: str, segment: str) -> tuple[pa.Table, np.ndarray]:
-        """(the segment's rows without their embeddings, the embeddings as float32 [rows, D])."""
+    def _read_segment(self, name: str, segment: str, with_embeddings: bool = True) -> tuple[pa.Table, np.ndarray]:
+        """(the segment's rows without their embeddings, the embeddings as float32 [rows, D] or [rows, 0])."""
         path = join(self.folder(name), LEGACY if segment == LEGACY_NAME else f"{SEGMENTS}/{segment}.parquet")
         try:
-            table, embeddings = self.storage.call("read", path, _read_rows)
+            table, embeddings = self.storage.call("read", path, lambda fs, p: _read_rows(fs, p, with_embeddings))
         except (pa.ArrowException, ValueError, KeyError) as err:  # not Parquet, or no fixed-size embedding column
             raise UnreadableSegment(
                 f"{path} is not a readable gallery segment ({type(err).__name__}: {err}); "
@@ -161,14 +164,15 @@ class GalleryStore:
             table = table.append_column("image_id", pa.nulls(table.num_rows, pa.string()))
         return table.append_column("segment", pa.array([segment] * table.num_rows, pa.string())), embeddings
 
-    def load(self, name: str) -> Gallery | None:
-        """The merged gallery, or None when nothing was ever enrolled (or it was deleted)."""
+    def load(self, name: str, with_embeddings: bool = True) -> Gallery | None:
+        """The merged gallery, or None when nothing was ever enrolled (or it was deleted). ``with_embeddings``
+        False: everything but the embeddings (zero-width), for who only asks what a gallery holds."""
         segments, deletes, legacy = self.listing(name)
         names = ([LEGACY_NAME] if legacy else []) + segments
         if not names:
             return None
         with ThreadPoolExecutor(max_workers=16) as pool:  # S3: many small objects, latency-bound
-            segments_read = list(pool.map(lambda s: self._read_segment(name, s), names))
+            segments_read = list(pool.map(lambda s: self._read_segment(name, s, with_embeddings), names))
             tombstones = list(
                 pool.map(
                     lambda d: (d, json.loads(self.storage.read_bytes(join(self.folder(name), f"{DELETES}/{d}.json")))),

@@ -134,7 +134,7 @@ def run(cfg: EnrolConfig, storage: Storage | None = None) -> EnrolResult:
     check_name(cfg.gallery)
     store = GalleryStore(normalize(cfg.galleries or str(galleries_dir())), storage)
     _, sha256 = load_identity_weights(cfg.identity_weights)  # fails here, not in every actor
-    existing = store.load(cfg.gallery)
+    existing = store.load(cfg.gallery, with_embeddings=False)  # at a million faces, 2 GB the driver never uses
     if existing is not None and existing.identity_net_sha256 != sha256:
         raise WeightsMismatch(
             f"gallery {cfg.gallery!r} holds embeddings of identity net {existing.identity_net_sha256[:12]}…, not "

@@ -515,6 +515,10 @@ def test_gallery_store_is_append_only(where, s3, tmp_path):
     store.delete_identity("orl", "a")
     store.append("orl", ["a"], e[4:5], ["4.png"], [None], "sha")  # enrolled again after the removal: visible
     assert store.load("orl").identities.tolist() == ["old", "b", "c", "a"]
+    light, full = store.load("orl", with_embeddings=False), store.load("orl")  # what `ipsr enrol`'s driver reads
+    assert light.embeddings.shape == (4, 0) and light.stamp == full.stamp and light.identity_net_sha256 == "sha"
+    for column in ("identities", "sources", "image_ids"):
+        assert getattr(light, column).tolist() == getattr(full, column).tolist()
     # A concurrent enrolment lands after compaction has listed and read the gallery: it must survive.
     read = store.load
 
