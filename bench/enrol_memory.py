@@ -1,5 +1,5 @@
 """Driver memory of `ipsr enrol` as the gallery it grows gets bigger (#26): the same aligned faces enrolled into
-galleries already holding 10k and 100k faces; the peak RSS of the driver process alone (``os.wait4``).
+galleries already holding 10k and 100k faces; the peak RSS of the driver process alone (its ``VmHWM``).
 
     .venv/bin/python bench/enrol_memory.py --data DATASET [--faces 200] [--sizes 10000,100000] [--repeats 3]
 
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +35,21 @@ from serve import cpu_name  # noqa: E402
 
 
 def driver_peak_mib(cmd: list[str], env: dict) -> tuple[float, str]:
-    """Run ``cmd``; (its peak RSS in MiB, its output). Fails loudly if it fails."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    """Run ``cmd``; (its peak RSS in MiB, its output). The peak is the kernel's high-water mark of the command's own
+    memory (``VmHWM``, read every 50 ms while it runs): ``wait4``'s ``ru_maxrss`` would report this bench's own peak,
+    which a forked child inherits. Fails loudly if the command fails."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak = 0
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, IndexError):  # gone between poll and read
+                peak = max(peak, int(Path(f"/proc/{proc.pid}/status").read_text().split("VmHWM:")[1].split()[0]))
+            time.sleep(0.05)
+        log.seek(0)
+        out = log.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
-    return usage.ru_maxrss / 1024, out  # Linux: kilobytes
+    return peak / 1024, out  # kB
 
 
 def main() -> None:
