@@ -140,14 +140,20 @@ class GalleryStore:
         )
         return segments, deletes, LEGACY in files
 
-    def tombstones(self, name: str) -> tuple[str, ...]:
-        """The tombstone names alone, sorted (as in `listing`): one short listing, cheap enough for every identify."""
-        folder = join(self.folder(name), DELETES)
+    def tombstones(self, name: str) -> tuple[str, ...] | None:
+        """The tombstone names alone, sorted (as in `listing`), or None when the gallery itself is gone: one short
+        listing (two without tombstones), cheap enough for every identify."""
+        folder = self.folder(name)
         try:
-            entries = self.storage.list(folder)
+            entries = self.storage.list(join(folder, DELETES))
         except UserError:  # no tombstone yet: no folder locally, nothing listed on S3
-            return ()
-        names = (e.path[len(folder) + 1 :] for e in entries if e.type == pafs.FileType.File)
+            entries = []
+        if not entries:
+            try:
+                return () if self.storage.list(folder) else None
+            except UserError:  # deleted (through another replica, maybe)
+                return None
+        names = (e.path[len(folder) + len(DELETES) + 2 :] for e in entries if e.type == pafs.FileType.File)
         return tuple(sorted(n[: -len(".json")] for n in names if n.endswith(".json")))
 
     def _read_segment(self, name: str, segment: str, with_embeddings: bool = True) -> tuple[pa.Table, np.ndarray]:

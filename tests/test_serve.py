@@ -613,8 +613,8 @@ def test_replica_appends_new_enrolments_without_rereading_the_gallery(tmp_path):
 
 def test_a_person_deleted_through_another_replica_is_never_returned_after_the_delete(tmp_path):
     """A replica whose background refresh is an hour away still never serves a person whose tombstone another
-    replica wrote (here: written to the store directly): every lookup lists the tombstones and applies a new one
-    first; without a new tombstone it reads nothing but that listing."""
+    replica wrote (here: written to the store directly), nor a gallery deleted there: every lookup lists the
+    tombstones and applies a new one first; without a new tombstone it reads nothing but that listing."""
     from ipsr_platform.config import ServeConfig
     from ipsr_platform.gallery import GalleryStore
     from ipsr_platform.storage import Storage
@@ -632,6 +632,8 @@ def test_a_person_deleted_through_another_replica_is_never_returned_after_the_de
         assert store.tombstones("g") == tuple(store.listing("g")[1]) and len(store.tombstones("g")) == 1
         store.append("g", ["d"], e[:1], ["4"], [None], "sha")  # an enrolment alone waits for the refresh
         assert set(cache.get("g").gallery.identities.tolist()) == {"a", "c"}
+        GalleryStore(store.root, Storage.from_env()).delete("g")  # the whole gallery, through the other replica
+        assert store.tombstones("g") is None and cache.get("g") is None
     finally:
         cache.stop()
 
