@@ -187,3 +187,53 @@ def test_submitted_job_runs_to_completion_with_the_token(token_cluster, small_fa
     assert status.stdout.strip() == "SUCCEEDED"
     missing = run_ipsr("jobs", "logs", "raysubmit_nope", "--address", token_cluster, token=TOKEN, home=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: job raysubmit_nope"), missing
+
+
+def test_a_submission_whose_answer_is_lost_runs_once(token_cluster, monkeypatch):
+    """The dashboard takes the job and the connection drops before its answer (a busy, fresh cluster did this in
+    the suite): `submit` asks whether its job id is there before sending again — one job, not two, and no
+    traceback. A forwarding proxy on 127.0.0.1 in front of the real cluster drops the first submission's answer."""
+    import http.server
+    import threading
+
+    import requests
+
+    from ipsr_platform.cli import submit as jobs_api
+
+    dropped = []
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+            r = requests.request(self.command, token_cluster + self.path, headers=headers, data=body, timeout=60)
+            if self.command == "POST" and not dropped:
+                dropped.append(r.status_code)
+                self.close_connection = True  # the job is in; its answer never arrives
+                return
+            self.send_response(r.status_code)
+            for key, value in r.headers.items():
+                if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(r.content)))
+            self.end_headers()
+            self.wfile.write(r.content)
+
+        do_GET = do_POST = _forward
+
+        def log_message(self, *args) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    marker = f"lost-answer-{time.time_ns()}"
+    try:
+        job_id = jobs_api.submit(
+            f"http://127.0.0.1:{proxy.server_address[1]}", {"entrypoint": f"echo {marker}", "runtime_env": {}}
+        )
+    finally:
+        proxy.shutdown()
+    assert dropped == [200]
+    listed = jobs_api.client(token_cluster).list_jobs()
+    assert [j.submission_id for j in listed if marker in j.entrypoint] == [job_id]

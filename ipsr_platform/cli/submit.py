@@ -20,11 +20,13 @@ from __future__ import annotations
 import os
 import shlex
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import requests
 from ray.exceptions import AuthenticationError
 
 from ipsr_model.errors import UserError, first_line
@@ -49,7 +51,8 @@ EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info", "t
             "mlruns", "mlartifacts"]  # fmt: skip
 
 # Unreachable address, HTTP errors (Ray raises RuntimeError for them), a missing or refused token.
-API_ERRORS = (ConnectionError, RuntimeError, AuthenticationError)
+# requests' ConnectionError is not the builtin one: a dropped connection is an OSError to Python.
+API_ERRORS = (ConnectionError, RuntimeError, AuthenticationError, requests.RequestException)
 FOLLOW_TIMEOUT_S = float(os.environ.get("IPSR_FOLLOW_TIMEOUT_S", 7 * 24 * 3600))
 AGENT_WAIT_S = 60.0  # a fresh cluster's job agent registers seconds after its dashboard answers
 
@@ -150,18 +153,34 @@ def check_access(job_client, address: str) -> None:
 
 
 def submit(address: str, submission: dict[str, Any]) -> str:
-    """The job id. A cluster that has just started answers "No available agent" until its job agent is up (it
-    submitted nothing): that one answer is retried for up to ``AGENT_WAIT_S``."""
+    """The job id. It is chosen here and sent with the job, so that when the answer is lost on the way (a busy,
+    freshly started dashboard drops the connection) the cluster is asked whether the job is there before sending
+    it again: a retry never runs a job twice. A fresh cluster's "No available agent" (nothing was submitted) is
+    retried too; both for up to ``AGENT_WAIT_S``."""
     job_client = client(address)
     check_access(job_client, address)
+    job_id = f"ipsr_{uuid.uuid4().hex[:16]}"
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            return job_client.submit_job(entrypoint=submission["entrypoint"], runtime_env=submission["runtime_env"])
+            return job_client.submit_job(
+                entrypoint=submission["entrypoint"], runtime_env=submission["runtime_env"], submission_id=job_id
+            )
         except API_ERRORS as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
+            if _exists(job_client, job_id):
+                return job_id
+            transient = isinstance(err, requests.ConnectionError) or "No available agent" in str(err)
+            if not transient or time.monotonic() > deadline:
                 raise UserError(f"submission to {address} failed: {_explain(err, auth_token())}") from None
         time.sleep(1.0)
+
+
+def _exists(job_client, job_id: str) -> bool:
+    try:
+        job_client.get_job_info(job_id)
+    except API_ERRORS:  # not there, or the cluster did not answer: the caller decides whether to send it again
+        return False
+    return True
 
 
 def follow(address: str, job_id: str, echo) -> str:
