@@ -551,11 +551,11 @@ def orl_check(args: argparse.Namespace, arm: str) -> list[str]:
     from ipsr_platform.scoring import BICUBIC, HR, Method
 
     path = args.results / f"orl.{arm}.json"
-    if not path.exists():
-        names = [run_name(arm, seed) for seed in args.seed_list]
-        methods = [Method(n, load_generator(str(args.work / f"{n}.pt")).module, n) for n in names]
-        _write_json(path, scorer(args, "orl")([Method(HR), Method(BICUBIC), *methods]))
-    scored = json.loads(path.read_text())
+    scored = json.loads(path.read_text()) if path.exists() else {}
+    if missing := [n for n in (run_name(arm, seed) for seed in args.seed_list) if n not in scored]:  # seeds added later
+        methods = [Method(n, load_generator(str(args.work / f"{n}.pt")).module, n) for n in missing]
+        scored = scorer(args, "orl")([Method(HR), Method(BICUBIC), *methods]) | scored
+        _write_json(path, scored)
     budget = [json.loads((args.results / f"{run_name(arm, seed)}.json").read_text()) for seed in args.seed_list]
     runs = [{"orl": scored[run_name(arm, r["seed"])], "seed": r["seed"], "steps": r["steps"]} for r in budget]
     lines = [f"### {ARMS[arm][0]} (trained on CelebA only) on ORL s1–s40: {scored['bicubic']['protocol']}", ""]
