@@ -38,9 +38,9 @@ def wait_for_http(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} not up after {timeout_s}s")
 
 
-@pytest.fixture(scope="module")
-def token_cluster():
-    temp_dir = tempfile.mkdtemp(prefix="ipsr-ray-", dir="/tmp")  # short: Ray's unix socket paths have a limit
+def start_token_cluster(temp_dir: str) -> tuple[subprocess.Popen, str]:
+    """`ray start --head` with token auth, every port chosen free; (its process, the dashboard URL) once the
+    dashboard answers. TimeoutError with the end of Ray's output when it does not within 120 s."""
     dashboard = free_port()
     env = {
         **os.environ,
@@ -57,15 +57,36 @@ def token_cluster():
         f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
         f"--object-manager-port={free_port()}",
     ]  # fmt: skip
-    log = open(Path(temp_dir) / "ray-start.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_http(f"{url}/api/version", timeout_s=120)
-        yield url
-    finally:
+    except TimeoutError as err:
         stop_process_group(proc)
-        log.close()
+        raise TimeoutError(f"{err}; ray start said: {log_path.read_text()[-1500:]}") from None
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def token_cluster():
+    """A second cluster beside the session's Ray. A free port can be taken by the other test worker's Ray before
+    this one binds it (the suite once waited 120 s for a dashboard that never came): one more try, on new ports."""
+    temp_dir = tempfile.mkdtemp(prefix="ipsr-ray-", dir="/tmp")  # short: Ray's unix socket paths have a limit
+    try:
+        try:
+            proc, url = start_token_cluster(temp_dir)
+        except TimeoutError as first:
+            print(f"token cluster did not start, trying again on new ports: {first}")
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            temp_dir = tempfile.mkdtemp(prefix="ipsr-ray-", dir="/tmp")
+            proc, url = start_token_cluster(temp_dir)
+        try:
+            yield url
+        finally:
+            stop_process_group(proc)
+    finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
