@@ -34,8 +34,8 @@ from identify import fill_gallery  # noqa: E402  (bench/identify.py: the same fi
 from serve import cpu_name  # noqa: E402
 
 
-def driver_peak_mib(cmd: list[str], env: dict) -> tuple[float, str]:
-    """Run ``cmd``; (its peak RSS in MiB, its output). The peak is the kernel's high-water mark of the command's own
+def driver_peak_mib(cmd: list[str], env: dict) -> float:
+    """Run ``cmd``; its peak RSS in MiB. The peak is the kernel's high-water mark of the command's own
     memory (``VmHWM``, read every 50 ms while it runs): ``wait4``'s ``ru_maxrss`` would report this bench's own peak,
     which a forked child inherits. Fails loudly if the command fails."""
     with tempfile.TemporaryFile("w+") as log:
@@ -49,7 +49,7 @@ def driver_peak_mib(cmd: list[str], env: dict) -> tuple[float, str]:
         out = log.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
-    return peak / 1024, out  # kB
+    return peak / 1024  # kB
 
 
 def main() -> None:
@@ -85,8 +85,7 @@ def main() -> None:
             root = str(home / f"galleries-{size}")
             cmd = [sys.executable, "-m", "jobs.enrol", "--input", str(home / "faces"), "--gallery", "g",
                    "--galleries", root, "--aligned", "--identity-weights", weights]  # fmt: skip
-            peak, _ = driver_peak_mib(cmd, env)
-            peaks.setdefault(size, []).append(peak)
+            peaks.setdefault(size, []).append(driver_peak_mib(cmd, env))
             store = GalleryStore(root, Storage.from_env())
             held = len(store.load("g", with_embeddings=False))
             if held != size + len(faces):

@@ -114,6 +114,16 @@ def _read_rows(fs: pafs.FileSystem, path: str, with_embeddings: bool = True) -> 
     return table, embeddings
 
 
+def _relative(entries: list[pafs.FileInfo], folder: str) -> list[str]:
+    """The files of a listing of (or under) ``folder``, as paths relative to it."""
+    return [e.path[len(folder) + 1 :] for e in entries if e.type == pafs.FileType.File]
+
+
+def _stems(files: list[str], sub: str, suffix: str) -> list[str]:
+    """The sorted names of ``sub/<name><suffix>`` among paths relative to a gallery folder."""
+    return sorted(f[len(sub) + 1 : -len(suffix)] for f in files if f.startswith(f"{sub}/") and f.endswith(suffix))
+
+
 class GalleryStore:
     def __init__(self, root: str, storage: Storage):
         self.root = normalize(root)
@@ -129,16 +139,8 @@ class GalleryStore:
             entries = self.storage.list(folder, recursive=True)
         except UserError:  # a missing folder lists as nothing on S3 and raises locally
             return [], [], False
-        files = [e.path[len(folder) + 1 :] for e in entries if e.type == pafs.FileType.File]
-        segments = sorted(
-            f[len(SEGMENTS) + 1 : -len(".parquet")]
-            for f in files
-            if f.startswith(f"{SEGMENTS}/") and f.endswith(".parquet")
-        )
-        deletes = sorted(
-            f[len(DELETES) + 1 : -len(".json")] for f in files if f.startswith(f"{DELETES}/") and f.endswith(".json")
-        )
-        return segments, deletes, LEGACY in files
+        files = _relative(entries, folder)
+        return _stems(files, SEGMENTS, ".parquet"), _stems(files, DELETES, ".json"), LEGACY in files
 
     def tombstones(self, name: str) -> tuple[str, ...] | None:
         """The tombstone names alone, sorted (as in `listing`), or None when the gallery itself is gone: one short
@@ -153,8 +155,7 @@ class GalleryStore:
                 return () if self.storage.list(folder) else None
             except UserError:  # deleted (through another replica, maybe)
                 return None
-        names = (e.path[len(folder) + len(DELETES) + 2 :] for e in entries if e.type == pafs.FileType.File)
-        return tuple(sorted(n[: -len(".json")] for n in names if n.endswith(".json")))
+        return tuple(_stems(_relative(entries, folder), DELETES, ".json"))
 
     def _read_segment(self, name: str, segment: str, with_embeddings: bool = True) -> tuple[pa.Table, np.ndarray]:
         """(the segment's rows without their embeddings, the embeddings as float32 [rows, D] or [rows, 0])."""
