@@ -211,7 +211,8 @@ def start_training(args: argparse.Namespace, arm: str, seed: int, costs: dict) -
            "--max-steps", str(max(steps, args.equal_steps)), "--pixel-steps", str(pixel_steps),
            "--save-at", f"{steps},{args.equal_steps}", "--out", str(out), *ARMS[arm].flags]  # fmt: skip
     print(f"training {out.name}: {steps} steps ({pixel_steps} pixel-only first)", flush=True)
-    return subprocess.Popen(cmd, stdout=open(out.with_suffix(".log"), "w"), stderr=subprocess.STDOUT), out.name
+    log = open(out.with_suffix(".log"), "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent), out.name
 
 
 def start_scoring(args: argparse.Namespace, shard: int, shards: int) -> tuple[subprocess.Popen, str]:
@@ -219,7 +220,17 @@ def start_scoring(args: argparse.Namespace, shard: int, shards: int) -> tuple[su
            str(args.results), "--seeds", args.seeds, "--arms", args.arms, "--equal-steps", str(args.equal_steps),
            "--score-only", f"{shard}/{shards}"]  # fmt: skip
     log = args.work / f"scoring-{shard}of{shards}.log"
-    return subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT), log.name
+    return subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent), log.name
+
+
+def _die_with_parent() -> None:
+    """In the child: a killed ablation takes its runs and scorers with it — an orphan would go on writing a run
+    that the rerun trains again into the same file."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
