@@ -25,9 +25,11 @@ IPSR = str(VENV_BIN / "ipsr")
 TOKEN = "ipsr-test-token-0123456789abcdef"
 
 
-def wait_for_http(url: str, timeout_s: float) -> None:
+def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TimeoutError(f"`ray start` exited ({proc.returncode}) before {url} answered")
         try:
             urllib.request.urlopen(url, timeout=2)
             return
@@ -40,13 +42,16 @@ def wait_for_http(url: str, timeout_s: float) -> None:
 
 def start_token_cluster(temp_dir: str) -> tuple[subprocess.Popen, str]:
     """`ray start --head` with token auth, every port chosen free; (its process, the dashboard URL) once the
-    dashboard answers. TimeoutError with the end of Ray's output when it does not within 120 s."""
+    dashboard answers. TimeoutError with the end of Ray's output when it does not within 180 s or `ray start`
+    exits first."""
     dashboard = free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": TOKEN,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python -m jobs.<name>`
+        # On a starved 2-core box a late heartbeat must not get the node declared dead (`--block` then ends it all).
+        "RAY_health_check_failure_threshold": "30",
     }
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -62,17 +67,22 @@ def start_token_cluster(temp_dir: str) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for_http(f"{url}/api/version", timeout_s=120)
+        wait_for_http(f"{url}/api/version", 180, proc)
     except TimeoutError as err:
         stop_process_group(proc)
         raise TimeoutError(f"{err}; ray start said: {log_path.read_text()[-1500:]}") from None
     return proc, url
 
 
+_CLUSTER: list[tuple[subprocess.Popen, Path]] = []  # the running token cluster's `ray start --block`, its log
+
+
 @pytest.fixture(scope="module")
-def token_cluster():
+def token_cluster(tmp_path_factory):
     """A second cluster beside the session's Ray. A free port can be taken by the other test worker's Ray before
-    this one binds it (the suite once waited 120 s for a dashboard that never came): one more try, on new ports."""
+    this one binds it (the suite once waited 120 s for a dashboard that never came): one more try, on new ports.
+    Ray's logs are kept in pytest's temp folder (``token-cluster-logs*``): the suite once lost the dashboard
+    mid-module and the cause went with the temp dir."""
     temp_dir = tempfile.mkdtemp(prefix="ipsr-ray-", dir="/tmp")  # short: Ray's unix socket paths have a limit
     try:
         try:
@@ -82,12 +92,26 @@ def token_cluster():
             shutil.rmtree(temp_dir, ignore_errors=True)
             temp_dir = tempfile.mkdtemp(prefix="ipsr-ray-", dir="/tmp")
             proc, url = start_token_cluster(temp_dir)
+        _CLUSTER[:] = [(proc, Path(temp_dir) / "ray-start.log")]
         try:
             yield url
         finally:
+            _CLUSTER.clear()
             stop_process_group(proc)
     finally:
+        logs = Path(temp_dir) / "session_latest" / "logs"
+        if logs.is_dir():
+            shutil.copytree(logs, tmp_path_factory.mktemp("token-cluster-logs"), dirs_exist_ok=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def cluster_still_up():
+    """Names the cause when a test fails because the cluster died under it (not a bare "connection refused")."""
+    yield
+    if _CLUSTER and _CLUSTER[0][0].poll() is not None:
+        proc, log = _CLUSTER[0]
+        pytest.fail(f"the token cluster's `ray start --block` exited ({proc.returncode}): {log.read_text()[-1500:]}")
 
 
 def run_ipsr(*args: str, token: str | None, home: Path, timeout: float = 600) -> subprocess.CompletedProcess:
