@@ -1,0 +1,68 @@
+"""Why a CelebA-trained model loses to bicubic with FaceNet on ORL at mild degradations (#25): a diagnosis.
+
+    python bench/orl_diagnosis.py --orl ../shared/data/att_faces --model /work/abl/runs/pixel_s0.pt
+
+Prints (1) how far the model's output on ORL's grey faces is from grey (a colour tint was the first guess),
+(2) rank-1 on ORL s1–s40 (every non-gallery face a probe) of bicubic, the model, and the model with its output
+made grey, at 21x15, 32x32 and 112x96, with the exact McNemar test of each against bicubic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import Scorer, View, compare  # noqa: E402
+
+SIZES = ("21x15", "32x32", "112x96")
+
+
+class GreyOutput(torch.nn.Module):
+    """The model with its output's channels replaced by their mean."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        return y.mean(1, keepdim=True).expand_as(y)
+
+
+def main() -> None:
+    from ipsr_model.degradation import degrade
+    from ipsr_platform.models import load_generator
+    from ipsr_platform.scoring import BICUBIC, Method
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orl", type=Path, required=True)
+    parser.add_argument("--model", required=True, help="a generator file (bench/train_cpu.py output)")
+    parser.add_argument("--recognizers", default="facenet,sface")
+    args = parser.parse_args()
+
+    recognizers = tuple(args.recognizers.split(","))
+    scorer = Scorer(args.orl, View("all", recognizers, SIZES), "s*")
+    model = load_generator(args.model).module.eval()
+    faces = scorer.protocol.columns[0].images[:64]
+    with torch.no_grad():
+        out = model(degrade(faces, (21, 15)))
+    chroma = (out - out.mean(1, keepdim=True)).abs()
+    print(f"output chroma at 21x15, 64 faces ([-1, 1] scale): mean {chroma.mean():.4f}, max {chroma.max():.4f}")
+    results = scorer([Method(BICUBIC), Method("model", model, "model"), Method("grey", GreyOutput(model), "grey")])
+    for rec in recognizers:
+        for size in SIZES:
+            bicubic = results[BICUBIC][rec][size]
+            cells = [f"bicubic {bicubic.count('1') / len(bicubic):.3f}"]
+            for label in ("model", "grey"):
+                hits = results[label][rec][size]
+                test = compare(hits, bicubic)
+                cells.append(f"{label} {hits.count('1') / len(hits):.3f} (p {test['p']:.2g}{test['sign']})")
+            print(f"{rec} {size}: " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
