@@ -581,6 +581,8 @@ def orl_check(args: argparse.Namespace, arm: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.report and not (args.results / "calibration.json").exists():  # a report never calibrates (minutes)
+        raise SystemExit(f"error: {args.results} has no calibration.json: --report reads an ablation's results")
     args.equal_steps = args.equal_steps or plan(args, "mse", calibrate(args))[0]
     if args.score_only:
         score_missing(args, tuple(int(v) for v in args.score_only.split("/")))
