@@ -10,13 +10,10 @@ made grey, at 21x15, 32x32 and 112x96, with the exact McNemar test of each again
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import Scorer, View, compare  # noqa: E402
+from ablation import Scorer, View, compare  # bench/ is the script's folder, so first on sys.path
 
 SIZES = ("21x15", "32x32", "112x96")
 

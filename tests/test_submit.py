@@ -70,8 +70,8 @@ def start_token_cluster(temp_dir: str) -> tuple[subprocess.Popen, str]:
         wait_for_http(f"{url}/api/version", 180, proc)
     except TimeoutError as err:
         stop_process_group(proc)
-        said = [line for line in log_path.read_text().splitlines() if " INFO " not in line]  # errors, not chatter
-        raise TimeoutError(f"{err}; ray start said: {chr(10).join(said)[-3000:]}") from None
+        said = "\n".join(line for line in log_path.read_text().splitlines() if " INFO " not in line)  # not chatter
+        raise TimeoutError(f"{err}; ray start said: {said[-3000:]}") from None
     return proc, url
 
 
