@@ -56,6 +56,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Both workers start Ray at once with the slowest files: the dashboard's module processes can miss Ray's 60 s.
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "210")
     # S3 credentials reach Ray's workers as on a real cluster: from the node's environment (here moto's test keys,
     # inherited by every worker process), never in task arguments. No instance-metadata lookups off 127.0.0.1.
     for name, value in {

@@ -23,6 +23,7 @@ from helpers import free_port, stop_process_group
 VENV_BIN = Path(sys.executable).parent
 IPSR = str(VENV_BIN / "ipsr")
 TOKEN = "ipsr-test-token-0123456789abcdef"
+DASHBOARD_WAIT_S = 240
 
 
 def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -42,16 +43,19 @@ def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
 
 def start_token_cluster(temp_dir: str) -> tuple[subprocess.Popen, str]:
     """`ray start --head` with token auth, every port chosen free; (its process, the dashboard URL) once the
-    dashboard answers. TimeoutError with the end of Ray's output when it does not within 180 s or `ray start`
-    exits first."""
+    dashboard answers. TimeoutError with Ray's non-INFO output when it does not within DASHBOARD_WAIT_S or
+    `ray start` exits first."""
     dashboard = free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": TOKEN,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python -m jobs.<name>`
-        # On a starved 2-core box a late heartbeat must not get the node declared dead (`--block` then ends it all).
+        # On a starved 2-core box a late heartbeat must not get the node declared dead (`--block` then ends it all),
+        # and the dashboard's nine module processes can take over Ray's 60 s to come up: `ray start` then exits 1
+        # printing dashboard.log's tail, before the raylet starts (two full suites failed so).
         "RAY_health_check_failure_threshold": "30",
+        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(DASHBOARD_WAIT_S - 30),
     }
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -67,7 +71,7 @@ def start_token_cluster(temp_dir: str) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for_http(f"{url}/api/version", 180, proc)
+        wait_for_http(f"{url}/api/version", DASHBOARD_WAIT_S, proc)
     except TimeoutError as err:
         stop_process_group(proc)
         said = "\n".join(line for line in log_path.read_text().splitlines() if " INFO " not in line)  # not chatter
