@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+LOCAL_START_TIMEOUT = "Ray's local node did not start within Ray's 30 s"
+
 
 def connect() -> None:
     """Initialise Ray once per process; a no-op when it is already initialised (tests share one instance).
@@ -23,8 +25,14 @@ def connect() -> None:
 
     if ray.is_initialized():
         return
-    # reads RAY_ADDRESS itself: join that cluster, or start a local instance when it is unset
-    context = ray.init(log_to_driver=True)
+    from ipsr_model.errors import UserError
+
+    try:  # reads RAY_ADDRESS itself: join that cluster, or start a local instance when it is unset
+        context = ray.init(log_to_driver=True)
+    except Exception as err:  # Ray gives a local raylet a fixed 30 s to register (not configurable)
+        if "timed out during startup" not in str(err):
+            raise
+        raise UserError(f"{LOCAL_START_TIMEOUT}: the machine may be overloaded; run the command again") from None
     logging.getLogger(__name__).info("Ray session: %s", getattr(context, "address_info", {}).get("session_dir"))
     console.announce()
 

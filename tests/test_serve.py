@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import functools
 import io
 import os
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, ray_worker_pids
+from helpers import free_port, ray_worker_pids, stop_process_group
 
 requests = pytest.importorskip("requests")
 
@@ -1082,6 +1083,35 @@ def test_bulk_identify_refuses_bad_input_in_one_line(server, gallery, env, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def start_serve(argv: list[str], environ: dict[str, str], base: str) -> subprocess.Popen:
+    """`ipsr serve` in its own process group, once its health check answers. One more start when Ray's local start
+    timed out (its raylet's fixed 30 s, missed on an overloaded 2-core box by a third Ray): not what is tested."""
+    from ipsr_platform.cluster import LOCAL_START_TIMEOUT
+
+    def up_or_gone(proc: subprocess.Popen) -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return requests.get(f"{base}/v1/healthz", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    for attempt in (1, 2):
+        proc = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)  # fmt: skip
+        try:
+            wait_for(functools.partial(up_or_gone, proc), 240, "ipsr serve")
+        except BaseException:
+            stop_process_group(proc)
+            raise
+        if proc.poll() is None:
+            return proc
+        err = proc.communicate()[1]
+        stop_process_group(proc)  # what its Ray left in the group
+        assert attempt == 1 and LOCAL_START_TIMEOUT in err, err[-3000:]
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_0(gallery, champion, orl, env):
     """`ipsr serve` (its own Ray) sent SIGTERM during a burst of identify requests: the requests already in flight
@@ -1090,26 +1120,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(gallery, champion, orl, e
     import signal
     import threading
 
-    from helpers import stop_process_group
-
     port = free_port()
     argv = [IPSR, "serve", "--port", str(port), "--model", f"models:/ipsr-unet/{champion['version']}",
             "--identity-weights", env["facenet"], "--galleries", str(env["home"] / "galleries"), "--max-batch-size",
             "1", "--max-ongoing-requests", "4", "--drain-s", "60"]  # fmt: skip
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user starts it
-    proc = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    proc = start_serve(argv, environ, base)
     try:
-
-        def up() -> bool:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            try:
-                return requests.get(f"{base}/v1/healthz", timeout=5).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_for(up, 240, "ipsr serve")
         probes = {s: orl[s][2] for s in SUBJECTS[:4]}
         first_answer, signalled = threading.Event(), threading.Event()
 
