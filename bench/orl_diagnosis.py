@@ -4,7 +4,9 @@
 
 Prints (1) how far the model's output on ORL's grey faces is from grey (a colour tint was the first guess),
 (2) rank-1 on ORL s1–s40 (every non-gallery face a probe) of bicubic, the model, and the model with its output
-made grey, at 21x15, 32x32 and 112x96, with the exact McNemar test of each against bicubic.
+made grey, at 21x15, 32x32 and 112x96, with the exact McNemar test of each against bicubic, (3) with
+``--celeba <preprocess output>``: the high-frequency energy (mean |Laplacian| of luminance) of HR faces, bicubic and
+the model on ORL and on CelebA test faces (a second guess: outputs sharper than ORL's blurrier gallery).
 """
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ import torch
 from ablation import Scorer, View, compare  # bench/ is the script's folder, so first on sys.path
 
 SIZES = ("21x15", "32x32", "112x96")
+LAPLACIAN = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
+
+
+def high_frequency(x: torch.Tensor) -> float:
+    return float(torch.nn.functional.conv2d(x.mean(1, keepdim=True), LAPLACIAN).abs().mean())
+
+
+def sharpness(name: str, hr: torch.Tensor, model: torch.nn.Module) -> None:
+    from ipsr_model.degradation import degrade
+
+    cells = [f"HR {high_frequency(hr):.4f}"]
+    for size in SIZES:
+        lr = degrade(hr, tuple(int(v) for v in size.split("x")))
+        with torch.no_grad():
+            cells.append(f"{size} bicubic {high_frequency(lr):.4f} model {high_frequency(model(lr)):.4f}")
+    print(f"high-frequency energy, {name}, {len(hr)} faces: " + "; ".join(cells))
 
 
 class GreyOutput(torch.nn.Module):
@@ -39,6 +57,7 @@ def main() -> None:
     parser.add_argument("--orl", type=Path, required=True)
     parser.add_argument("--model", required=True, help="a generator file (bench/train_cpu.py output)")
     parser.add_argument("--recognizers", default="facenet,sface")
+    parser.add_argument("--celeba", type=Path, help="a CelebA preprocess output: compare high-frequency energy")
     args = parser.parse_args()
 
     recognizers = tuple(args.recognizers.split(","))
@@ -49,6 +68,13 @@ def main() -> None:
         out = model(degrade(faces, (21, 15)))
     chroma = (out - out.mean(1, keepdim=True)).abs()
     print(f"output chroma at 21x15, 64 faces ([-1, 1] scale): mean {chroma.mean():.4f}, max {chroma.max():.4f}")
+    if args.celeba:
+        from ipsr_platform.config import EvaluateConfig
+        from jobs.evaluate import build_protocol
+
+        sharpness("ORL", scorer.protocol.columns[0].images[:200], model)
+        celeba = build_protocol(EvaluateConfig(data=str(args.celeba), protocol="folder", split="test", sizes="21x15"))
+        sharpness("CelebA test", celeba.columns[0].images[:200], model)
     results = scorer([Method(BICUBIC), Method("model", model, "model"), Method("grey", GreyOutput(model), "grey")])
     for rec in recognizers:
         for size in SIZES:
