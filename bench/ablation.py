@@ -258,7 +258,7 @@ STEPS_ARMS = (PIXEL, "mse", "dist_jit", "mse_k4", "mse_2nets")  # pre_mse at the
 class Scorer:
     """One view's protocol and recognizers, built once per process; ``fingerprint`` pins the faces."""
 
-    def __init__(self, data: Path, view: View, identities: str | None = None):
+    def __init__(self, data: Path, view: View, identities: str | None = None, facenet: str | None = None):
         from ipsr_platform.config import EvaluateConfig
         from jobs.evaluate import build_protocol, build_recognizers
 
@@ -270,6 +270,7 @@ class Scorer:
             sizes=",".join(view.sizes),
             identities=identities,
             recognizers=",".join(view.recognizers),
+            **({"identity_weights": facenet} if facenet else {}),
         )
         self.protocol = build_protocol(config)
         self.recognizers = build_recognizers(config)

@@ -7,6 +7,7 @@ Prints (1) how far the model's output on ORL's grey faces is from grey (a colour
 made grey, at 21x15, 32x32 and 112x96, with the exact McNemar test of each against bicubic, (3) with
 ``--celeba <preprocess output>``: the high-frequency energy (mean |Laplacian| of luminance) of HR faces, bicubic and
 the model on ORL and on CelebA test faces (a second guess: outputs sharper than ORL's blurrier gallery).
+``--facenet ms-celeb-keras`` scores with the paper's own FaceNet instead of the CASIA one (is the miss this network's?).
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ def main() -> None:
     parser.add_argument("--orl", type=Path, required=True)
     parser.add_argument("--model", required=True, help="a generator file (bench/train_cpu.py output)")
     parser.add_argument("--recognizers", default="facenet,sface")
+    parser.add_argument("--facenet", help="FaceNet weights source (default CASIA; ms-celeb-keras: the paper's)")
     parser.add_argument("--celeba", type=Path, help="a CelebA preprocess output: compare high-frequency energy")
     args = parser.parse_args()
 
     recognizers = tuple(args.recognizers.split(","))
-    scorer = Scorer(args.orl, View("all", recognizers, SIZES), "s*")
+    scorer = Scorer(args.orl, View("all", recognizers, SIZES), "s*", args.facenet)
     model = load_generator(args.model).module.eval()
     faces = scorer.protocol.columns[0].images[:64]
     with torch.no_grad():
