@@ -285,8 +285,39 @@ def app_builder(args: dict):
     return build_app(cfg)
 
 
-def deploy(cfg: ServeConfig, echo=print) -> str:
-    """Deploy on the connected Ray (a local one by default) and return the base URL, e.g. http://127.0.0.1:8000."""
+class StopSignals:
+    """SIGTERM (what `docker stop`, systemd and Kubernetes send) and SIGINT (Ctrl-C) as a Python event.
+
+    Python's handlers replace Ray's (installed by ray.init), which die on SIGTERM with a native stack dump.
+    ``catch(SIGTERM)`` right after Ray starts keeps a stop sent while the app still deploys (a loaded suite sent one
+    after the health check answered but before ``serve.run`` returned); ``wait`` adds SIGINT, blocks until a signal
+    came and ignores the rest: the drain that follows is bounded by ``drain_s`` anyway."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+        self.event = threading.Event()
+
+    def catch(self, *signals: signal.Signals) -> None:
+        for s in signals:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        self.got.append(signum)
+        self.event.set()
+
+    def wait(self) -> str:
+        """Block until SIGTERM or SIGINT; the first one's name."""
+        self.catch(signal.SIGTERM, signal.SIGINT)
+        while not self.event.wait(1.0):
+            pass
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        return signal.Signals(self.got[0]).name
+
+
+def deploy(cfg: ServeConfig, echo=print, stops: StopSignals | None = None) -> str:
+    """Deploy on the connected Ray (a local one by default) and return the base URL, e.g. http://127.0.0.1:8000;
+    ``stops`` catches SIGTERM from the moment Ray is up."""
     from ipsr_model.weights import classify_source, fetch_identity_weights
     from ipsr_platform import cluster, tracking
 
@@ -297,6 +328,8 @@ def deploy(cfg: ServeConfig, echo=print) -> str:
     if classify_source(cfg.identity_weights) != "path":  # fetch once here; replicas on this machine read the file
         cfg = cfg.model_copy(update={"identity_weights": str(fetch_identity_weights(cfg.identity_weights))})
     cluster.connect()
+    if stops is not None:  # ray.init installed Ray's handlers: SIGTERM is ours from here, before the slow deploy
+        stops.catch(signal.SIGTERM)
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
     serve.run(build_app(cfg), name="ipsr", route_prefix="/")
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
@@ -306,25 +339,8 @@ def deploy(cfg: ServeConfig, echo=print) -> str:
 
 
 def wait_until_stopped() -> str:
-    """Block until SIGTERM (what `docker stop`, systemd and Kubernetes send) or SIGINT (Ctrl-C); the signal's name.
-
-    Python's handlers replace Ray's (installed by ray.init), which would die on SIGTERM with a native stack dump. A
-    second signal during the drain that follows is ignored: the drain is bounded by ``drain_s`` anyway."""
-    got: list[int] = []
-    stop = threading.Event()
-
-    def handler(signum, _frame) -> None:
-        got.append(signum)
-        stop.set()
-
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for s in signals:
-        signal.signal(s, handler)
-    while not stop.wait(1.0):
-        pass
-    for s in signals:
-        signal.signal(s, signal.SIG_IGN)
-    return signal.Signals(got[0]).name
+    """Block until SIGTERM or SIGINT; the signal's name."""
+    return StopSignals().wait()
 
 
 def undeploy() -> None:
@@ -343,10 +359,11 @@ def drain() -> float:
 
 def serve_forever(cfg: ServeConfig, echo=print) -> None:
     """``ipsr serve``: deploy, print the URL, block until SIGTERM or Ctrl-C, drain, exit 0 with one line."""
-    deploy(cfg, echo)
+    stops = StopSignals()
+    deploy(cfg, echo, stops)
     echo(f"Ctrl-C or SIGTERM stops (in-flight requests get {cfg.drain_s:g} s to finish)")
     try:
-        name = wait_until_stopped()
+        name = stops.wait()
     except BaseException:
         undeploy()
         raise
