@@ -46,9 +46,9 @@ def wait_for_cluster(log: Path, url: str, timeout_s: float, proc: subprocess.Pop
 
 
 def start_token_cluster(temp_dir: str) -> tuple[subprocess.Popen, str]:
-    """`ray start --head` with token auth, every port chosen free; (its process, the dashboard URL) once the
-    dashboard answers. TimeoutError with Ray's non-INFO output when it does not within DASHBOARD_WAIT_S or
-    `ray start` exits first."""
+    """`ray start --head` with token auth, every port chosen free; (its process, the dashboard URL) once the node
+    is up and the dashboard answers. TimeoutError with Ray's non-INFO output when that takes over DASHBOARD_WAIT_S
+    or `ray start` exits first."""
     dashboard = free_port()
     env = {
         **os.environ,
