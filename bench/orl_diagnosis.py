@@ -27,11 +27,11 @@ def high_frequency(x: torch.Tensor) -> float:
 
 
 def sharpness(name: str, hr: torch.Tensor, model: torch.nn.Module) -> None:
-    from ipsr_model.degradation import degrade
+    from ipsr_model.degradation import degrade, parse_size
 
     cells = [f"HR {high_frequency(hr):.4f}"]
     for size in SIZES:
-        lr = degrade(hr, tuple(int(v) for v in size.split("x")))
+        lr = degrade(hr, parse_size(size))
         with torch.no_grad():
             cells.append(f"{size} bicubic {high_frequency(lr):.4f} model {high_frequency(model(lr)):.4f}")
     print(f"high-frequency energy, {name}, {len(hr)} faces: " + "; ".join(cells))
