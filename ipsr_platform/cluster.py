@@ -34,6 +34,7 @@ def connect() -> None:
             raise
         raise UserError(f"{LOCAL_START_TIMEOUT}: the machine may be overloaded; run the command again") from None
     logging.getLogger(__name__).info("Ray session: %s", getattr(context, "address_info", {}).get("session_dir"))
+    console.before_close(ray.shutdown)  # else Ray's exit-time lines (gcs_server's) reach the terminal
     console.announce()
 
 

@@ -18,6 +18,7 @@ _log_file: Path | None = None
 _out = _err = None  # the terminal, once `quiet` has pointed the process's own stdout/stderr at the log file
 _announced = False
 _last_log: Path | None = None  # the latest log file, for an error message after `quiet` has ended
+_closing: list[Callable[[], object]] = []  # run at the end of `quiet`, while its output still goes to the log
 
 
 def log_file() -> Path | None:
@@ -66,6 +67,9 @@ def quiet(job: str, logs: Path, enabled: bool = True) -> Iterator[Path | None]:
     try:
         yield path
     finally:
+        while _closing:
+            with contextlib.suppress(Exception):  # teardown must not mask the command's own outcome
+                _closing.pop()()
         log.flush()
         for fd, terminal in zip((1, 2), saved):
             os.dup2(terminal, fd)
@@ -76,6 +80,15 @@ def quiet(job: str, logs: Path, enabled: bool = True) -> Iterator[Path | None]:
         _log_file = _out = _err = None
         for name, value in env.items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+def before_close(callback: Callable[[], object]) -> bool:
+    """Run ``callback`` when ``quiet`` ends, before the terminal is given back (Ray started under it shuts down
+    there: its teardown messages belong in the log, not after the command's table). False outside ``quiet``."""
+    if _log_file is None:
+        return False
+    _closing.append(callback)
+    return True
 
 
 def announce() -> None:

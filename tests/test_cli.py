@@ -121,6 +121,20 @@ def test_preprocess_output_is_ipsr_only_with_ray_detail_in_a_log_file(att_faces,
     assert "logs: " not in out + err and ray_lines.search(out + err)
 
 
+def test_what_a_command_tears_down_at_its_end_goes_to_its_log(tmp_path, capfd):
+    """Ray started under `quiet` shuts down inside it (`cluster.connect` registers that): its exit-time lines — a
+    gcs_server error printed after the table once failed CI — land in the log, not on the terminal."""
+    from ipsr_platform import console
+
+    assert not console.before_close(lambda: print("outside"))  # no `quiet`: nothing registered, nothing run
+    with console.quiet("job", tmp_path) as log:
+        console.before_close(lambda: print("(pid=gcs_server) teardown", flush=True))
+        console.before_close(lambda: 1 / 0)  # a failing teardown neither hides the other nor the command's outcome
+    out, err = capfd.readouterr()
+    assert "teardown" not in out + err and "outside" not in out + err
+    assert "(pid=gcs_server) teardown" in log.read_text()
+
+
 def test_first_line_of_an_error_never_fails():
     # Every "one clear line" built from a library's exception goes through it: a multi-line SDK dump keeps its
     # first line, an empty message names the exception's type (an IndexError used to replace the real error).
