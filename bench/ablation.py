@@ -390,13 +390,27 @@ def load_results(args: argparse.Namespace, equal_steps: bool) -> dict[str, list[
     """arm → its seeds' results (budget runs, or the equal-steps snapshots), in seed order; complete arms only."""
     out = {}
     for arm in args.arm_list:
-        runs = [
-            args.results / f"{run_name(arm, seed, args.equal_steps if equal_steps else None)}.json"
-            for seed in args.seed_list
-        ]
-        if all(p.exists() for p in runs):
-            out[arm] = [json.loads(p.read_text()) for p in runs]
+        runs = [_load_result(args, arm, seed, equal_steps) for seed in args.seed_list]
+        if all(runs):
+            out[arm] = runs
     return out
+
+
+def _load_result(args: argparse.Namespace, arm: str, seed: int, equal_steps: bool) -> dict | None:
+    """One stored result. At equal steps, a budget run that ended at that very step (the MSE arm's) is its own
+    snapshot: its test hits at the view's recognizers and sizes, the same bits a snapshot's scoring gives."""
+    path = args.results / f"{run_name(arm, seed, args.equal_steps if equal_steps else None)}.json"
+    budget = args.results / f"{run_name(arm, seed)}.json"
+    if path.exists() or not (equal_steps and arm in STEPS_ARMS and budget.exists()):
+        return json.loads(path.read_text()) if path.exists() else None
+    run = json.loads(budget.read_text())
+    if run["steps"] != args.equal_steps:
+        return None
+    view = VIEWS["test_steps"]
+    test = run["test"]
+    keep = {rec: {s: test[rec][s] for s in view.sizes} for rec in view.recognizers}
+    fidelity = {k: {s: test[k][s] for s in view.sizes} for k in ("psnr", "ssim")}
+    return {**run, "equal_steps": True, "test_steps": {"protocol": test["protocol"], **keep, **fidelity}}
 
 
 def compare(a: str, b: str) -> dict:
