@@ -68,7 +68,7 @@ def run_quickstart(
     # Ray's detail would drown the five stages: it goes to the log file `ipsr quickstart` prints (unless --verbose).
     cluster.connect()
 
-    subset = f"the first {limit} images of " if limit else ""
+    subset = f"at most the first {limit} images of " if limit else ""
     t = stage("1/5 preprocess", f"MTCNN alignment of {subset}{data} on Ray Data")
     aligned = _preprocess(console, data, limit, out)
     timings["preprocess"] = time.perf_counter() - t
@@ -146,13 +146,12 @@ def _data(console: Console, data: Path | None) -> Path:
 
 def _verdict(console: Console, promotion: Promotion) -> str:
     """Say plainly whether the new model beat bicubic; return the alias worth serving (champion when there is
-    one, else the candidate, with a warning that it is no better than bicubic)."""
+    one, else the candidate, with a warning that it is no better than bicubic). The reason, with its numbers, is
+    the evaluation's "promoted: …" line just above."""
     if promotion.promoted:
-        console.print(
-            f"[bold green]the new model beats bicubic[/] and is now {REGISTERED_NAME}@champion ({promotion.why})"
-        )
+        console.print(f"[bold green]the new model beats bicubic[/] and is now {REGISTERED_NAME}@champion")
         return tracking.CHAMPION
-    console.print(f"[bold yellow]the new model was not promoted[/]: {promotion.why}")
+    console.print("[bold yellow]the new model was not promoted[/] (why: above)")
     if tracking.version_or_none(REGISTERED_NAME, tracking.CHAMPION) is not None:
         console.print(f"serving the existing {REGISTERED_NAME}@champion instead")
         return tracking.CHAMPION
