@@ -67,19 +67,31 @@ def quiet(job: str, logs: Path, enabled: bool = True) -> Iterator[Path | None]:
     try:
         yield path
     finally:
-        while _closing:
-            with contextlib.suppress(Exception):  # teardown must not mask the command's own outcome
-                _closing.pop()()
-        log.flush()
-        for fd, terminal in zip((1, 2), saved):
-            os.dup2(terminal, fd)
-            os.close(terminal)
-        sys.stdout, sys.stderr = streams
-        _out.close()
-        _err.close()
-        _log_file = _out = _err = None
-        for name, value in env.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+        try:
+            _close()
+        finally:  # a second Ctrl-C during teardown still gives the terminal back
+            _closing.clear()
+            log.flush()
+            for fd, terminal in zip((1, 2), saved):
+                os.dup2(terminal, fd)
+                os.close(terminal)
+            sys.stdout, sys.stderr = streams
+            _out.close()
+            _err.close()
+            _log_file = _out = _err = None
+            for name, value in env.items():
+                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+def _close() -> None:
+    """Run the ``before_close`` callbacks, latest first; one that fails is noted in the log and does not mask the
+    command's own outcome or stop the others."""
+    while _closing:
+        callback = _closing.pop()
+        try:
+            callback()
+        except Exception as err:
+            print(f"ipsr: teardown {getattr(callback, '__qualname__', callback)} failed: {err!r}", flush=True)
 
 
 def before_close(callback: Callable[[], object]) -> bool:

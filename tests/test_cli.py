@@ -132,7 +132,16 @@ def test_what_a_command_tears_down_at_its_end_goes_to_its_log(tmp_path, capfd):
         console.before_close(lambda: 1 / 0)  # a failing teardown neither hides the other nor the command's outcome
     out, err = capfd.readouterr()
     assert "teardown" not in out + err and "outside" not in out + err
-    assert "(pid=gcs_server) teardown" in log.read_text()
+    assert "(pid=gcs_server) teardown" in log.read_text() and "ZeroDivisionError" in log.read_text()
+
+    def interrupted():
+        raise KeyboardInterrupt  # a second Ctrl-C while Ray shuts down
+
+    with pytest.raises(KeyboardInterrupt):
+        with console.quiet("job", tmp_path):
+            console.before_close(interrupted)
+    print("terminal again")
+    assert "terminal again" in capfd.readouterr().out and not console.before_close(print)  # streams given back
 
 
 def test_first_line_of_an_error_never_fails():
