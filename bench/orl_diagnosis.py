@@ -86,12 +86,12 @@ def main() -> None:
     parser.add_argument("--celeba", type=Path, help="a CelebA preprocess output: compare high-frequency energy")
     args = parser.parse_args()
 
+    if not (args.orl or args.grey_val):
+        parser.error("--orl or --grey-val is required")
     recognizers = tuple(args.recognizers.split(","))
     model = load_generator(args.model).module.eval()
     if args.grey_val:
         return grey_val(args.grey_val, model, recognizers, args.facenet)
-    if not args.orl:
-        parser.error("--orl or --grey-val is required")
     scorer = Scorer(args.orl, View("all", recognizers, SIZES), "s*", args.facenet)
     faces = scorer.protocol.columns[0].images[:64]
     with torch.no_grad():
