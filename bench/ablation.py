@@ -400,9 +400,11 @@ def _load_result(args: argparse.Namespace, arm: str, seed: int, equal_steps: boo
     """One stored result. At equal steps, a budget run that ended at that very step (the MSE arm's) is its own
     snapshot: its test hits at the view's recognizers and sizes, the same bits a snapshot's scoring gives."""
     path = args.results / f"{run_name(arm, seed, args.equal_steps if equal_steps else None)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
     budget = args.results / f"{run_name(arm, seed)}.json"
-    if path.exists() or not (equal_steps and arm in STEPS_ARMS and budget.exists()):
-        return json.loads(path.read_text()) if path.exists() else None
+    if not (equal_steps and arm in STEPS_ARMS and budget.exists()):
+        return None
     run = json.loads(budget.read_text())
     if run["steps"] != args.equal_steps:
         return None

@@ -39,6 +39,11 @@ def sharpness(name: str, hr: torch.Tensor, model: torch.nn.Module) -> None:
     print(f"high-frequency energy, {name}, {len(hr)} faces: " + "; ".join(cells))
 
 
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel's channels replaced by their mean."""
+    return x.mean(1, keepdim=True).expand_as(x).contiguous()
+
+
 class GreyOutput(torch.nn.Module):
     """The model with its output's channels replaced by their mean."""
 
@@ -47,8 +52,7 @@ class GreyOutput(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.model(x)
-        return y.mean(1, keepdim=True).expand_as(y)
+        return grey(self.model(x))
 
 
 def grey_val(data: Path, model: torch.nn.Module, recognizers: tuple[str, ...], facenet: str | None) -> None:
@@ -60,9 +64,9 @@ def grey_val(data: Path, model: torch.nn.Module, recognizers: tuple[str, ...], f
     protocol = scorer.protocol
     for mode in ("colour", "grey"):
         if mode == "grey":
-            protocol.gallery = protocol.gallery.mean(1, keepdim=True).expand_as(protocol.gallery).contiguous()
+            protocol.gallery = grey(protocol.gallery)
             for column in protocol.columns:
-                column.images = column.images.mean(1, keepdim=True).expand_as(column.images).contiguous()
+                column.images = grey(column.images)
         results = scorer([Method(BICUBIC), Method("model", model, "model")])
         for rec in recognizers:
             for size in SIZES[:2]:
