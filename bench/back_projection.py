@@ -64,7 +64,7 @@ def score(args: argparse.Namespace) -> None:
     identities = "s*" if args.split == "all" else None
     scorer = Scorer(args.data, View(args.split, recognizers, sizes), identities)
     model = load_generator(args.model).module.eval()
-    columns, out = scorer.protocol.columns, {"model": args.model, "split": args.split}
+    columns, out = scorer.protocol.columns, {"file": args.model, "split": args.split}
     for column in columns:  # one size at a time: the back-projection needs it
         scorer.protocol.columns = [column]
         bp = BackProjected(model, parse_size(column.name), args.iterations)
