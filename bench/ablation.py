@@ -11,7 +11,8 @@ CPU-second. Every arm × seed is one `bench/train_cpu.py` run on the dataset's `
 time, which also saves its generator at step ``--equal-steps`` (the equal-steps view, the paper's claim).
 
 **Scoring.** Each model is scored with `ipsr evaluate`'s own scorer (folder protocol: per identity the first face is
-the gallery, every other face a probe; PSNR/SSIM against HR) on the ``val`` split with SFace (selection) and on the
+the gallery, every other face a probe; PSNR/SSIM against HR; the network alone, without the back-projection that
+`ipsr evaluate` adds since, see `bench/back_projection.py`) on the ``val`` split with SFace (selection) and on the
 ``test`` split with SFace and FaceNet (the report). Models and logs stay in ``--work``; per-probe hits and fidelity
 (no weights, no faces) go to ``--results``, small enough to commit, so a rerun — another day, another machine —
 trains and scores only what is missing.

@@ -27,7 +27,7 @@ from statistics import fmean
 import torch
 from ablation import RULE_SIZES, SIZES, Scorer, View, compare  # bench/ is the script's folder, so first on sys.path
 
-from ipsr_model.degradation import parse_size, resize
+from ipsr_model.degradation import back_project, parse_size, resize
 
 HR = (128, 128)
 
@@ -49,10 +49,7 @@ class BackProjected(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = self.rows @ x @ self.cols.T  # the LR image at its own size
-        sr = self.model(x)
-        for _ in range(self.iterations):
-            sr = (sr + resize(small - resize(sr, self.size), HR)).clamp(-1.0, 1.0)
-        return sr
+        return back_project(self.model(x), small, self.iterations)
 
 
 def score(args: argparse.Namespace) -> None:

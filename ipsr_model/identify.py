@@ -1,4 +1,5 @@
-"""Identification compute: bicubic-upsampled probes → U-Net → FaceNet → best cosine per gallery identity → top-k.
+"""Identification compute: bicubic-upsampled probes → U-Net → back-projection toward the LR probe → FaceNet → best
+cosine per gallery identity → top-k.
 
 Pure torch, the hot path of ``ipsr serve`` (its deployment calls `identify_batch` per batch) and what
 ``bench/device_check.py`` times. A gallery is a matrix of unit embeddings with a dense identity code per row.
@@ -12,6 +13,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ipsr_model.degradation import back_project
 
 
 class Searchable(Protocol):
@@ -28,6 +31,8 @@ class Probe:
 
     image: torch.Tensor
     super_resolve: bool
+    lr: torch.Tensor | None = None  # [3, h, w]: the LR probe at its own size, when it was one
+    back_projection: int = 0  # steps toward ``lr`` after the generator (`degradation.back_project`)
     concat_bicubic: bool = False
     gallery: Searchable | None = None  # None: super-resolution only, no search
     top_k: int = 0
@@ -78,6 +83,7 @@ def identify_batch(
         sr_rows = [i for i, p in enumerate(probes) if p.super_resolve]
         if sr_rows:
             faces[sr_rows] = generator(bicubic[sr_rows]).to(faces.dtype)
+            _back_project(faces, probes, sr_rows)
         out: list[dict[str, Any]] = [{"super_resolved": p.super_resolve} for p in probes]
         for i, p in enumerate(probes):
             if p.want_image:
@@ -93,6 +99,18 @@ def identify_batch(
         for i, matches in zip(wanted, found):
             out[i]["matches"] = matches
         return out
+
+
+def _back_project(faces: torch.Tensor, probes: list[Probe], rows: list[int]) -> None:
+    """Rows ``rows`` of ``faces`` back-projected in place toward their probes' LR images, one call per LR size."""
+    groups: dict[tuple, list[int]] = {}
+    for i in rows:
+        lr = probes[i].lr
+        if lr is not None and probes[i].back_projection:
+            groups.setdefault((tuple(lr.shape), probes[i].back_projection), []).append(i)
+    for (_, steps), group in groups.items():
+        low = torch.stack([probes[i].lr for i in group]).to(faces.device, faces.dtype)  # type: ignore[misc]
+        faces[group] = back_project(faces[group], low, steps)
 
 
 def _search(

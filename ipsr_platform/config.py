@@ -9,14 +9,26 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ipsr_model.degradation import BACK_PROJECTION_STEPS
 from ipsr_model.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
+
+# Evaluation, `ipsr identify` and `ipsr serve` restore an LR probe the same way: the model, then these steps.
+BackProjection = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=20,
+        description="Back-projection steps after the model, toward the LR probe at its own size (0: none; "
+        "see ipsr_model.degradation.back_project).",
+    ),
+]
 
 SPLITS = ("train", "val", "test")
 
@@ -176,6 +188,7 @@ class IdentifyConfig(ImageJob):
         "auto", description="auto: only low-resolution probes (both sides ≤ lr_max_side) are super-resolved."
     )
     lr_max_side: int = Field(127, ge=1, le=127, description="Probes at most this large on both sides are LR.")
+    back_projection: BackProjection = BACK_PROJECTION_STEPS
     galleries: str | None = Field(None, description="Gallery store: path or s3:// (default $IPSR_HOME/galleries).")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     gallery_dtype: Literal["auto", "float16", "float32"] = Field(
@@ -448,6 +461,9 @@ class EvaluateConfig(Strict):
         None,
         description="Model rows embed bicubic ⊕ SR (concatenated) as the paper does for SCface (default: scface only).",
     )
+    back_projection: BackProjection = Field(
+        BACK_PROJECTION_STEPS, description="Back-projection steps after each model (0: none); synthetic probes only."
+    )
     recognizers: tuple[Literal["facenet", "sface"], ...] = Field(("facenet", "sface"), description="Recognizers.")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     max_rank: int = Field(100, ge=1, description="CMC up to this rank (or the gallery size).")
@@ -537,6 +553,7 @@ class ServeConfig(Strict):
         description="Probes at most this large on both sides are low-resolution "
         "(default: anything below the model's 128x128 on every side, e.g. the paper's 112x96).",
     )
+    back_projection: BackProjection = BACK_PROJECTION_STEPS
     max_request_pixels: int = Field(
         64_000_000,
         ge=1,

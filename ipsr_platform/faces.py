@@ -273,16 +273,29 @@ class FaceAligner:
         return out
 
 
-def probe_face(img: Image.Image, lr_max_side: int) -> tuple[Image.Image, bool]:
-    """The 128×128 face a probe is embedded from, and whether it is low-resolution (both sides ≤ ``lr_max_side``).
-    One rule for `ipsr serve` and `ipsr identify`, so the same probe gives the same answer.
+def probe_face(img: Image.Image, lr_max_side: int) -> tuple[Image.Image, Image.Image | None]:
+    """The 128×128 face a probe is embedded from, and the probe itself when it is low-resolution (both sides ≤
+    ``lr_max_side``; the model's output is back-projected toward it), else None. One rule for `ipsr serve` and
+    `ipsr identify`, so the same probe gives the same answer.
 
     A low-resolution crop is a whole face at a fraction of 128², possibly non-square (16x12): stretched back, as
     the degradation's bicubic up does. A larger probe keeps its aspect: centre square crop."""
     from ipsr_model.images import square_face
 
-    low = max(img.size) <= lr_max_side
-    return (img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BICUBIC) if low else square_face(img)), low
+    if max(img.size) <= lr_max_side:
+        return img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BICUBIC), img
+    return square_face(img), None
+
+
+def make_probe(face: Image.Image, lr: Image.Image | None, super_resolve: str, back_projection: int, **fields):
+    """`probe_face`'s answer as an ``ipsr_model.identify.Probe``: super-resolved when low-resolution ("auto") or asked
+    to ("true"), then back-projected toward the LR image when there is one; ``fields``: the rest of the Probe."""
+    from ipsr_model.identify import Probe
+    from ipsr_model.images import to_tensor
+
+    wanted = lr is not None if super_resolve == "auto" else super_resolve == "true"
+    low = None if lr is None else to_tensor(lr)[0]
+    return Probe(to_tensor(face)[0], wanted, lr=low, back_projection=back_projection, **fields)
 
 
 def enrolment_faces(blobs: list[bytes], aligner: FaceAligner | None, max_pixels: int) -> list:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ipsr_model.degradation import degrade, format_size, resize
+from ipsr_model.degradation import back_project, degrade, format_size, resize
 from ipsr_model.metrics import cosine_similarity, fidelity, probe_ranks
 from ipsr_platform import console
 from ipsr_platform.protocols import ProbeColumn, Protocol
@@ -30,6 +30,7 @@ class Method:
     spec: str = ""
     model: Any = None  # ipsr_platform.models.LoadedGenerator for generators
     group: str | None = None  # models given as GROUP=SPEC are seeds of one configuration (seed_table)
+    back_projection: int = 0  # steps toward the LR probe after `restore` (probes degraded here only)
 
 
 class SampleGrid(NamedTuple):
@@ -103,7 +104,12 @@ def score(
 def _transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None, batch_size: int) -> torch.Tensor:
     """What ``method`` makes of HR ``images`` degraded to ``size`` (natural LR probes: ``size`` None)."""
     low = degrade(images, size) if size is not None else images
-    return low if method.restore is None else _restore(method, low, batch_size)
+    if method.restore is None:
+        return low
+    restored = _restore(method, low, batch_size)
+    if size is None or not method.back_projection:  # a natural LR probe's own size is not kept
+        return restored
+    return back_project(restored, resize(images, size), method.back_projection)
 
 
 def _gallery_embeddings(

@@ -142,13 +142,14 @@ def load_models(specs: list[str], uri: str | None = None) -> list[tuple[str | No
     return loaded
 
 
-def load_methods(protocol: Protocol, loaded: list[tuple[str | None, Any]]) -> list[Method]:
-    """Rows: ``hr`` (synthetic protocols), ``bicubic``, then each loaded generator once."""
+def load_methods(protocol: Protocol, loaded: list[tuple[str | None, Any]], back_projection: int) -> list[Method]:
+    """Rows: ``hr`` (synthetic protocols), ``bicubic``, then each loaded generator once, followed by
+    ``back_projection`` steps."""
     methods = [Method(HR), Method(BICUBIC)] if protocol.synthetic else [Method(BICUBIC)]
     for group, model in loaded:
         if any(m.label == model.label for m in methods):  # e.g. @candidate and @champion on one version
             continue
-        methods.append(Method(model.label, model.module, model.spec, model, group))
+        methods.append(Method(model.label, model.module, model.spec, model, group, back_projection))
     return methods
 
 
@@ -275,6 +276,9 @@ def _markdown(summary: Evaluation, config: EvaluateConfig, methods: list[Method]
     models = [m for m in methods if m.restore is not None]
     if models:
         lines += ["Models: " + "; ".join(f"`{m.label}` = `{m.spec}`" for m in models), ""]
+    if models and config.back_projection:
+        lines += [f"Each model's output is back-projected toward the LR probe ({config.back_projection} steps;"
+                  " `--back-projection 0`: the network alone).", ""]  # fmt: skip
     if config.concat:
         lines += ["Model rows embed bicubic ⊕ SR (concatenated embeddings).", ""]
     return "\n".join(lines)
@@ -534,7 +538,7 @@ def run(config: EvaluateConfig) -> Evaluation:
         raise UserError(f"--output {out} already exists; pick a new folder")
     loaded = load_models(model_specs(config, uri), uri)  # a bad --model fails first
     protocol = build_protocol(config)
-    methods = load_methods(protocol, loaded)
+    methods = load_methods(protocol, loaded, config.back_projection)
     recognizers = build_recognizers(config)
     results, samples, quality = score(
         protocol,

@@ -102,14 +102,14 @@ class Searcher:
         self.gallery = SharedGallery(ray.get(gallery[0]), self.device)  # (a bare ref would be resolved per call)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from ipsr_model.identify import Probe, identify_batch
-        from ipsr_model.images import to_tensor
+        from ipsr_model.identify import identify_batch
+        from ipsr_platform.faces import make_probe
 
         rows = batch.select(["probe", "reason", "detail"]).to_pylist()
         faces = self._faces(rows, batch.column("data").to_pylist())
         want = self.cfg.super_resolve
-        probes = [Probe(to_tensor(face)[0], low if want == "auto" else want == "true", gallery=self.gallery,
-                        top_k=self.cfg.top_k, want_image=self.cfg.save_sr) for face, low in faces.values()]  # fmt: skip
+        probes = [make_probe(face, lr, want, self.cfg.back_projection, gallery=self.gallery, top_k=self.cfg.top_k,
+                             want_image=self.cfg.save_sr) for face, lr in faces.values()]  # fmt: skip
         answers = (
             identify_batch(self.generator, self.net, probes, self.device, self.cfg.gallery_chunk) if probes else []
         )
@@ -124,8 +124,8 @@ class Searcher:
                      "detail": None, **match} for match in answer["matches"]]  # fmt: skip
         return pa.Table.from_pylist(out, schema=OUT_SCHEMA)
 
-    def _faces(self, rows: list[dict], blobs: list[bytes | None]) -> dict[int, tuple[Any, bool]]:
-        """Row → (its 128×128 face, low-resolution); a row that has none gets its ``reason``."""
+    def _faces(self, rows: list[dict], blobs: list[bytes | None]) -> dict[int, tuple[Any, Any]]:
+        """Row → (its 128×128 face, the LR probe or None: `probe_face`); a row that has none gets its ``reason``."""
         from ipsr_platform.faces import decode, probe_face
 
         faces, to_align = {}, []
@@ -137,9 +137,9 @@ class Searcher:
             except Rejected as err:
                 row.update(reason=err.reason, detail=err.detail)
                 continue
-            face, low = probe_face(img, self.cfg.lr_max_side)
-            if low or self.cfg.aligned:  # (an LR crop is too small for a detector: it is a face crop already)
-                faces[i] = face, low
+            face, lr = probe_face(img, self.cfg.lr_max_side)
+            if lr is not None or self.cfg.aligned:  # (an LR crop is too small for a detector: a face crop already)
+                faces[i] = face, lr
             else:
                 to_align.append(i)
         if to_align:
@@ -149,7 +149,7 @@ class Searcher:
                 if isinstance(found, Rejected):
                     rows[i].update(reason=found.reason, detail=found.detail)
                 else:
-                    faces[i] = found.face, False
+                    faces[i] = found.face, None
         return dict(sorted(faces.items()))
 
     def _save(self, probe: str, image) -> None:

@@ -7,7 +7,8 @@ FaceNet → cosine top-k per gallery) and the glue; each other concern has its m
 from clients, images decoded by Pillow after the same checks as ``ipsr preprocess``), ``serving.model_slot`` (the
 generator from the MLflow registry, hot-swapped), ``serving.gallery_cache`` (galleries, refreshed in the
 background) and ``serving.enrolment``. A low-resolution probe (both sides ≤ ``lr_max_side``) is bicubic-resized to
-128×128 — the inverse of ``ipsr_model.degradation`` — and super-resolved; a larger one is embedded as is.
+128×128 — the inverse of ``ipsr_model.degradation`` — super-resolved, then back-projected toward the probe
+(``back_projection`` steps); a larger one is embedded as is.
 """
 
 import asyncio
@@ -27,10 +28,10 @@ from fastapi import HTTPException
 from ray import serve
 
 from ipsr_model.identify import Probe, identify_batch
-from ipsr_model.images import to_pil, to_tensor
+from ipsr_model.images import to_pil
 from ipsr_platform import tracking
 from ipsr_platform.config import ServeConfig, build_config
-from ipsr_platform.faces import Rejected, decode, encode_png, probe_face
+from ipsr_platform.faces import Rejected, decode, encode_png, make_probe, probe_face
 from ipsr_platform.gallery import GalleryStore
 from ipsr_platform.models import parse_model_uri
 from ipsr_platform.storage import Storage
@@ -50,8 +51,8 @@ USER_CONFIG_KEYS = ("generator", "max_batch_size", "batch_wait_timeout_s")
 def probe(upload: Upload, cfg: ServeConfig, super_resolve: str, **fields) -> Probe:
     """The upload's 128×128 face, super-resolved when low-resolution ("auto") or asked to ("true"); ``fields``:
     the rest of the `Probe`."""
-    face, low = probe_face(decode(within_bytes(upload, cfg), cfg.max_image_pixels), cfg.lr_max_side)
-    return Probe(to_tensor(face)[0], low if super_resolve == "auto" else super_resolve == "true", **fields)
+    face, lr = probe_face(decode(within_bytes(upload, cfg), cfg.max_image_pixels), cfg.lr_max_side)
+    return make_probe(face, lr, super_resolve, cfg.back_projection, **fields)
 
 
 Answer = tuple[int, dict]  # (HTTP status, JSON body): what a model replica answers the ingress

@@ -5,6 +5,7 @@ from PIL import Image
 from ipsr_model.degradation import (
     PAPER_SIZES,
     MultiScaleDegradation,
+    back_project,
     degrade,
     parse_size,
     random_greyscale,
@@ -96,3 +97,22 @@ def test_random_greyscale_matches_pil_luma_and_its_share():
     many = torch.rand(2000, 3, 2, 2) * 2 - 1
     share = (random_greyscale(many, 0.2, torch.Generator().manual_seed(0)) != many).flatten(1).any(1)
     assert 0.17 < share.float().mean() < 0.23
+
+
+@pytest.mark.parametrize("size", [(11, 8), (21, 15)])
+def test_back_projection_makes_a_face_agree_with_its_lr_image(faces, size):
+    """Shrunk back to the LR size, the back-projected face is the LR image (bicubic up is not); it is closer to HR."""
+    low = resize(faces, size)
+    bicubic = degrade(faces, size)
+    projected = back_project(bicubic, low, steps=3)
+    assert projected.shape == faces.shape and projected.abs().max() <= 1.0
+    before, after = ((resize(x, size) - low).abs().mean() for x in (bicubic, projected))
+    assert after < before / 5, (before, after)
+    assert ((projected - faces) ** 2).mean() < ((bicubic - faces) ** 2).mean()
+    assert torch.equal(back_project(bicubic, low, steps=0), bicubic)
+
+
+def test_back_projection_leaves_a_one_pixel_side_alone(faces):
+    """torch's antialiased bicubic turns a 1-wide image into a constant: such an LR image cannot steer anything."""
+    bicubic = degrade(faces, (16, 1))
+    assert torch.equal(back_project(bicubic, resize(faces, (16, 1))), bicubic)

@@ -145,6 +145,7 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     assert 0 < cell["p_vs_bicubic"] <= 1 and cell["n"] == 40
     table = (out / "table.md").read_text()
     assert "| bicubic |" in table and " ±0." in table and "McNemar" in table
+    assert "back-projected toward the LR probe (3 steps" in table
     assert Image.open(out / "cmc.png").size[0] > 0
     # Fidelity against HR: bicubic and the model per size, in results.json and table.md; PSNR grows with the size.
     fidelity = json.loads((out / "results.json").read_text())["fidelity"]
@@ -305,6 +306,25 @@ def test_sample_grid_shows_one_probe_of_each_person(home_with_weights, att_faces
     assert sorted(grid.rows) == ["s31", "s32", "s33"]
     assert [title for title, _ in grid.columns] == ["LR 11x8", BICUBIC, "tiny", "HR"]
     assert all(images.shape == (3, 3, 128, 128) for _, images in grid.columns)
+
+
+def test_models_are_back_projected_toward_the_lr_probe(home_with_weights, att_faces, trained):
+    """A model row with back-projection: its faces, shrunk to the probe size, are the LR probes; fidelity is measured
+    on what the recognizer sees."""
+    from ipsr_model.degradation import resize
+    from ipsr_model.sface import SFaceNet
+    from ipsr_platform.scoring import Method, score
+    from jobs.evaluate import build_protocol
+
+    protocol = build_protocol(config(data=str(att_faces), protocol="folder", identities="s31,s32,s33", sizes="11x8"))
+    methods = [Method("net", trained, "net"), Method("net_bp", trained, "net_bp", back_projection=3)]
+    scores = score(protocol, methods, {"sface": SFaceNet()}, grid_faces=3, progress=False)
+    grid = dict(scores.samples["11x8"].columns)
+    low = resize(grid["HR"], (11, 8))
+    net, projected = ((resize(grid[label], (11, 8)) - low).abs().mean() for label in ("net", "net_bp"))
+    assert projected < net / 5, (net, projected)
+    psnr = {label: float(scores.fidelity[label, "11x8"][0].mean()) for label in ("net", "net_bp")}
+    assert psnr["net_bp"] > psnr["net"], psnr
 
 
 def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path):
