@@ -43,7 +43,7 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ipsr_model.degradation import MultiScaleDegradation, resize  # noqa: E402
+from ipsr_model.degradation import BACK_PROJECTION_STEPS, MultiScaleDegradation, resize  # noqa: E402
 from ipsr_model.identify import Probe, embed, identify_batch  # noqa: E402
 from ipsr_model.identity import IdentityNet  # noqa: E402
 from ipsr_model.losses import IdentityPreservingLoss  # noqa: E402
@@ -435,8 +435,10 @@ def identification(device: torch.device, sizes: dict, deadline: float) -> list[d
                 if time.monotonic() > deadline:
                     rows.append(row("identify", **case, skipped="time budget spent"))
                     continue
-                bicubic = resize(faces_tensor(batch)[:, :, :16, :12], (128, 128))
-                probes = [Probe(image, super_resolve=True, gallery=index, top_k=5) for image in bicubic]
+                low = faces_tensor(batch)[:, :, :16, :12]
+                bicubic = resize(low, (128, 128))  # served as `ipsr serve` does: SR, then back-projection
+                probes = [Probe(image, True, lr, BACK_PROJECTION_STEPS, gallery=index, top_k=5)
+                          for image, lr in zip(bicubic, low)]  # fmt: skip
                 times = []
                 for i in range(sizes["probe_iters"] + 3):
                     sync(device)

@@ -461,9 +461,7 @@ class EvaluateConfig(Strict):
         None,
         description="Model rows embed bicubic ⊕ SR (concatenated) as the paper does for SCface (default: scface only).",
     )
-    back_projection: BackProjection = Field(
-        BACK_PROJECTION_STEPS, description="Back-projection steps after each model (0: none); synthetic probes only."
-    )
+    back_projection: BackProjection = BACK_PROJECTION_STEPS
     recognizers: tuple[Literal["facenet", "sface"], ...] = Field(("facenet", "sface"), description="Recognizers.")
     identity_weights: str = Field("casia-webface-offline", description="FaceNet weights source or path.")
     max_rank: int = Field(100, ge=1, description="CMC up to this rank (or the gallery size).")

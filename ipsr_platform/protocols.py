@@ -47,6 +47,7 @@ class ProbeColumn:
     images: torch.Tensor  # N×3×128×128: HR faces (size set) or natural LR faces brought to 128² (size None)
     labels: torch.Tensor
     size: tuple[int, int] | None  # degrade HR probes to this (H, W); None: already low resolution
+    lr: torch.Tensor | None = None  # natural LR probes (size None) at their own size: what restoring agrees with
 
 
 @dataclass
@@ -56,8 +57,12 @@ class Protocol:
     gallery_labels: torch.Tensor
     columns: list[ProbeColumn]
     identities: list[str]  # label → identity name
-    gallery_lr: bool = False  # SCface protocol 2: the gallery is low resolution too (restored like the probes)
+    gallery_low: torch.Tensor | None = None  # SCface protocol 2: the LR gallery at its own size (restored like probes)
     note: str = ""
+
+    @property
+    def gallery_lr(self) -> bool:
+        return self.gallery_low is not None
 
     @property
     def synthetic(self) -> bool:
@@ -184,9 +189,10 @@ def synthetic_protocol(
     return Protocol(name, _faces(gallery), torch.arange(len(names)), columns, names, note=note)
 
 
-def _low_resolution(faces: list[_Face]) -> torch.Tensor:
-    """Natural low-resolution faces → 64×64 (PIL bicubic) → 128×128 (the same bicubic kernel)."""
-    return resize(_faces(faces, SCFACE_PROBE_SIDE), (IMAGE_SIZE, IMAGE_SIZE)).clamp_(-1.0, 1.0)
+def _low_resolution(faces: list[_Face]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Natural low-resolution faces → 64×64 (PIL bicubic), and those → 128×128 (the same bicubic kernel)."""
+    low = _faces(faces, SCFACE_PROBE_SIDE)
+    return low, resize(low, (IMAGE_SIZE, IMAGE_SIZE)).clamp_(-1.0, 1.0)
 
 
 def _probe_groups(root: Path, probe_map: str | None) -> dict[str, dict[str, list[_Face]]]:
@@ -247,15 +253,14 @@ def scface_protocol(
             faces += items
             labels += [label_of[identity]] * len(items)
         if faces:
-            columns.append(ProbeColumn(group, _low_resolution(faces), torch.tensor(labels), None))
+            low, up = _low_resolution(faces)
+            columns.append(ProbeColumn(group, up, torch.tensor(labels), None, low))
     if len(names) < 2 or not columns:
         raise UserError(f"--data {root}: scface needs ≥ 2 gallery identities and probes of those identities")
     gallery_list = [gallery_faces[n] for n in names]
-    gallery = _low_resolution(gallery_list) if gallery_group is not None else _faces(gallery_list)
+    gallery_low, gallery = _low_resolution(gallery_list) if gallery_group is not None else (None, _faces(gallery_list))
     note = f"{len(names)} gallery identities, groups {', '.join(c.name for c in columns)}" + (
         f", {dropped} probes without a gallery identity dropped" if dropped else ""
     )
     name = "scface-p2" if gallery_group is not None else "scface"
-    return Protocol(
-        name, gallery, torch.arange(len(names)), columns, names, gallery_lr=gallery_group is not None, note=note
-    )
+    return Protocol(name, gallery, torch.arange(len(names)), columns, names, gallery_low=gallery_low, note=note)

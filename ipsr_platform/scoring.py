@@ -101,15 +101,19 @@ def score(
     return Scores(ranks, samples, measured)
 
 
-def _transform(method: Method, images: torch.Tensor, size: tuple[int, int] | None, batch_size: int) -> torch.Tensor:
-    """What ``method`` makes of HR ``images`` degraded to ``size`` (natural LR probes: ``size`` None)."""
+def _transform(
+    method: Method, images: torch.Tensor, size: tuple[int, int] | None, batch_size: int, lr: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What ``method`` makes of HR ``images`` degraded to ``size``, or (``size`` None) of natural LR probes already
+    brought to 128², whose own-size images ``lr`` are, when given, what back-projection makes the output agree with."""
     low = degrade(images, size) if size is not None else images
     if method.restore is None:
         return low
     restored = _restore(method, low, batch_size)
-    if size is None or not method.back_projection:  # a natural LR probe's own size is not kept
+    lr = resize(images, size) if size is not None else lr
+    if lr is None or not method.back_projection:
         return restored
-    return back_project(restored, resize(images, size), method.back_projection)
+    return back_project(restored, lr, method.back_projection)
 
 
 def _gallery_embeddings(
@@ -123,7 +127,8 @@ def _gallery_embeddings(
         for method in methods:
             own = base
             if protocol.gallery_lr and method.restore is not None:
-                own = _embed(recognizer, _restore(method, protocol.gallery, batch_size), batch_size)
+                restored = _transform(method, protocol.gallery, None, batch_size, protocol.gallery_low)
+                own = _embed(recognizer, restored, batch_size)
             gallery[rec_name, method.label] = (
                 torch.cat([base, own], 1) if concat_bicubic and method.restore is not None else own
             )
@@ -144,7 +149,8 @@ def _column_probes(
     probes: dict[tuple[str, str], list[torch.Tensor]] = {}
     for start in range(0, len(column.images), batch_size):
         chunk = column.images[start : start + batch_size]
-        images = {m.label: _transform(m, chunk, column.size, batch_size) for m in methods if m.label != HR}
+        lr = None if column.lr is None else column.lr[start : start + batch_size]
+        images = {m.label: _transform(m, chunk, column.size, batch_size, lr) for m in methods if m.label != HR}
         if column.size is not None:  # the probes are HR originals: fidelity of what the recognizer sees
             for label, restored in images.items():
                 quality.setdefault((label, column.name), []).append(fidelity(restored, chunk))
@@ -170,7 +176,8 @@ def _sample_grid(
         if len(picks) == faces:
             break
     hr = column.images[list(picks.values())]
-    restored = {m.label: _transform(m, hr, column.size, batch_size) for m in methods if m.label != HR}
+    lr = None if column.lr is None else column.lr[list(picks.values())]
+    restored = {m.label: _transform(m, hr, column.size, batch_size, lr) for m in methods if m.label != HR}
     rows = [protocol.identities[label] for label in picks]
     if column.size is None:  # natural low-resolution probes (SCface): no HR original exists
         return SampleGrid(

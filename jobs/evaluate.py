@@ -277,7 +277,7 @@ def _markdown(summary: Evaluation, config: EvaluateConfig, methods: list[Method]
     if models:
         lines += ["Models: " + "; ".join(f"`{m.label}` = `{m.spec}`" for m in models), ""]
     if models and config.back_projection:
-        lines += [f"Each model's output is back-projected toward the LR probe ({config.back_projection} steps;"
+        lines += [f"Each model's output is back-projected toward its LR input ({config.back_projection} steps;"
                   " `--back-projection 0`: the network alone).", ""]  # fmt: skip
     if config.concat:
         lines += ["Model rows embed bicubic ⊕ SR (concatenated embeddings).", ""]

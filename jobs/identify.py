@@ -5,8 +5,8 @@
     → read (Reader actors)   bytes; too_large / io_error rejects
     → search (n actors)      decode; a low-resolution probe (both sides ≤ lr_max_side) is stretched to 128×128, a
                              larger one aligned by MTCNN unless --aligned (then its centre square) — the service's
-                             rule (``faces.probe_face``); SR (U-Net) → FaceNet → top-k identities of the gallery
-                             (``identify.identify_batch``, the service's batch function)
+                             rule (``faces.probe_face``); SR (U-Net, back-projected) → FaceNet → top-k identities of the
+                             gallery (``identify.identify_batch``, the service's batch function)
     → write (driver)         OUT/matches.parquet + matches.csv (probe, rank, identity, score, super_resolved),
                              OUT/rejects.parquet, OUT/sr/<probe>.png with --save-sr (written by the actors)
 

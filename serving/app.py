@@ -3,12 +3,12 @@
 ``serving.ingress.Ingress`` takes the HTTP requests (auth, body cap, upload parsing) and asks the model deployment
 here, ``Identification``, retrying on another replica when one dies with the request. ``Identification`` keeps the
 batch (``@serve.batch`` across concurrent requests into ``ipsr_model.identify.identify_batch``: bicubic → U-Net SR →
-FaceNet → cosine top-k per gallery) and the glue; each other concern has its module: ``serving.edge`` (no pickle
-from clients, images decoded by Pillow after the same checks as ``ipsr preprocess``), ``serving.model_slot`` (the
-generator from the MLflow registry, hot-swapped), ``serving.gallery_cache`` (galleries, refreshed in the
-background) and ``serving.enrolment``. A low-resolution probe (both sides ≤ ``lr_max_side``) is bicubic-resized to
-128×128 — the inverse of ``ipsr_model.degradation`` — super-resolved, then back-projected toward the probe
-(``back_projection`` steps); a larger one is embedded as is.
+back-projection → FaceNet → cosine top-k per gallery) and the glue; each other concern has its module:
+``serving.edge`` (no pickle from clients, images decoded by Pillow after the same checks as ``ipsr preprocess``),
+``serving.model_slot`` (the generator from the MLflow registry, hot-swapped), ``serving.gallery_cache`` (galleries,
+refreshed in the background) and ``serving.enrolment``. A low-resolution probe (both sides ≤ ``lr_max_side``) is
+bicubic-resized to 128×128 — the inverse of ``ipsr_model.degradation`` — super-resolved, then back-projected toward
+the probe (``back_projection`` steps); a larger one is embedded as is.
 """
 
 import asyncio

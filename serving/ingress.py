@@ -121,7 +121,7 @@ class Ingress:
         concat_bicubic: bool = Query(False, description="Embed [bicubic ; SR] (the paper's SCface setting)."),
         return_image: bool = Query(False, description="Include the 128×128 face that was embedded (PNG, base64)."),
     ):  # fmt: skip
-        """Probes → (bicubic → U-Net SR →) FaceNet → cosine top-k identities of gallery `name`."""
+        """Probes → (bicubic → U-Net SR → back-projection →) FaceNet → cosine top-k identities of gallery `name`."""
         check_gallery_name(name)
         uploads = await read_uploads(request, self.cfg)
         options = {"top_k": top_k, "super_resolve": super_resolve, "concat_bicubic": concat_bicubic,

@@ -11,7 +11,14 @@ import pytest
 import yaml
 
 from ipsr_model.errors import UserError
-from ipsr_platform.config import PreprocessConfig, TrainConfig, build_config
+from ipsr_platform.config import (
+    EvaluateConfig,
+    IdentifyConfig,
+    PreprocessConfig,
+    ServeConfig,
+    TrainConfig,
+    build_config,
+)
 
 IPSR = str(Path(sys.executable).with_name("ipsr"))
 
@@ -75,6 +82,19 @@ def test_mistakes_in_the_file_are_one_clear_error(tmp_path, clean_env, text, mes
     path.write_text(text)
     with pytest.raises(UserError, match=message):
         build_config(TrainConfig, env_prefix="IPSR_TRAIN_", yaml_file=path)
+
+
+@pytest.mark.parametrize(
+    "model, required",
+    [(EvaluateConfig, {"data": "x"}), (IdentifyConfig, {"probes": "p", "gallery": "g", "out": "o"}), (ServeConfig, {})],
+)
+def test_every_inference_job_back_projects_three_steps_unless_told(clean_env, model, required):
+    """One setting, one default, for each job that restores LR probes (evaluation scores what serving serves)."""
+    prefix = f"IPSR_{model.__name__.removesuffix('Config').upper()}_"
+    assert build_config(model, env_prefix=prefix, **required).back_projection == 3
+    assert build_config(model, env_prefix=prefix, back_projection=0, **required).back_projection == 0
+    with pytest.raises(UserError, match="back_projection: Input should be less than or equal to 20"):
+        build_config(model, env_prefix=prefix, back_projection=21, **required)
 
 
 def test_config_show_prints_the_effective_values_and_what_is_missing(tmp_path):

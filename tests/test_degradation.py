@@ -116,3 +116,21 @@ def test_back_projection_leaves_a_one_pixel_side_alone(faces):
     """torch's antialiased bicubic turns a 1-wide image into a constant: such an LR image cannot steer anything."""
     bicubic = degrade(faces, (16, 1))
     assert torch.equal(back_project(bicubic, resize(faces, (16, 1))), bicubic)
+
+
+def test_identify_batch_back_projects_each_lr_probe_toward_its_own_image(faces):
+    """A mixed batch, as `ipsr serve` gets one: LR probes of two sizes are each made to agree with their own image;
+    a probe not super-resolved, one without an LR image (HR) and one with a 1-wide LR image are left as they were."""
+    from ipsr_model.identify import Probe, identify_batch
+
+    sizes = [(16, 12), (21, 15), (16, 12), None, (16, 1)]
+    lows = [None if s is None else resize(faces[i : i + 1], s)[0] for i, s in enumerate(sizes)]
+    images = [faces[i] if s is None else degrade(faces[i : i + 1], s)[0] for i, s in enumerate(sizes)]
+    probes = [Probe(images[i], i != 2, lows[i], 3, want_image=True) for i in range(len(sizes))]
+    out = identify_batch(torch.nn.Identity(), torch.nn.Identity(), probes, torch.device("cpu"))
+    for i in (0, 1):
+        expected = back_project(images[i][None], lows[i][None], 3)
+        torch.testing.assert_close(out[i]["image"], expected)
+        assert not torch.allclose(expected, images[i][None], atol=1e-3)
+    for i in (2, 3, 4):
+        assert torch.equal(out[i]["image"][0], images[i]), i

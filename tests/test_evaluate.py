@@ -145,7 +145,7 @@ def test_ar_protocol_on_orl(home_with_weights, att_faces, trained, tmp_path):
     assert 0 < cell["p_vs_bicubic"] <= 1 and cell["n"] == 40
     table = (out / "table.md").read_text()
     assert "| bicubic |" in table and " ±0." in table and "McNemar" in table
-    assert "back-projected toward the LR probe (3 steps" in table
+    assert "back-projected toward its LR input (3 steps" in table
     assert Image.open(out / "cmc.png").size[0] > 0
     # Fidelity against HR: bicubic and the model per size, in results.json and table.md; PSNR grows with the size.
     fidelity = json.loads((out / "results.json").read_text())["fidelity"]
@@ -330,6 +330,7 @@ def test_models_are_back_projected_toward_the_lr_probe(home_with_weights, att_fa
 def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path):
     """SCface-style folders built from ORL (mugshot gallery, two 'distance' groups of small natural probes),
     protocols 1 and 2 with concatenated bicubic ⊕ SR embeddings; the LFW adapter's gallery/probe split."""
+    from ipsr_model.degradation import resize
     from ipsr_model.metrics import cmc_from_ranks
     from ipsr_model.sface import SFaceNet
     from ipsr_platform.scoring import BICUBIC, Method, rank1_table, score
@@ -345,13 +346,19 @@ def test_scface_and_lfw_layouts(home_with_weights, att_faces, trained, tmp_path)
             Image.open(att_faces / person / f"{image}.pgm").resize(size, Image.BICUBIC).save(
                 root / "probes" / group / person / f"{image}.png"
             )
-    methods = [Method(BICUBIC), Method("tiny", trained, "tiny")]
+    methods = [Method(BICUBIC), Method("tiny", trained, "tiny", back_projection=3)]
     recognizers = {"sface": SFaceNet()}
 
     cfg = config(data=str(root), protocol="scface")
     assert cfg.concat  # the paper's SCface setting
     protocol = build_protocol(cfg)
     assert [c.name for c in protocol.columns] == ["d1", "d2"] and not protocol.synthetic
+    lr = protocol.columns[0].lr  # natural probes keep their 64×64 images: the model's output is made to agree
+    assert lr is not None and lr.shape == (10, 3, 64, 64)
+    raw = [*methods, Method("raw", trained, "raw")]  # the network alone
+    grid = dict(score(protocol, raw, recognizers, grid_faces=3, progress=False).samples["d1"].columns)
+    agree = {label: float((resize(grid[label], (64, 64)) - lr[:3]).abs().mean()) for label in ("tiny", "raw")}
+    assert agree["tiny"] < agree["raw"] / 3, agree
     results = score(protocol, methods, recognizers, concat_bicubic=True).ranks
     for ranks in results.values():
         assert_valid_cmc(cmc_from_ranks(ranks, 10), gallery_size=10)
