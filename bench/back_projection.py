@@ -82,14 +82,15 @@ def rate(bits: str) -> float:
 def report(files: list[Path]) -> None:
     runs = [json.loads(f.read_text()) for f in files]
     for rec in [r for r in runs[0]["model"] if r not in ("psnr", "ssim")]:
-        print(f"\n{rec} ({runs[0]['split']}; p: exact McNemar; * better, † worse)")
+        print(f"\n{rec} ({runs[0]['split']}; p: exact McNemar against bicubic, * better, † worse)")
         for size in [s for s in SIZES + ("32x32", "112x96") if s in runs[0]["model"][rec]]:
             cells = []
             for run in runs:
                 bic, plain, bp = (run[m][rec][size] for m in ("bicubic", "model", "bp"))
-                a, b = compare(bp, bic), compare(bp, plain)
-                cells.append(f"bicubic {rate(bic):.3f} model {rate(plain):.3f} bp {rate(bp):.3f} "
-                             f"(vs bicubic p {a['p']:.2g}{a['sign']}, vs model p {b['p']:.2g}{b['sign']})")  # fmt: skip
+                m, a, b = compare(plain, bic), compare(bp, bic), compare(bp, plain)
+                p = {k: f"{t['p']:.2g}{t['sign']}" for k, t in (("m", m), ("a", a), ("b", b))}
+                cells.append(f"bicubic {rate(bic):.3f} model {rate(plain):.3f} (p {p['m']}) "
+                             f"bp {rate(bp):.3f} (p {p['a']}; vs model {p['b']})")  # fmt: skip
             print(f"  {size} ({len(bic)} probes): " + " | ".join(cells))
     if "sface" in runs[0]["model"]:
         for label in ("model", "bp"):

@@ -236,7 +236,7 @@ def _print_identified(console: Console, names: list[str], answer: dict) -> None:
     """The served model's top-1 for each probe, and its rank-1."""
     table = Table(
         "probe (truth)", "top-1", "score", "",
-        title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR → FaceNet → gallery top-1",
+        title=f"identify: {PROBE_SIZE[0]}x{PROBE_SIZE[1]} probes → SR, back-projected → FaceNet → gallery top-1",
     )  # fmt: skip
     correct = 0
     for name, result in zip(names, answer["results"]):
