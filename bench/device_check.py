@@ -437,7 +437,7 @@ def identification(device: torch.device, sizes: dict, deadline: float) -> list[d
                     continue
                 low = faces_tensor(batch)[:, :, :16, :12]
                 bicubic = resize(low, (128, 128))  # served as `ipsr serve` does: SR, then back-projection
-                probes = [Probe(image, True, lr, BACK_PROJECTION_STEPS, gallery=index, top_k=5)
+                probes = [Probe(image, True, lr=lr, back_projection=BACK_PROJECTION_STEPS, gallery=index, top_k=5)
                           for image, lr in zip(bicubic, low)]  # fmt: skip
                 times = []
                 for i in range(sizes["probe_iters"] + 3):

@@ -110,10 +110,10 @@ def _transform(
     if method.restore is None:
         return low
     restored = _restore(method, low, batch_size)
-    lr = resize(images, size) if size is not None else lr
-    if lr is None or not method.back_projection:
+    if not method.back_projection:
         return restored
-    return back_project(restored, lr, method.back_projection)
+    lr = resize(images, size) if size is not None else lr
+    return restored if lr is None else back_project(restored, lr, method.back_projection)
 
 
 def _gallery_embeddings(
